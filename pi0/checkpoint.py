@@ -1,0 +1,406 @@
+"""Find, read and write pi0 / pi0.5 checkpoints.
+
+Every known key layout is mapped onto one canonical layout (the parameter names of
+`pi0.reference.model.Pi0Reference`):
+
+    vision.{patch_embedding,position_embedding,layers.N.*,post_layernorm}  projector.*
+    vlm.{embed_tokens,layers.N.*,norm}  expert.{layers.N.*,norm}
+    action_in_proj  action_out_proj  state_proj  action_time_mlp_{in,out}  (pi0.5: time_mlp_{in,out})
+
+Layouts (../shared/spec/checkpoints.md): `openpi` (openpi-converted PyTorch, 777 / 812 tensors, the
+VLM embedding stored only as `paligemma.lm_head`), `lerobot` (`model.` prefix, 778 / 813), and
+`lerobot_legacy` (`lerobot/pi0`, Feb 2025, the older transformers names). The lm_heads are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from pi0.config import Pi0Config, infer_config, read_config_json
+
+LAYOUTS = ("openpi", "lerobot", "lerobot_legacy")
+HEADS = ("state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out",
+         "time_mlp_in", "time_mlp_out")
+
+_PG = "paligemma_with_expert."
+# (file prefix, canonical prefix); canonical None: a tensor inference never reads (dropped).
+# The VLM's lm_head is the tied word embedding: read as vlm.embed_tokens when that is absent.
+_RULES: dict[str, list[tuple[str, str | None]]] = {
+    "openpi": [
+        (_PG + "paligemma.model.vision_tower.vision_model.embeddings.", "vision."),
+        (_PG + "paligemma.model.vision_tower.vision_model.encoder.layers.", "vision.layers."),
+        (_PG + "paligemma.model.vision_tower.vision_model.post_layernorm.", "vision.post_layernorm."),
+        (_PG + "paligemma.model.multi_modal_projector.linear.", "projector."),
+        (_PG + "paligemma.model.language_model.", "vlm."),
+        (_PG + "paligemma.lm_head.", "lm_head:vlm.embed_tokens."),
+        (_PG + "gemma_expert.model.embed_tokens.", None),
+        (_PG + "gemma_expert.model.", "expert."),
+        (_PG + "gemma_expert.lm_head.", None),
+    ],
+    "lerobot_legacy": [
+        ("model." + _PG + "paligemma.vision_tower.vision_model.embeddings.", "vision."),
+        ("model." + _PG + "paligemma.vision_tower.vision_model.encoder.layers.", "vision.layers."),
+        ("model." + _PG + "paligemma.vision_tower.vision_model.post_layernorm.", "vision.post_layernorm."),
+        ("model." + _PG + "paligemma.multi_modal_projector.linear.", "projector."),
+        ("model." + _PG + "paligemma.language_model.model.", "vlm."),
+        ("model." + _PG + "paligemma.language_model.lm_head.", "lm_head:vlm.embed_tokens."),
+        ("model." + _PG + "gemma_expert.model.embed_tokens.", None),
+        ("model." + _PG + "gemma_expert.model.", "expert."),
+        ("model." + _PG + "gemma_expert.lm_head.", None),
+    ],
+}
+_RULES["lerobot"] = [("model." + a, b) for a, b in _RULES["openpi"]]
+_HEAD_PREFIX = {"openpi": "", "lerobot": "model.", "lerobot_legacy": "model."}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file, keys and shapes."""
+
+
+def detect_layout(keys: Iterable[str], source: str = "checkpoint") -> str:
+    keys = list(keys)
+    if any(k.startswith("model." + _PG + "paligemma.language_model.model.") or
+           k.startswith("model." + _PG + "paligemma.vision_tower.") for k in keys):
+        return "lerobot_legacy"
+    if any(k.startswith("model." + _PG) for k in keys):
+        return "lerobot"
+    if any(k.startswith(_PG) for k in keys):
+        return "openpi"
+    raise CheckpointError(
+        f"{source} holds no pi0 tensors: expected names under 'paligemma_with_expert.' (openpi) or "
+        f"'model.paligemma_with_expert.' (LeRobot); found {len(keys)} tensors such as {sorted(keys)[:3]}"
+    )
+
+
+def to_canonical(key: str, layout: str) -> str | None:
+    """File key -> canonical key; None for a known unused tensor; raises KeyError for an unknown one."""
+    for src, dst in _RULES[layout]:
+        if key.startswith(src):
+            return None if dst is None else dst + key[len(src):]
+    head = key[len(_HEAD_PREFIX[layout]):] if key.startswith(_HEAD_PREFIX[layout]) else None
+    if head is not None and head.split(".")[0] in HEADS:
+        return head
+    raise KeyError(key)
+
+
+def to_file_key(canonical: str, layout: str) -> str:
+    """Canonical key -> the name it has in `layout` (embed_tokens -> its own name, not lm_head)."""
+    rules = [(s, d) for s, d in _RULES[layout] if d is not None and not d.startswith("lm_head:") and canonical.startswith(d)]
+    if not rules:
+        return _HEAD_PREFIX[layout] + canonical
+    src, dst = max(rules, key=lambda r: len(r[1]))  # the most specific rule
+    return src + canonical[len(dst):]
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating files
+
+
+@dataclass
+class CheckpointFiles:
+    root: Path  # directory holding config.json / assets
+    shards: list[Path]
+    config_json: Path | None
+
+
+def _is_repo_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def resolve(path_or_repo_id: str | os.PathLike) -> CheckpointFiles:
+    """A local directory or .safetensors file, or a hub repo id found in the huggingface_hub cache."""
+    p = Path(path_or_repo_id).expanduser()
+    if not p.exists() and _is_repo_id(str(path_or_repo_id)):
+        p = _from_hub_cache(str(path_or_repo_id))
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist: give a checkpoint directory, a .safetensors file or a hub repo id")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise CheckpointError(f"{p} is not a .safetensors file; pi0 reads safetensors checkpoints only")
+        cfg = p.parent / "config.json"
+        return CheckpointFiles(p.parent, [p], cfg if cfg.exists() else None)
+    cfg = p / "config.json"
+    index = p / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        shards = [p / name for name in dict.fromkeys(weight_map.values())]
+        missing = [s.name for s in shards if not s.exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are not in {p}: {missing}")
+    elif (p / "model.safetensors").exists():
+        shards = [p / "model.safetensors"]
+    else:
+        shards = sorted(p.glob("*.safetensors"))
+    if not shards:
+        hint = ""
+        if (p / "params").is_dir():
+            hint = (" It looks like an openpi JAX (orbax) checkpoint: convert it with openpi's "
+                    "examples/convert_jax_model_to_pytorch.py first.")
+        found = sorted(x.name for x in p.iterdir())[:8]
+        raise CheckpointError(
+            f"{p} holds no pi0 checkpoint: expected model.safetensors, model.safetensors.index.json "
+            f"or *.safetensors, found {found}.{hint}"
+        )
+    return CheckpointFiles(p, shards, cfg if cfg.exists() else None)
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise CheckpointError(f"'{repo_id}' looks like a hub id but huggingface_hub is not installed") from e
+    patterns = ["*.json", "*.safetensors", "assets/**"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception as cached_err:  # noqa: BLE001 - any miss: try the network, then explain
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            err = cached_err
+        else:
+            try:
+                return Path(snapshot_download(repo_id, allow_patterns=patterns))
+            except Exception as e:  # noqa: BLE001
+                err = e
+    raise CheckpointError(
+        f"hub repo '{repo_id}' is not in the huggingface_hub cache ({HF_HUB_CACHE}) and could not be "
+        f"downloaded ({type(err).__name__}). Fetch it on a machine with network access with "
+        f"`huggingface-cli download {repo_id} --include '*.json' '*.safetensors' 'assets/*'` and copy the "
+        f"cache, or pass a local directory holding model.safetensors."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class CheckpointInfo:
+    files: CheckpointFiles
+    layout: str
+    config: Pi0Config
+    meta: dict[str, Any]
+    num_file_tensors: int
+    file_dtypes: dict[str, int]
+    canonical: dict[str, tuple[Path, str]]  # canonical name -> (shard, file key)
+    shapes: dict[str, tuple[int, ...]]  # canonical name -> shape
+    dropped: list[str] = field(default_factory=list)  # file keys never read (unused lm_heads, ...)
+
+
+def _open(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
+            "download or copy it again"
+        ) from e
+
+
+def inspect_checkpoint(path_or_repo_id: str | os.PathLike) -> CheckpointInfo:
+    """Read headers only (no tensor data): layout, config, tensor map. Raises CheckpointError."""
+    files = resolve(path_or_repo_id)
+    meta = read_config_json(files.config_json) if files.config_json else {}
+    where: dict[str, Path] = {}
+    file_shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, int] = {}
+    for shard in files.shards:
+        with _open(shard) as f:
+            for k in f.keys():
+                if k in where:
+                    raise CheckpointError(f"tensor {k} is stored twice: in {where[k].name} and {shard.name}")
+                sl = f.get_slice(k)
+                where[k] = shard
+                file_shapes[k] = tuple(sl.get_shape())
+                dtypes[sl.get_dtype()] = dtypes.get(sl.get_dtype(), 0) + 1
+    source = files.shards[0] if len(files.shards) == 1 else files.root
+    layout = detect_layout(where, str(source))
+
+    canonical: dict[str, tuple[Path, str]] = {}
+    tied: tuple[Path, str] | None = None
+    dropped, unexpected = [], []
+    for k in where:
+        try:
+            c = to_canonical(k, layout)
+        except KeyError:
+            unexpected.append(k)
+            continue
+        if c is None:
+            dropped.append(k)
+        elif c.startswith("lm_head:"):
+            tied = (where[k], k)
+        else:
+            canonical[c] = (where[k], k)
+    if unexpected:
+        raise CheckpointError(
+            f"{source} ({layout} layout) has {len(unexpected)} unexpected tensors that are no part of pi0: "
+            f"{sorted(unexpected)[:5]}"
+        )
+    if "vlm.embed_tokens.weight" not in canonical and tied is not None:
+        canonical["vlm.embed_tokens.weight"] = tied  # openpi stores the word embedding only as lm_head
+    elif tied is not None:
+        dropped.append(tied[1])
+    # LeRobot stores pi0's action-time MLP under openpi's pi0.5 name in some files.
+    is_pi05 = any(c.startswith("expert.") and ".dense." in c for c in canonical)
+    if not is_pi05:
+        for part in ("weight", "bias"):
+            for io in ("in", "out"):
+                if f"time_mlp_{io}.{part}" in canonical:
+                    canonical[f"action_time_mlp_{io}.{part}"] = canonical.pop(f"time_mlp_{io}.{part}")
+    shapes = {c: file_shapes[fk] for c, (_, fk) in canonical.items()}
+    try:
+        config = infer_config(shapes, meta)
+    except KeyError as e:
+        name = e.args[0]
+        raise CheckpointError(
+            f"{source} ({layout} layout) is missing tensor {to_file_key(name, layout)}, needed to tell the model's sizes"
+        ) from None
+    except ValueError as e:
+        raise CheckpointError(f"{source} ({layout} layout): {e}") from None
+    info = CheckpointInfo(files, layout, config, meta, len(where), dtypes, canonical, shapes, sorted(dropped))
+    _check_against_config(info, source)
+    return info
+
+
+def expected_shapes(config: Pi0Config) -> dict[str, tuple[int, ...]]:
+    from pi0.reference.model import Pi0Reference
+
+    with torch.device("meta"):
+        model = Pi0Reference(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_against_config(info: CheckpointInfo, source) -> None:
+    want = expected_shapes(info.config)
+    layout = info.layout
+    missing = [k for k in want if k not in info.shapes]
+    if missing:
+        names = [to_file_key(k, layout) for k in missing]
+        raise CheckpointError(
+            f"{source} ({layout} layout) is missing {len(missing)} tensors, first: {names[:5]}"
+        )
+    extra = [info.canonical[k][1] for k in info.shapes if k not in want]
+    if extra:
+        raise CheckpointError(
+            f"{source} ({layout} layout) has {len(extra)} unexpected tensors for a "
+            f"{info.config.kind} model: {sorted(extra)[:5]}"
+        )
+    bad = [(info.canonical[k][1], want[k], info.shapes[k]) for k in want if want[k] != info.shapes[k]]
+    if bad:
+        name, exp, got = bad[0]
+        raise CheckpointError(
+            f"{source} ({layout} layout): {len(bad)} tensors have the wrong shape; first: {name} "
+            f"expected {list(exp)}, found {list(got)}"
+        )
+
+
+def load_state_dict(info: CheckpointInfo, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Canonical tensors read straight from the memory-mapped shards into `dtype` on `device`
+    (no fp32 detour for a bf16 file); the unused lm_heads are never read."""
+    by_shard: dict[Path, list[tuple[str, str]]] = {}
+    for c, (shard, fk) in info.canonical.items():
+        by_shard.setdefault(shard, []).append((c, fk))
+    out: dict[str, torch.Tensor] = {}
+    for shard, items in by_shard.items():
+        with _open(shard) as f:
+            for c, fk in items:
+                try:
+                    t = f.get_tensor(fk)
+                except Exception as e:  # noqa: BLE001
+                    raise CheckpointError(f"{shard}: cannot read tensor {fk} ({e}); the file may be truncated or corrupt") from e
+                out[c] = t.to(device=device, dtype=dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _config_json(config: Pi0Config, layout: str) -> dict[str, Any]:
+    ours = {"pi0": config.to_dict()}
+    if layout == "openpi":
+        return {
+            "action_dim": config.action_dim, "action_horizon": config.action_horizon,
+            "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m",
+            "precision": "float32", **ours,
+        }
+    if layout == "lerobot":
+        return {
+            "type": config.kind, "chunk_size": config.action_horizon, "n_action_steps": config.action_horizon,
+            "max_state_dim": config.state_dim, "max_action_dim": config.action_dim,
+            "num_inference_steps": config.num_steps, "tokenizer_max_length": config.max_token_len,
+            "image_resolution": [config.vision.image_size] * 2, "empty_cameras": 0, "dtype": "float32",
+            "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m", **ours,
+        }
+    return {
+        "type": "pi0", "chunk_size": config.action_horizon, "n_action_steps": config.action_horizon,
+        "max_state_dim": config.state_dim, "max_action_dim": config.action_dim, "proj_width": config.expert.width,
+        "num_steps": config.num_steps, "tokenizer_max_length": config.max_token_len,
+        "resize_imgs_with_padding": [config.vision.image_size] * 2, **ours,
+    }
+
+
+def file_tensors(state_dict: dict[str, torch.Tensor], config: Pi0Config, layout: str) -> dict[str, torch.Tensor]:
+    """Canonical tensors -> the tensors (names and count) a checkpoint of `layout` holds, including the
+    unused lm_heads those formats carry (written as the tied embedding / zeros)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: choose one of {LAYOUTS}")
+    if layout == "lerobot_legacy" and config.pi05:
+        raise ValueError("the lerobot_legacy layout predates pi0.5; use 'openpi' or 'lerobot'")
+    out: dict[str, torch.Tensor] = {}
+    embed = state_dict["vlm.embed_tokens.weight"]
+    for c, t in state_dict.items():
+        if c == "vlm.embed_tokens.weight" and layout in ("openpi", "lerobot_legacy"):
+            continue  # stored only as the (tied) lm_head
+        out[to_file_key(c, layout)] = t.contiguous()
+    pre = "model." if layout != "openpi" else ""
+    zeros = torch.zeros(config.vlm.vocab_size, config.expert.width, dtype=embed.dtype)
+    if layout == "lerobot_legacy":
+        out[pre + _PG + "paligemma.language_model.lm_head.weight"] = embed.contiguous()
+        out[pre + _PG + "gemma_expert.model.embed_tokens.weight"] = zeros
+        out[pre + _PG + "gemma_expert.lm_head.weight"] = zeros.clone()
+    else:
+        out[pre + _PG + "paligemma.lm_head.weight"] = embed.clone() if layout == "lerobot" else embed.contiguous()
+        out[pre + _PG + "gemma_expert.lm_head.weight"] = zeros
+    return out
+
+
+def save_checkpoint(state_dict: dict[str, torch.Tensor], config: Pi0Config, directory: str | os.PathLike,
+                    layout: str = "openpi", max_shard_bytes: int | None = None) -> Path:
+    """Write `directory/model.safetensors` (or shards + index) and config.json in `layout`."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = file_tensors(state_dict, config, layout)
+    (d / "config.json").write_text(json.dumps(_config_json(config, layout), indent=2))
+    if max_shard_bytes is None:
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        return d
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(d / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    return d

@@ -1,0 +1,234 @@
+"""Model configs for pi0 / pi0.5, and their inference from a checkpoint's tensor shapes.
+
+A config is read off the tensors, never trusted from a guess: widths, depths, head_dim, mlp,
+vocab, patch and image size, action and state dims, pi0 vs pi0.5 all come from shapes.
+`config.json` is read only for what shapes cannot tell (action horizon, token length, steps,
+and head counts where a checkpoint records them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+SIGLIP_SO400M_HEAD_DIM = 72  # So400m/14: 1152 = 16 heads x 72
+
+
+@dataclass(frozen=True)
+class SiglipConfig:
+    width: int = 1152
+    depth: int = 27
+    num_heads: int = 16
+    mlp_dim: int = 4304
+    patch_size: int = 14
+    image_size: int = 224  # the size the position embedding was trained for
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int = 8
+    num_kv_heads: int = 1
+    head_dim: int = 256
+    vocab_size: int = 0  # 0: no embedding table (the action expert)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0
+
+
+@dataclass(frozen=True)
+class Pi0Config:
+    vision: SiglipConfig = field(default_factory=SiglipConfig)
+    vlm: GemmaConfig = field(
+        default_factory=lambda: GemmaConfig(width=2048, depth=18, mlp_dim=16384, vocab_size=257152)
+    )
+    expert: GemmaConfig = field(default_factory=lambda: GemmaConfig(width=1024, depth=18, mlp_dim=4096))
+    pi05: bool = False
+    action_dim: int = 32  # model-side action width (robot actions are zero-padded to it)
+    state_dim: int = 32  # pi0 only: input width of state_proj
+    action_horizon: int = 50
+    max_token_len: int = 48
+    num_steps: int = 10
+    num_cameras: int = 3
+    min_period: float = 4e-3
+    max_period: float = 4.0
+
+    def __post_init__(self) -> None:
+        v, e = self.vlm, self.expert
+        if (v.depth, v.num_heads, v.num_kv_heads, v.head_dim) != (e.depth, e.num_heads, e.num_kv_heads, e.head_dim):
+            raise ValueError(
+                "the VLM and the action expert share attention, so they need the same depth, heads, kv heads "
+                f"and head_dim; got VLM {(v.depth, v.num_heads, v.num_kv_heads, v.head_dim)} vs expert "
+                f"{(e.depth, e.num_heads, e.num_kv_heads, e.head_dim)}"
+            )
+        if v.num_heads % v.num_kv_heads:
+            raise ValueError(f"num_heads {v.num_heads} is not a multiple of num_kv_heads {v.num_kv_heads}")
+        if self.vision.width % self.vision.num_heads:
+            raise ValueError(f"SigLIP width {self.vision.width} is not divisible by {self.vision.num_heads} heads")
+        if self.expert.width % 2:
+            raise ValueError(f"expert width {self.expert.width} must be even (sin/cos time embedding)")
+
+    @property
+    def kind(self) -> str:
+        return "pi05" if self.pi05 else "pi0"
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches
+
+    @property
+    def suffix_len(self) -> int:
+        return self.action_horizon + (0 if self.pi05 else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Pi0Config":
+        d = dict(d)
+        vision = SiglipConfig(**d.pop("vision"))
+        vlm = GemmaConfig(**d.pop("vlm"))
+        expert = GemmaConfig(**d.pop("expert"))
+        return cls(vision=vision, vlm=vlm, expert=expert, **d)
+
+
+def preset(name: str) -> Pi0Config:
+    """`pi0`, `pi05` (full size) or `tiny` / `tiny-pi05` (seconds on a CPU, for tests and demos)."""
+    if name == "pi0":
+        return Pi0Config()
+    if name == "pi05":
+        return Pi0Config(pi05=True, max_token_len=200)
+    if name in ("tiny", "tiny-pi05"):
+        pi05 = name == "tiny-pi05"
+        return Pi0Config(
+            vision=SiglipConfig(width=32, depth=2, num_heads=4, mlp_dim=128, patch_size=14, image_size=28),
+            vlm=GemmaConfig(width=64, depth=2, mlp_dim=256, num_heads=8, num_kv_heads=1, head_dim=16, vocab_size=1000),
+            expert=GemmaConfig(width=32, depth=2, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
+            pi05=pi05,
+            max_token_len=200 if pi05 else 48,
+        )
+    raise ValueError(f"unknown preset {name!r}: choose one of pi0, pi05, tiny, tiny-pi05")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference from canonical tensor shapes (see checkpoint.py for the canonical names)
+
+
+def _count_layers(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    ids = {int(m.group(1)) for k in shapes if (m := pat.match(k))}
+    if not ids:
+        return 0
+    if ids != set(range(max(ids) + 1)):
+        missing = sorted(set(range(max(ids) + 1)) - ids)
+        raise ValueError(f"layers {missing} under '{prefix}' are missing (found {len(ids)} of {max(ids) + 1})")
+    return max(ids) + 1
+
+
+def _first(meta: Mapping[str, Any], *names: str) -> Any:
+    for n in names:
+        if meta.get(n) is not None:
+            return meta[n]
+    return None
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any] | None = None) -> Pi0Config:
+    """Derive every size from canonical tensor shapes; `meta` (a parsed config.json) only fills in
+    what shapes cannot tell: action horizon, token length, steps, and head counts if recorded."""
+    meta = dict(meta or {})
+    ours = meta.get("pi0") if isinstance(meta.get("pi0"), dict) else {}
+
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in shapes:
+            raise KeyError(name)
+        return tuple(shapes[name])
+
+    pi05 = any(k.startswith("expert.") and ".dense." in k for k in shapes) or "time_mlp_in.weight" in shapes
+
+    # SigLIP
+    patch = shape("vision.patch_embedding.weight")  # [width, 3, p, p]
+    v_width, _, p, _ = patch
+    n_pos = shape("vision.position_embedding.weight")[0]
+    grid = math.isqrt(n_pos)
+    if grid * grid != n_pos:
+        raise ValueError(f"vision position embedding has {n_pos} rows, not a square grid of patches")
+    v_mlp = shape("vision.layers.0.mlp.fc1.weight")[0]
+    v_depth = _count_layers(shapes, "vision.layers.")
+    # Head count is not visible in any SigLIP shape (q/k/v are all [width, width]).
+    v_heads = _first(ours.get("vision", {}), "num_heads") or _first(meta, "vision_num_heads")
+    if v_heads is None:
+        if v_width % SIGLIP_SO400M_HEAD_DIM == 0:
+            v_heads = v_width // SIGLIP_SO400M_HEAD_DIM  # So400m/14 head width (16 heads at 1152)
+        else:
+            v_heads = 4
+            warnings.warn(
+                f"SigLIP width {v_width} records no head count; assuming {v_heads} heads "
+                "(set 'vision_num_heads' in config.json to override)",
+                stacklevel=2,
+            )
+    vision = SiglipConfig(
+        width=v_width, depth=v_depth, num_heads=int(v_heads), mlp_dim=v_mlp, patch_size=p, image_size=grid * p
+    )
+    proj = shape("projector.weight")  # [vlm width, vision width]
+    if proj[1] != v_width:
+        raise ValueError(f"projector.weight is {list(proj)} but the SigLIP width is {v_width}")
+
+    def gemma(prefix: str, vocab: int, recorded: Mapping[str, Any]) -> GemmaConfig:
+        q = shape(f"{prefix}.layers.0.self_attn.q_proj.weight")  # [heads*hd, width]
+        k = shape(f"{prefix}.layers.0.self_attn.k_proj.weight")  # [kv*hd, width]
+        mlp = shape(f"{prefix}.layers.0.mlp.gate_proj.weight")[0]
+        kv = int(recorded.get("num_kv_heads") or 1)  # Gemma 2B and 300M are multi-query (1 kv head)
+        if k[0] % kv:
+            raise ValueError(f"{prefix} k_proj rows {k[0]} not divisible by {kv} kv heads")
+        hd = k[0] // kv
+        if q[0] % hd:
+            raise ValueError(f"{prefix} q_proj rows {q[0]} not a multiple of head_dim {hd}")
+        return GemmaConfig(
+            width=q[1], depth=_count_layers(shapes, f"{prefix}.layers."), mlp_dim=mlp,
+            num_heads=q[0] // hd, num_kv_heads=kv, head_dim=hd, vocab_size=vocab,
+        )
+
+    emb = shape("vlm.embed_tokens.weight")
+    vlm = gemma("vlm", emb[0], ours.get("vlm", {}))
+    expert = gemma("expert", 0, ours.get("expert", {}))
+    if proj[0] != vlm.width:
+        raise ValueError(f"projector.weight is {list(proj)} but the VLM width is {vlm.width}")
+
+    action_dim = shape("action_in_proj.weight")[1]
+    state_dim = action_dim if pi05 else shape("state_proj.weight")[1]
+
+    horizon = _first(ours, "action_horizon") or _first(meta, "action_horizon", "chunk_size") or 50
+    tok_len = _first(ours, "max_token_len") or _first(meta, "max_token_len", "tokenizer_max_length")
+    steps = _first(ours, "num_steps") or _first(meta, "num_inference_steps", "num_steps") or 10
+    return Pi0Config(
+        vision=vision, vlm=vlm, expert=expert, pi05=pi05, action_dim=action_dim, state_dim=state_dim,
+        action_horizon=int(horizon), max_token_len=int(tok_len or (200 if pi05 else 48)), num_steps=int(steps),
+    )
+
+
+def read_config_json(path) -> dict[str, Any]:
+    """Parse a checkpoint's config.json (openpi's five fields or LeRobot's many); unknown fields are kept
+    but never required."""
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(d).__name__}")
+    return d

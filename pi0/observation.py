@@ -1,0 +1,92 @@
+"""Model-level inputs (after preprocessing), as in ../shared/spec/pi0_math.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pi0.config import Pi0Config
+
+
+@dataclass
+class Observation:
+    """images: one [B,3,S,S] float tensor in [-1,1] per camera; image_masks: one bool [B] per camera;
+    tokens: int [B,L] right-padded with 0; token_masks: bool [B,L]; state: float [B,state_dim]."""
+
+    images: list[torch.Tensor]
+    image_masks: list[torch.Tensor]
+    tokens: torch.Tensor
+    token_masks: torch.Tensor
+    state: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    def validate(self, config: Pi0Config) -> None:
+        """Raise ValueError naming the first field whose shape or dtype is wrong, and what it should be."""
+        if not isinstance(self.images, (list, tuple)) or not self.images:
+            raise ValueError("Observation.images must be a non-empty list of [B,3,S,S] tensors, one per camera")
+        if len(self.image_masks) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.image_masks)} image_masks: give one mask per camera")
+        if self.tokens.ndim != 2:
+            raise ValueError(f"tokens must be [B, L], got shape {list(self.tokens.shape)}")
+        if self.tokens.dtype.is_floating_point or self.tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be an integer tensor, got {self.tokens.dtype}")
+        b = self.tokens.shape[0]
+        if self.token_masks.shape != self.tokens.shape or self.token_masks.dtype != torch.bool:
+            raise ValueError(
+                f"token_masks must be bool {list(self.tokens.shape)} like tokens, got "
+                f"{self.token_masks.dtype} {list(self.token_masks.shape)}"
+            )
+        if self.tokens.numel() and (int(self.tokens.min()) < 0 or int(self.tokens.max()) >= config.vlm.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {config.vlm.vocab_size}), got [{int(self.tokens.min())}, {int(self.tokens.max())}]"
+            )
+        p = config.vision.patch_size
+        for i, (img, m) in enumerate(zip(self.images, self.image_masks)):
+            if img.ndim != 4 or img.shape[0] != b or img.shape[1] != 3 or img.shape[2] != img.shape[3]:
+                raise ValueError(f"images[{i}] must be [{b}, 3, S, S], got {list(img.shape)}")
+            if not img.dtype.is_floating_point:
+                raise ValueError(f"images[{i}] must be float in [-1, 1], got {img.dtype} (uint8 x/255*2-1)")
+            if img.shape[2] < p:
+                raise ValueError(f"images[{i}] is {img.shape[2]} px, smaller than one {p} px patch")
+            if m.shape != (b,) or m.dtype != torch.bool:
+                raise ValueError(f"image_masks[{i}] must be bool [{b}], got {m.dtype} {list(m.shape)}")
+        if len({img.shape[2] for img in self.images}) != 1:
+            raise ValueError(f"all cameras need one image size, got {[img.shape[2] for img in self.images]}")
+        want = config.state_dim
+        if self.state.ndim != 2 or self.state.shape != (b, want):
+            raise ValueError(f"state must be [{b}, {want}] (zero-padded), got {list(self.state.shape)}")
+        if not self.state.dtype.is_floating_point:
+            raise ValueError(f"state must be float, got {self.state.dtype}")
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "Observation":
+        """Images and state in `dtype` on `device`; ids and masks keep their dtypes."""
+        return Observation(
+            images=[im.to(device=device, dtype=dtype) for im in self.images],
+            image_masks=[m.to(device) for m in self.image_masks],
+            tokens=self.tokens.to(device),
+            token_masks=self.token_masks.to(device),
+            state=self.state.to(device=device, dtype=dtype),
+        )
+
+
+def sample_observation(config: Pi0Config, batch_size: int = 1, num_valid_tokens: int = 12, seed: int = 0,
+                       image_size: int | None = None) -> Observation:
+    """A deterministic synthetic observation (random images, BOS + random prompt ids, random state):
+    what `pi0 demo` and `pi0 bench` feed when no robot is attached."""
+    g = torch.Generator().manual_seed(seed)
+    s = image_size or config.vision.image_size
+    L = config.max_token_len
+    n = max(1, min(num_valid_tokens, L))
+    images = [torch.rand(batch_size, 3, s, s, generator=g) * 2 - 1 for _ in range(config.num_cameras)]
+    masks = [torch.ones(batch_size, dtype=torch.bool) for _ in range(config.num_cameras)]
+    tokens = torch.zeros(batch_size, L, dtype=torch.long)
+    tokens[:, 0] = 2  # <bos>
+    tokens[:, 1:n] = torch.randint(3, config.vlm.vocab_size, (batch_size, n - 1), generator=g)
+    token_masks = torch.zeros(batch_size, L, dtype=torch.bool)
+    token_masks[:, :n] = True
+    state = torch.randn(batch_size, config.state_dim, generator=g)
+    return Observation(images, masks, tokens, token_masks, state)
