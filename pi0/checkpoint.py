@@ -15,6 +15,7 @@ VLM embedding stored only as `paligemma.lm_head`), `lerobot` (`model.` prefix, 7
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,7 @@ class CheckpointInfo:
     config: Pi0Config
     meta: dict[str, Any]
     num_file_tensors: int
+    num_file_params: int
     file_dtypes: dict[str, int]
     canonical: dict[str, tuple[Path, str]]  # canonical name -> (shard, file key)
     shapes: dict[str, tuple[int, ...]]  # canonical name -> shape
@@ -268,7 +270,8 @@ def inspect_checkpoint(path_or_repo_id: str | os.PathLike) -> CheckpointInfo:
         ) from None
     except ValueError as e:
         raise CheckpointError(f"{source} ({layout} layout): {e}") from None
-    info = CheckpointInfo(files, layout, config, meta, len(where), dtypes, canonical, shapes, sorted(dropped))
+    n_params = sum(math.prod(s) for s in file_shapes.values())
+    info = CheckpointInfo(files, layout, config, meta, len(where), n_params, dtypes, canonical, shapes, sorted(dropped))
     _check_against_config(info, source)
     return info
 
@@ -365,7 +368,7 @@ def file_tensors(state_dict: dict[str, torch.Tensor], config: Pi0Config, layout:
             continue  # stored only as the (tied) lm_head
         out[to_file_key(c, layout)] = t.contiguous()
     pre = "model." if layout != "openpi" else ""
-    zeros = torch.zeros(config.vlm.vocab_size, config.expert.width, dtype=embed.dtype)
+    zeros = torch.zeros(config.vlm.vocab_size, config.expert.width, dtype=embed.dtype, device=embed.device)
     if layout == "lerobot_legacy":
         out[pre + _PG + "paligemma.language_model.lm_head.weight"] = embed.contiguous()
         out[pre + _PG + "gemma_expert.model.embed_tokens.weight"] = zeros

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Callable
 
 import torch
 from torch import nn
@@ -35,12 +36,14 @@ def _empty_model(config: Pi0Config) -> Pi0Reference:
         return Pi0Reference(config).eval().requires_grad_(False)
 
 
-def init_random_(model: nn.Module, seed: int) -> None:
+def init_random_(model: nn.Module, seed: int, progress: Callable[[float], None] | None = None) -> None:
     """Fill every parameter from one seeded generator, in name order, with scales that keep
     activations O(1): linear/conv weights N(0, 1/fan_in), biases N(0, 0.02^2), LayerNorm 1 + N(0, 0.1^2),
     Gemma RMSNorm (used as 1 + w) N(0, 0.1^2), embeddings N(0, 1/width)."""
     g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters()):
+    params = sorted(model.named_parameters())
+    total, done = sum(p.numel() for _, p in params), 0
+    for name, p in params:
         leaf = name.rsplit(".", 2)
         if name.endswith("embed_tokens.weight"):
             std, mean = p.shape[1] ** -0.5, 0.0
@@ -58,14 +61,18 @@ def init_random_(model: nn.Module, seed: int) -> None:
         chunk.normal_(mean, std, generator=g)
         with torch.no_grad():
             p.copy_(chunk)
+        done += p.numel()
+        if progress is not None:
+            progress(done / total)
 
 
 def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0, device: str = "cpu",
-                dtype: str | torch.dtype = "float32") -> Pi0Reference:
-    """A model with seeded random weights, allocated directly in `dtype` on `device`."""
+                dtype: str | torch.dtype = "float32", progress: Callable[[float], None] | None = None) -> Pi0Reference:
+    """A model with seeded random weights, allocated directly in `dtype` on `device`.
+    progress: called with the fraction of parameters filled so far."""
     _check_backend(backend)
     model = _empty_model(config).to(parse_dtype(dtype)).to_empty(device=device)
-    init_random_(model, seed)
+    init_random_(model, seed, progress)
     return model
 
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from pi0.config import GemmaConfig, Pi0Config, SiglipConfig
 from pi0.observation import Observation
+from pi0.timing import StageClock
 
 MASK_VALUE = -2.3819763e38  # big_vision's finite "minus infinity": a fully masked row softmaxes to uniform
 
@@ -311,11 +312,13 @@ class Pi0Reference(nn.Module):
         """[B, 3, S, S] in [-1, 1] -> [B, (S//p)^2, VLM width]. Image tokens are not scaled."""
         return self.projector(self.vision(image))
 
-    def embed_prefix(self, obs: Observation) -> tuple[Tensor, Tensor, Tensor]:
-        """prefix [B, Lp, W] = [cam_0 .. cam_n, language]; input_mask bool [B, Lp]; ar_mask bool [B, Lp] (all False)."""
+    def embed_prefix(self, obs: Observation, image_embs: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """prefix [B, Lp, W] = [cam_0 .. cam_n, language]; input_mask bool [B, Lp]; ar_mask bool [B, Lp] (all False).
+        image_embs: the cameras' embed_image outputs, if already computed."""
+        if image_embs is None:
+            image_embs = [self.embed_image(image) for image in obs.images]
         embs, masks = [], []
-        for image, image_mask in zip(obs.images, obs.image_masks, strict=True):
-            emb = self.embed_image(image)
+        for emb, image_mask in zip(image_embs, obs.image_masks, strict=True):
             embs.append(emb)
             masks.append(image_mask[:, None].expand(-1, emb.shape[1]))
         lang = self.vlm.embed_tokens(obs.tokens)
@@ -398,8 +401,10 @@ class Pi0Reference(nn.Module):
     # -- sampling ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample_actions(self, obs: Observation, *, noise: Tensor | None = None, num_steps: int | None = None) -> Tensor:
-        """Flow matching with Euler steps from t=1 (noise) to t=0. Returns actions [B, H, action_dim] fp32."""
+    def sample_actions(self, obs: Observation, *, noise: Tensor | None = None, num_steps: int | None = None,
+                       stages: dict[str, float] | None = None) -> Tensor:
+        """Flow matching with Euler steps from t=1 (noise) to t=0. Returns actions [B, H, action_dim] fp32.
+        stages: if given, filled with seconds spent in vision, prefix (KV cache) and denoise."""
         cfg = self.config
         num_steps = cfg.num_steps if num_steps is None else num_steps
         if num_steps < 1:
@@ -412,12 +417,17 @@ class Pi0Reference(nn.Module):
             noise = torch.randn(shape, dtype=torch.float32, device=self.device)
         if tuple(noise.shape) != shape:
             raise ValueError(f"noise must be {list(shape)} (batch, action_horizon, action_dim), got {list(noise.shape)}")
-        prefix, prefix_mask, prefix_ar = self.embed_prefix(obs)
+        clock = StageClock(stages)
+        image_embs = [self.embed_image(image) for image in obs.images]
+        clock.lap("vision")
+        prefix, prefix_mask, prefix_ar = self.embed_prefix(obs, image_embs)
         kv_cache, _ = self.fill_kv_cache(prefix, prefix_mask, prefix_ar)
+        clock.lap("prefix")
         dt = -1.0 / num_steps
         x_t = noise.to(device=self.device, dtype=torch.float32)
         for step in range(num_steps):
             t = torch.full((b,), 1.0 + step * dt, dtype=torch.float32, device=self.device)
             v_t = self.denoise_step(obs.state, prefix_mask, prefix_ar, kv_cache, x_t, t)
             x_t = x_t + dt * v_t
+        clock.lap("denoise")
         return x_t

@@ -1,0 +1,182 @@
+"""`pi0 inspect | demo` — the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import pi0
+from pi0.checkpoint import CheckpointError, CheckpointInfo
+from pi0.models import BACKENDS, DTYPES
+
+
+def _sizes(cfg: pi0.Pi0Config) -> str:
+    v, l, e = cfg.vision, cfg.vlm, cfg.expert
+    return "\n".join([
+        f"  vision  SigLIP width {v.width}, depth {v.depth}, heads {v.num_heads} x {v.head_dim}, mlp {v.mlp_dim}, "
+        f"patch {v.patch_size}, image {v.image_size} px ({v.num_patches} tokens)",
+        f"  vlm     Gemma width {l.width}, depth {l.depth}, heads {l.num_heads}/{l.num_kv_heads} x {l.head_dim}, "
+        f"mlp {l.mlp_dim}, vocab {l.vocab_size}",
+        f"  expert  Gemma width {e.width}, depth {e.depth}, heads {e.num_heads}/{e.num_kv_heads} x {e.head_dim}, "
+        f"mlp {e.mlp_dim}" + (", adaRMS" if cfg.pi05 else ""),
+        f"  heads   action_dim {cfg.action_dim}, state_dim {cfg.state_dim}, horizon {cfg.action_horizon}, "
+        f"tokens {cfg.max_token_len}, steps {cfg.num_steps}",
+    ])
+
+
+def inspect_report(info: CheckpointInfo) -> dict:
+    used = sum(torch.Size(s).numel() for s in info.shapes.values())
+    return {
+        "path": str(info.files.root),
+        "files": [str(p) for p in info.files.shards],
+        "layout": info.layout,
+        "model": info.config.kind,
+        "num_tensors": info.num_file_tensors,
+        "num_used_tensors": len(info.canonical),
+        "num_params": info.num_file_params,
+        "num_used_params": used,
+        "dtypes": info.file_dtypes,
+        "dropped": info.dropped,
+        "config": info.config.to_dict(),
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = pi0.inspect_checkpoint(args.path)
+    rep = inspect_report(info)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(f"{rep['path']}: {rep['model']} checkpoint, {rep['layout']} layout, {len(rep['files'])} file(s)")
+    print(f"  tensors {rep['num_tensors']} ({rep['num_used_tensors']} used), params {rep['num_params']:,} "
+          f"({rep['num_used_params']:,} used), dtypes {rep['dtypes']}")
+    print(_sizes(info.config))
+    if rep["dropped"]:
+        print(f"  dropped (never used by the policy): {', '.join(rep['dropped'])}")
+    return 0
+
+
+def _progress(label: str):
+    last = [-1]
+
+    def show(frac: float) -> None:
+        pct = int(frac * 100)
+        if pct != last[0]:
+            last[0] = pct
+            print(f"\r{label} {pct:3d}%", end="" if pct < 100 else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
+def save_action_plot(actions: torch.Tensor, path: Path, title: str) -> None:
+    """One small panel per action dimension: the value over the horizon."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = actions.float().cpu().numpy()  # [H, D]
+    h, d = a.shape
+    cols = min(8, d)
+    rows = (d + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.6 * rows), sharex=True, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= d:
+            ax.axis("off")
+            continue
+        ax.plot(range(h), a[:, i], lw=1.2)
+        ax.set_title(f"dim {i}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.supxlabel("step in the action chunk", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    if args.checkpoint:
+        print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
+        model = pi0.load_model(args.checkpoint, backend=args.backend, dtype=args.dtype)
+        source = str(args.checkpoint)
+    else:
+        cfg = pi0.preset(args.size)
+        n = sum(v.numel() for v in _param_shapes(cfg))
+        print(f"building {args.size} ({n / 1e6:,.1f} M params, seeded random weights, {args.dtype}) ...",
+              file=sys.stderr, flush=True)
+        model = pi0.build_model(cfg, backend=args.backend, seed=args.seed, dtype=args.dtype,
+                                progress=_progress("  weights"))
+        source = f"{args.size}, random weights (seed {args.seed})"
+    load_s = time.perf_counter() - t0
+    cfg = model.config
+    obs = pi0.sample_observation(cfg, batch_size=1, num_valid_tokens=args.tokens, seed=args.seed)
+    noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(args.seed))
+    print(f"sampling {args.steps or cfg.num_steps} Euler steps on {len(obs.images)} cameras, "
+          f"{int(obs.token_masks.sum())} prompt tokens ...", file=sys.stderr, flush=True)
+    stages: dict[str, float] = {}
+    t1 = time.perf_counter()
+    actions = model.sample_actions(obs, noise=noise, num_steps=args.steps, stages=stages)[0]
+    total = time.perf_counter() - t1
+    print(f"model     {cfg.kind} ({source}), backend {model.backend}, {args.dtype}")
+    print(f"load      {load_s:8.2f} s")
+    for k in ("vision", "prefix", "denoise"):
+        print(f"{k:9s} {stages.get(k, 0.0):8.2f} s")
+    print(f"total     {total:8.2f} s per call")
+    print(f"actions   [{actions.shape[0]}, {actions.shape[1]}]  min {actions.min():.3f}  max {actions.max():.3f}  "
+          f"mean {actions.mean():.3f}  std {actions.std():.3f}")
+    print("first step, dims 0-7: " + " ".join(f"{x:+.3f}" for x in actions[0, :8].tolist()))
+    out = Path(args.out)
+    save_action_plot(actions, out, f"{cfg.kind} action chunk ({source})")
+    print(f"plot      {out}")
+    return 0
+
+
+def _param_shapes(cfg: pi0.Pi0Config):
+    from pi0.checkpoint import expected_shapes
+
+    return [torch.Size(s) for s in expected_shapes(cfg).values()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pi0", description="pi0 / pi0.5 inference")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("inspect", help="report a checkpoint's layout, model kind, sizes and tensors")
+    p.add_argument("path", help="checkpoint directory, .safetensors file or hub repo id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="run the whole model on a built-in sample observation and plot the actions")
+    p.add_argument("--size", default="pi0", choices=["pi0", "pi05", "tiny", "tiny-pi05"],
+                   help="architecture with seeded random weights (default: full-size pi0)")
+    p.add_argument("--checkpoint", help="real weights instead of random ones")
+    p.add_argument("--backend", default="reference", choices=BACKENDS)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's, 10)")
+    p.add_argument("--tokens", type=int, default=12, help="valid prompt tokens in the sample observation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="pi0_demo_actions.png", help="where to save the plot")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("default")
+    try:
+        return args.func(args)
+    except (CheckpointError, ValueError) as e:
+        print(f"pi0 {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
