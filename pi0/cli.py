@@ -158,13 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="pi0", choices=["pi0", "pi05", "tiny", "tiny-pi05"],
                    help="architecture with seeded random weights (default: full-size pi0)")
     p.add_argument("--checkpoint", help="real weights instead of random ones")
-    p.add_argument("--backend", default="reference", choices=BACKENDS)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--backend", default="engine", choices=BACKENDS)
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's, 10)")
     p.add_argument("--tokens", type=int, default=12, help="valid prompt tokens in the sample observation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="pi0_demo_actions.png", help="where to save the plot")
     p.set_defaults(func=cmd_demo)
+
+    from pi0 import bench
+
+    p = sub.add_parser("bench", help="latency, stage times, FLOP efficiency and peak memory of one configuration")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
     return ap
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
-from torch import nn
 
-from pi0.checkpoint import CheckpointInfo, inspect_checkpoint, load_state_dict
+from pi0.checkpoint import expected_shapes, inspect_checkpoint, load_state_dict
 from pi0.config import Pi0Config
 from pi0.reference.model import Pi0Reference
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "engine")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -36,34 +36,55 @@ def _empty_model(config: Pi0Config) -> Pi0Reference:
         return Pi0Reference(config).eval().requires_grad_(False)
 
 
-def init_random_(model: nn.Module, seed: int, progress: Callable[[float], None] | None = None) -> None:
-    """Fill every parameter from one seeded generator, in name order, with scales that keep
-    activations O(1): linear/conv weights N(0, 1/fan_in), biases N(0, 0.02^2), LayerNorm 1 + N(0, 0.1^2),
-    Gemma RMSNorm (used as 1 + w) N(0, 0.1^2), embeddings N(0, 1/width)."""
-    g = torch.Generator().manual_seed(seed)
-    params = sorted(model.named_parameters())
-    total, done = sum(p.numel() for _, p in params), 0
-    for name, p in params:
-        leaf = name.rsplit(".", 2)
-        if name.endswith("embed_tokens.weight"):
-            std, mean = p.shape[1] ** -0.5, 0.0
-        elif name.endswith("position_embedding.weight"):
-            std, mean = 0.1, 0.0
-        elif "layer_norm" in name or "post_layernorm" in name:
-            std, mean = (0.1, 1.0) if leaf[-1] == "weight" else (0.02, 0.0)
-        elif p.ndim == 1 and leaf[-1] == "weight":  # RMSNorm (1 + w)
-            std, mean = 0.1, 0.0
-        elif leaf[-1] == "bias":
-            std, mean = 0.02, 0.0
-        else:
-            std, mean = math.prod(p.shape[1:]) ** -0.5, 0.0
-        chunk = torch.empty(p.shape, dtype=torch.float32)
-        chunk.normal_(mean, std, generator=g)
-        with torch.no_grad():
-            p.copy_(chunk)
-        done += p.numel()
-        if progress is not None:
-            progress(done / total)
+def _init_rule(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(mean, std) that keep activations O(1): linear/conv weights N(0, 1/fan_in), biases N(0, 0.02^2),
+    LayerNorm weight 1 + N(0, 0.1^2), Gemma RMSNorm w (used as 1 + w) N(0, 0.1^2), embeddings N(0, 1/width)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if name.endswith("embed_tokens.weight"):
+        return 0.0, shape[1] ** -0.5
+    if name.endswith("position_embedding.weight"):
+        return 0.0, 0.1
+    if "layer_norm" in name or "post_layernorm" in name:
+        return (1.0, 0.1) if leaf == "weight" else (0.0, 0.02)
+    if len(shape) == 1:
+        return (0.0, 0.1) if leaf == "weight" else (0.0, 0.02)
+    return 0.0, math.prod(shape[1:]) ** -0.5
+
+
+def random_state_dict(config: Pi0Config, seed: int, dtype: torch.dtype, device: str | torch.device = "cpu",
+                      progress: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
+    """Seeded random canonical weights, written directly into `dtype`. Each block of rows has its own
+    generator (seeded by seed, tensor index, block index), so the values do not depend on the thread
+    count, and the blocks are filled on all cores. Values are drawn in fp32 and rounded to `dtype`, so a
+    bf16 build holds the bf16-rounded weights of the fp32 build with the same seed."""
+    shapes = expected_shapes(config)
+    out = {k: torch.empty(s, dtype=dtype, device=device) for k, s in sorted(shapes.items())}
+    jobs = []
+    for i, (name, t) in enumerate(out.items()):
+        per_row = max(1, math.prod(t.shape[1:]))
+        step = max(1, _BLOCK // per_row)
+        for j, r0 in enumerate(range(0, t.shape[0], step)):
+            jobs.append((name, r0, min(t.shape[0], r0 + step), seed * 2**40 + i * 2**20 + j))
+    total = sum(t.numel() for t in out.values())
+    done = 0
+
+    def fill(job) -> int:
+        name, r0, r1, s = job
+        mean, std = _init_rule(name, tuple(out[name].shape))
+        block = torch.empty((r1 - r0, *out[name].shape[1:]), dtype=torch.float32)
+        block.normal_(mean, std, generator=torch.Generator().manual_seed(s))
+        out[name][r0:r1].copy_(block)
+        return block.numel()
+
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        for n in pool.map(fill, jobs):
+            done += n
+            if progress is not None:
+                progress(done / total)
+    return out
+
+
+_BLOCK = 1 << 22  # values per generator block
 
 
 def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0, device: str = "cpu",
@@ -71,9 +92,8 @@ def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0,
     """A model with seeded random weights, allocated directly in `dtype` on `device`.
     progress: called with the fraction of parameters filled so far."""
     _check_backend(backend)
-    model = _empty_model(config).to(parse_dtype(dtype)).to_empty(device=device)
-    init_random_(model, seed, progress)
-    return model
+    state = random_state_dict(config, seed, parse_dtype(dtype), device, progress)
+    return _from_state_dict(config, state, backend)
 
 
 def load_model(path_or_repo_id: str | os.PathLike, *, backend: str = "reference", device: str = "cpu",
@@ -81,13 +101,19 @@ def load_model(path_or_repo_id: str | os.PathLike, *, backend: str = "reference"
     """Load a checkpoint in any known layout (directory, .safetensors file, sharded, or hub id)."""
     _check_backend(backend)
     info = inspect_checkpoint(path_or_repo_id)
-    return model_from_info(info, device=device, dtype=parse_dtype(dtype))
-
-
-def model_from_info(info: CheckpointInfo, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Pi0Reference:
-    model = _empty_model(info.config)
-    state = load_state_dict(info, dtype, device)
-    model.load_state_dict(state, strict=True, assign=True)
+    state = load_state_dict(info, parse_dtype(dtype), device)
+    model = _from_state_dict(info.config, state, backend)
     model.checkpoint_info = info
+    return model
+
+
+def _from_state_dict(config: Pi0Config, state: dict[str, torch.Tensor], backend: str):
+    """The model of `backend` over canonical tensors; the engine consumes (empties) `state` as it packs."""
+    if backend == "engine":
+        from pi0.engine.model import Pi0Engine
+
+        return Pi0Engine(config, state)
+    model = _empty_model(config)
+    model.load_state_dict(state, strict=True, assign=True)
     return model
 

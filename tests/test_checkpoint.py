@@ -14,7 +14,7 @@ from pi0.checkpoint import CheckpointError, expected_shapes, file_tensors
 from tests.conftest import make_noise
 
 def _same(a, b):  # the same weights give the same actions (up to memory-alignment rounding)
-    return (a - b).abs().max() <= 1e-6
+    return (a - b).abs().max() <= 1e-5
 
 
 LAYOUTS = {"tiny": ["openpi", "lerobot", "lerobot_legacy"], "tiny-pi05": ["openpi", "lerobot"]}

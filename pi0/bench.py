@@ -1,0 +1,189 @@
+"""`pi0 bench`: latency, stage times, FLOP efficiency and memory of one configuration, in one process.
+
+The FLOP count is what the VALID work needs (valid cameras and tokens only; the last VLM layer's k, v
+only), so a backend that skips padding and masked cameras is not credited for work it avoids, and one
+that computes them is not credited for wasted work. `efficiency` = achieved GFLOP/s over a GEMM of the
+same dtype measured in the same process just before the model runs.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+import pi0
+from pi0.config import Pi0Config
+
+
+def _gemma_layer_flops(n_q: int, n_k: int, width: int, cfg, attn: bool = True) -> float:
+    qkv = 2 * n_q * width * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    if not attn:  # k, v only
+        return 2 * n_q * width * 2 * cfg.num_kv_heads * cfg.head_dim
+    att = 4 * n_q * n_k * cfg.num_heads * cfg.head_dim
+    o = 2 * n_q * cfg.num_heads * cfg.head_dim * width
+    mlp = 3 * 2 * n_q * width * cfg.mlp_dim
+    return qkv + att + o + mlp
+
+
+def model_flops(cfg: Pi0Config, images_per_row: list[int], tokens_per_row: list[int], num_steps: int,
+                image_size: int | None = None) -> float:
+    """Matmul FLOPs of one sample_actions call counting only valid cameras and tokens."""
+    v = cfg.vision
+    s = image_size or v.image_size
+    n = (s // v.patch_size) ** 2
+    per_image = 2 * n * 3 * v.patch_size**2 * v.width + 2 * n * v.width * cfg.vlm.width
+    per_image += v.depth * (2 * n * v.width * 3 * v.width + 4 * n * n * v.width + 2 * n * v.width**2
+                            + 2 * 2 * n * v.width * v.mlp_dim)
+    total = per_image * sum(images_per_row)
+    e, ew, h = cfg.expert, cfg.expert.width, cfg.action_horizon
+    n_state = 0 if cfg.pi05 else 1
+    for imgs, toks in zip(images_per_row, tokens_per_row):
+        lp = imgs * n + toks
+        total += (cfg.vlm.depth - 1) * _gemma_layer_flops(lp, lp, cfg.vlm.width, cfg.vlm)
+        total += _gemma_layer_flops(lp, lp, cfg.vlm.width, cfg.vlm, attn=False)
+        if n_state:
+            total += (e.depth - 1) * _gemma_layer_flops(1, lp + 1, ew, e) + _gemma_layer_flops(1, lp + 1, ew, e, attn=False)
+            total += 2 * cfg.state_dim * ew
+        step = e.depth * _gemma_layer_flops(h, lp + n_state + h, ew, e)
+        step += 2 * h * cfg.action_dim * ew * 2  # action_in_proj, action_out_proj
+        step += 2 * h * ew * ew * (2 if not cfg.pi05 else 0)  # action_time_mlp (action half + out)
+        total += num_steps * step
+    return float(total)
+
+
+def gemm_gflops(dtype: torch.dtype, m: int = 816, k: int = 2048, n: int = 16384, repeats: int = 5) -> float:
+    """A plain GEMM of the model's dominant shape (VLM MLP over the W1 prefix), best of `repeats`."""
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(n, k).to(dtype)
+    torch.nn.functional.linear(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.nn.functional.linear(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / best / 1e9
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def make_observation(cfg: Pi0Config, batch: int, cameras: int, masked: int, tokens: int, valid_tokens: int,
+                     seed: int = 0) -> pi0.Observation:
+    if not 0 <= masked <= cameras or cameras < 1:
+        raise ValueError(f"need 1 <= cameras and 0 <= masked <= cameras, got cameras={cameras} masked={masked}")
+    if not 1 <= valid_tokens <= tokens:
+        raise ValueError(f"need 1 <= valid_tokens <= tokens, got {valid_tokens} of {tokens}")
+    base = pi0.sample_observation(cfg, batch_size=batch, num_valid_tokens=valid_tokens, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    s = cfg.vision.image_size
+    images = [torch.rand(batch, 3, s, s, generator=g) * 2 - 1 for _ in range(cameras)]
+    masks = [torch.full((batch,), i < cameras - masked) for i in range(cameras)]
+    tok = torch.zeros(batch, tokens, dtype=torch.long)
+    tmask = torch.zeros(batch, tokens, dtype=torch.bool)
+    tok[:, :valid_tokens] = base.tokens[:, :valid_tokens]
+    tmask[:, :valid_tokens] = True
+    return pi0.Observation(images, masks, tok, tmask, base.state)
+
+
+def run(args) -> dict[str, Any]:
+    dtype = pi0.models.parse_dtype(args.dtype)
+    torch.manual_seed(0)
+    progress = None if args.json else _progress
+    t0 = time.perf_counter()
+    if args.checkpoint:
+        model = pi0.load_model(args.checkpoint, backend=args.backend, dtype=dtype, device=args.device)
+    else:
+        model = pi0.build_model(pi0.preset(args.size), backend=args.backend, dtype=dtype, device=args.device,
+                                progress=(lambda f: progress(f"building {args.size}", f)) if progress else None)
+    load_s = time.perf_counter() - t0
+    cfg = model.config
+    steps = args.steps or cfg.num_steps
+    tokens = args.tokens or cfg.max_token_len
+    valid = args.valid_tokens or tokens
+    obs = make_observation(cfg, args.batch, args.cameras, args.masked_cameras, tokens, valid)
+    noise = torch.randn(args.batch, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
+    gemm = gemm_gflops(dtype)
+    flops = model_flops(cfg, [args.cameras - args.masked_cameras] * args.batch, [valid] * args.batch, steps)
+
+    def call() -> tuple[float, dict[str, float]]:
+        stages: dict[str, float] = {}
+        t = time.perf_counter()
+        model.sample_actions(obs, noise=noise, num_steps=steps, stages=stages)
+        return time.perf_counter() - t, stages
+
+    first, _ = call()
+    if progress:
+        progress(f"first call {first:.2f} s; timing", 0.0)
+    times, stage_runs = [], []
+    for i in range(args.repeats):
+        dt, st = call()
+        times.append(dt)
+        stage_runs.append(st)
+        if progress:
+            progress(f"call {i + 1}/{args.repeats} {dt:.2f} s", (i + 1) / args.repeats)
+    latency = statistics.median(times)
+    stages = {k: statistics.median(st[k] for st in stage_runs) for k in ("vision", "prefix", "denoise")}
+    achieved = flops / latency / 1e9
+    return {
+        "latency_s": latency,
+        "first_call_s": first,
+        "load_s": load_s,
+        "stages_s": stages,
+        "model_tflop": flops / 1e12,
+        "achieved_gflops": achieved,
+        "gemm_gflops": gemm,
+        "efficiency": achieved / gemm,
+        "peak_rss_gib": peak_rss_gib(),
+        "config": {
+            "model": cfg.kind, "size": None if args.checkpoint else args.size, "checkpoint": args.checkpoint,
+            "backend": args.backend, "dtype": str(dtype).replace("torch.", ""), "device": args.device,
+            "cameras": args.cameras, "masked_cameras": args.masked_cameras, "tokens": tokens,
+            "valid_tokens": valid, "steps": steps, "batch": args.batch, "repeats": args.repeats,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+        },
+        "times_s": times,
+    }
+
+
+def _progress(label: str, frac: float) -> None:
+    end = "\n" if frac >= 1.0 else ""
+    print(f"\r{label} {frac * 100:5.1f}%   ", end=end, file=sys.stderr, flush=True)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--size", default="pi0", choices=["pi0", "pi05", "tiny", "tiny-pi05"])
+    p.add_argument("--checkpoint", help="real weights instead of seeded random ones")
+    p.add_argument("--backend", default="engine", choices=pi0.models.BACKENDS)
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(pi0.models.DTYPES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cameras", type=int, default=3)
+    p.add_argument("--masked-cameras", type=int, default=0, help="how many of the cameras are masked (the last ones)")
+    p.add_argument("--tokens", type=int, default=None, help="prompt length incl. padding (default: the model's)")
+    p.add_argument("--valid-tokens", type=int, default=None, help="valid prompt tokens (default: all)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+
+
+def main(args) -> int:
+    rep = run(args)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    c = rep["config"]
+    print(f"{c['model']} {c['backend']} {c['dtype']} batch {c['batch']}, {c['cameras']} cameras "
+          f"({c['masked_cameras']} masked), {c['valid_tokens']}/{c['tokens']} tokens, {c['steps']} steps")
+    print(f"latency   {rep['latency_s']:.3f} s (median of {c['repeats']}; first call {rep['first_call_s']:.3f} s)")
+    print("stages    " + ", ".join(f"{k} {v:.3f} s" for k, v in rep["stages_s"].items()))
+    print(f"compute   {rep['model_tflop']:.3f} TFLOP -> {rep['achieved_gflops']:.0f} GFLOP/s; GEMM {rep['gemm_gflops']:.0f} "
+          f"GFLOP/s; efficiency {rep['efficiency']:.2f}")
+    print(f"memory    peak RSS {rep['peak_rss_gib']:.2f} GiB; load/build {rep['load_s']:.1f} s")
+    return 0

@@ -1,0 +1,351 @@
+"""The fast runtime: the same `sample_actions` contract as the reference, written for inference.
+
+- Weights packed once: fused QKV, fused gate|up, (1 + w) norm weights in fp32; bf16 by default.
+- Work that cannot change the answer is skipped, not masked: masked cameras are not encoded, padding
+  tokens are dropped (each row's valid prefix is packed to the front), the last VLM layer computes only
+  its k, v, the pi0 state token runs through the expert once per call (it never sees the actions), and
+  only the action tokens run through the expert at each step.
+- Everything that depends only on the step schedule is computed once per `num_steps`: the time half of
+  `action_time_mlp_in` (pi0), the time MLP and every adaRMS scale/shift/gate (pi0.5).
+- One KV buffer per layer, [B, K, Lp + Ls, D], written once for the prefix (and state) and in place for
+  the actions at each step; attention is scaled_dot_product_attention with a key mask only when a row
+  has padding.
+Primitive ops live in `pi0.engine.ops`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pi0.config import Pi0Config
+from pi0.engine import ops
+from pi0.observation import Observation
+from pi0.reference.model import posemb
+from pi0.timing import StageClock
+
+
+@dataclass
+class VisionLayer:
+    ln1_w: Tensor
+    ln1_b: Tensor
+    qkv_w: Tensor  # [3W, W]
+    qkv_b: Tensor
+    out_w: Tensor
+    out_b: Tensor
+    ln2_w: Tensor
+    ln2_b: Tensor
+    fc1_w: Tensor
+    fc1_b: Tensor
+    fc2_w: Tensor
+    fc2_b: Tensor
+
+
+@dataclass
+class GemmaLayer:
+    """Packed weights of one Gemma layer. The last VLM layer keeps only kv_w and in_norm."""
+
+    qkv_w: Tensor | None  # [(H + 2K) * D, W], q rows pre-scaled by head_dim^-0.5
+    kv_w: Tensor | None  # [2K * D, W]: the last VLM layer's k, v projection
+    o_w: Tensor | None
+    gate_up_w: Tensor | None  # [2 * mlp, W]
+    down_w: Tensor | None
+    in_norm: Tensor | None  # (1 + w) fp32; None for adaRMS
+    post_norm: Tensor | None
+
+
+class Pi0Engine:
+    backend = "engine"
+
+    def __init__(self, config: Pi0Config, state: dict[str, Tensor]):
+        """Packs canonical tensors (any dtype; the engine computes in theirs). Consumes `state`."""
+        self.config = config
+        self.dtype = state["vlm.embed_tokens.weight"].dtype
+        self.device = state["vlm.embed_tokens.weight"].device
+        dt = self.dtype
+
+        def take(name: str, dtype: torch.dtype | None = dt) -> Tensor:
+            t = state.pop(name)
+            return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+        def f32(name: str) -> Tensor:
+            return take(name, torch.float32)
+
+        v = config.vision
+        self.patch_w, self.patch_b = take("vision.patch_embedding.weight"), take("vision.patch_embedding.bias")
+        self.pos_emb = take("vision.position_embedding.weight")
+        img_rows = config.num_cameras * v.num_patches  # GEMM row-count hint for the packed layouts
+
+        def packed(name: str, rows: int) -> Tensor:
+            return ops.pack(take(name), rows)
+
+        self.vision_layers = []
+        for i in range(v.depth):
+            p = f"vision.layers.{i}."
+            self.vision_layers.append(VisionLayer(
+                ln1_w=take(p + "layer_norm1.weight"), ln1_b=take(p + "layer_norm1.bias"),
+                qkv_w=ops.pack(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]), img_rows),
+                qkv_b=torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]),
+                out_w=packed(p + "self_attn.out_proj.weight", img_rows), out_b=take(p + "self_attn.out_proj.bias"),
+                ln2_w=take(p + "layer_norm2.weight"), ln2_b=take(p + "layer_norm2.bias"),
+                fc1_w=packed(p + "mlp.fc1.weight", img_rows), fc1_b=take(p + "mlp.fc1.bias"),
+                fc2_w=packed(p + "mlp.fc2.weight", img_rows), fc2_b=take(p + "mlp.fc2.bias"),
+            ))
+        self.post_ln_w, self.post_ln_b = take("vision.post_layernorm.weight"), take("vision.post_layernorm.bias")
+        self.proj_w, self.proj_b = packed("projector.weight", img_rows), take("projector.bias")
+        self.embed = take("vlm.embed_tokens.weight")
+
+        head_dim = config.vlm.head_dim
+
+        def gemma_layers(prefix: str, depth: int, adaptive: bool, rows: int, kv_only_last: bool) -> list[GemmaLayer]:
+            layers = []
+            for i in range(depth):
+                p = f"{prefix}.layers.{i}."
+                if kv_only_last and i == depth - 1:
+                    # only this layer's k, v are ever read: its other weights are dropped at load
+                    for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                              "post_attention_layernorm"):
+                        state.pop(p + n + ".weight")
+                    kv_w = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "kv"])
+                    layers.append(GemmaLayer(None, ops.pack(kv_w, rows), None, None, None,
+                                             1 + f32(p + "input_layernorm.weight"), None))
+                    continue
+                q_w = take(p + "self_attn.q_proj.weight", torch.float32) * head_dim**-0.5  # scale folded into W_q
+                layers.append(GemmaLayer(
+                    qkv_w=ops.pack(torch.cat([q_w.to(dt)] + [take(p + f"self_attn.{n}_proj.weight") for n in "kv"]), rows),
+                    kv_w=None,
+                    o_w=packed(p + "self_attn.o_proj.weight", rows),
+                    gate_up_w=ops.pack(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]), rows),
+                    down_w=packed(p + "mlp.down_proj.weight", rows),
+                    in_norm=None if adaptive else 1 + f32(p + "input_layernorm.weight"),
+                    post_norm=None if adaptive else 1 + f32(p + "post_attention_layernorm.weight"),
+                ))
+            return layers
+
+        prefix_rows = img_rows + config.max_token_len
+        self.vlm_layers = gemma_layers("vlm", config.vlm.depth, False, prefix_rows, kv_only_last=True)
+        state.pop("vlm.norm.weight")  # the VLM's final norm never reaches the actions
+        self.expert_layers = gemma_layers("expert", config.expert.depth, config.pi05, config.action_horizon, kv_only_last=False)
+        if config.pi05:
+            # adaRMS dense layers, kept fp32: they only ever see the schedule's conditioning
+            e = config.expert.depth
+            self.mod_w = [torch.cat([f32(f"expert.layers.{i}.{n}.dense.weight") for n in ("input_layernorm", "post_attention_layernorm")]) for i in range(e)]
+            self.mod_b = [torch.cat([f32(f"expert.layers.{i}.{n}.dense.bias") for n in ("input_layernorm", "post_attention_layernorm")]) for i in range(e)]
+            self.final_mod_w, self.final_mod_b = f32("expert.norm.dense.weight"), f32("expert.norm.dense.bias")
+            self.time_in_w, self.time_in_b = f32("time_mlp_in.weight"), f32("time_mlp_in.bias")
+            self.time_out_w, self.time_out_b = f32("time_mlp_out.weight"), f32("time_mlp_out.bias")
+        else:
+            self.final_norm = 1 + f32("expert.norm.weight")
+            self.state_w, self.state_b = f32("state_proj.weight"), f32("state_proj.bias")
+            w_in = f32("action_time_mlp_in.weight")  # [We, 2We] over concat[action, time]
+            ew = config.expert.width
+            self.at_in_action_w, self.at_in_time_w = w_in[:, :ew].contiguous(), w_in[:, ew:].contiguous()
+            self.at_in_b = f32("action_time_mlp_in.bias")
+            self.at_out_w, self.at_out_b = f32("action_time_mlp_out.weight"), f32("action_time_mlp_out.bias")
+        self.action_in_w, self.action_in_b = f32("action_in_proj.weight"), f32("action_in_proj.bias")
+        self.action_out_w, self.action_out_b = f32("action_out_proj.weight"), f32("action_out_proj.bias")
+        if state:
+            raise ValueError(f"engine: {len(state)} tensors were not used: {sorted(state)[:5]}")
+        self._schedules: dict[int, dict[str, Tensor]] = {}
+
+    # -- schedule ---------------------------------------------------------------------------
+
+    def _schedule(self, num_steps: int) -> dict[str, Tensor]:
+        """What depends only on t, once per num_steps: [S, ...] fp32 (S = num_steps)."""
+        if num_steps in self._schedules:
+            return self._schedules[num_steps]
+        cfg = self.config
+        dt = -1.0 / num_steps
+        t = torch.tensor([1.0 + i * dt for i in range(num_steps)], dtype=torch.float32, device=self.device)
+        te = posemb(t, cfg.expert.width, cfg.min_period, cfg.max_period)  # [S, We]
+        if cfg.pi05:
+            cond = torch.nn.functional.silu(ops.linear(torch.nn.functional.silu(ops.linear(te, self.time_in_w, self.time_in_b)),
+                                                       self.time_out_w, self.time_out_b))
+            mods = torch.stack([ops.linear(cond, w, b) for w, b in zip(self.mod_w, self.mod_b)], dim=1)  # [S, depth, 6We]
+            final = ops.linear(cond, self.final_mod_w, self.final_mod_b)  # [S, 3We]
+            sched = {"mods": mods, "final": final}
+        else:
+            sched = {"time_bias": ops.linear(te, self.at_in_time_w, self.at_in_b)}  # [S, We]
+        self._schedules[num_steps] = sched
+        return sched
+
+    # -- prefix -----------------------------------------------------------------------------
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """[N, 3, S, S] -> [N, (S//p)^2, VLM width] in the engine dtype."""
+        from pi0.reference.model import interpolate_position_embedding
+
+        v = self.config.vision
+        x = torch.nn.functional.conv2d(images.to(self.dtype), self.patch_w, self.patch_b, stride=v.patch_size)
+        grid = x.shape[-1]
+        x = x.flatten(2).transpose(1, 2)
+        x = x + interpolate_position_embedding(self.pos_emb, grid)
+        n, l, w = x.shape
+        h = v.num_heads
+        for layer in self.vision_layers:
+            qkv = ops.linear(ops.layer_norm(x, layer.ln1_w, layer.ln1_b, v.layer_norm_eps), layer.qkv_w, layer.qkv_b)
+            q, k, vv = qkv.view(n, l, 3, h, w // h).unbind(2)
+            x = x + ops.linear(ops.mha(q, k, vv), layer.out_w, layer.out_b)
+            hdn = ops.linear(ops.layer_norm(x, layer.ln2_w, layer.ln2_b, v.layer_norm_eps), layer.fc1_w, layer.fc1_b)
+            x = x + ops.linear(ops.gelu_tanh(hdn), layer.fc2_w, layer.fc2_b)
+        x = ops.layer_norm(x, self.post_ln_w, self.post_ln_b, v.layer_norm_eps)
+        return ops.linear(x, self.proj_w, self.proj_b)
+
+    def embed_prefix(self, obs: Observation) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Packed prefix: each row's valid camera tokens and valid language tokens, in order, moved to
+        the front. Returns prefix [B, Lp, W], n_valid int [B], key_mask bool [B, Lp] (None: no padding)."""
+        b = obs.batch_size
+        rows = [torch.nonzero(m, as_tuple=True)[0] for m in obs.image_masks]
+        valid = [im[r] for im, r in zip(obs.images, rows) if len(r)]
+        feats = self.embed_images(torch.cat(valid)) if valid else None
+        per_cam, start = [], 0
+        for r in rows:
+            per_cam.append(feats[start:start + len(r)] if len(r) else None)
+            start += len(r)
+        scale = torch.tensor(math.sqrt(self.config.vlm.width), dtype=torch.float32).to(self.dtype)
+        seqs = []
+        for i in range(b):
+            parts = []
+            for r, f in zip(rows, per_cam):
+                hit = (r == i).nonzero(as_tuple=True)[0]
+                if len(hit):
+                    parts.append(f[hit[0]])
+            ids = obs.tokens[i][obs.token_masks[i]]
+            parts.append(self.embed[ids] * scale)
+            seqs.append(torch.cat(parts))
+        n_valid = torch.tensor([len(s) for s in seqs], device=self.device)
+        lp = int(n_valid.max())
+        if int(n_valid.min()) == lp:
+            return torch.stack(seqs), n_valid, None
+        prefix = torch.zeros(b, lp, self.config.vlm.width, dtype=self.dtype, device=self.device)
+        for i, s in enumerate(seqs):
+            prefix[i, : len(s)] = s
+        key_mask = torch.arange(lp, device=self.device)[None, :] < n_valid[:, None]
+        return prefix, n_valid, key_mask
+
+    def _qkv(self, layer: GemmaLayer, h: Tensor, cos: Tensor, sin: Tensor, kv_only: bool = False):
+        """Fused projection + RoPE. h [B, L, W] -> q [B, L, H, D] (or None), k, v [B, K, L, D]."""
+        g = self.config.vlm
+        b, n, _ = h.shape
+        q_rows = g.num_heads * g.head_dim
+        out = ops.linear(h, layer.kv_w if kv_only else layer.qkv_w)
+        if kv_only:
+            q, kv = None, out
+        else:
+            q, kv = out[..., :q_rows], out[..., q_rows:]
+            q = ops.apply_rope(q.view(b, n, g.num_heads, g.head_dim), cos, sin)
+        k, v = kv.view(b, n, 2, g.num_kv_heads, g.head_dim).unbind(2)
+        k = ops.apply_rope(k, cos, sin)
+        return q, k.transpose(1, 2), v.transpose(1, 2)
+
+    def fill_kv_cache(self, prefix: Tensor, key_mask: Tensor | None, k_buf: list[Tensor], v_buf: list[Tensor]) -> None:
+        """One pass of the packed prefix through the VLM, writing k, v [B, K, Lp, D] per layer."""
+        g = self.config.vlm
+        b, lp, _ = prefix.shape
+        pos = torch.arange(lp, device=self.device)[None, :].expand(b, lp)
+        cos, sin = ops.rope_tables(pos, g.head_dim, g.rope_theta, self.dtype)
+        x = prefix
+        last = len(self.vlm_layers) - 1
+        for i, layer in enumerate(self.vlm_layers):
+            h = ops.rms_norm(x, layer.in_norm, g.rms_norm_eps).to(self.dtype)
+            q, k, v = self._qkv(layer, h, cos, sin, kv_only=i == last)
+            k_buf[i][:, :, :lp] = k
+            v_buf[i][:, :, :lp] = v
+            if i == last:  # only the last layer's k, v are ever read
+                break
+            x = x + ops.linear(ops.attention(q, k, v, key_mask), layer.o_w)
+            h = ops.rms_norm(x, layer.post_norm, g.rms_norm_eps).to(self.dtype)
+            x = x + ops.linear(ops.gated_gelu(ops.linear(h, layer.gate_up_w)), layer.down_w)
+
+    # -- suffix -----------------------------------------------------------------------------
+
+    def _expert_pass(self, x: Tensor, start: int, positions: Tensor, key_mask: Tensor | None,
+                     k_buf: list[Tensor], v_buf: list[Tensor], mods: Tensor | None, need_output: bool = True) -> Tensor:
+        """Tokens x [B, n, We] at buffer slots start..start+n attend to every key in slots < start+n.
+        mods [B or 1, depth, 6We] fp32 (pi0.5) or None. Returns the last layer's output (pre final norm)."""
+        e = self.config.expert
+        end = start + x.shape[1]
+        cos, sin = ops.rope_tables(positions, e.head_dim, e.rope_theta, self.dtype)
+        mask = None if key_mask is None else key_mask[:, :end]
+        last = len(self.expert_layers) - 1
+        for i, layer in enumerate(self.expert_layers):
+            if mods is None:
+                h = ops.rms_norm(x, layer.in_norm, e.rms_norm_eps).to(self.dtype)
+            else:
+                scale, shift, gate, scale2, shift2, gate2 = mods[:, i, None, :].chunk(6, dim=-1)
+                h = ops.ada_rms_norm(x, scale, shift, e.rms_norm_eps).to(self.dtype)
+            q, k, v = self._qkv(layer, h, cos, sin)
+            k_buf[i][:, :, start:end] = k
+            v_buf[i][:, :, start:end] = v
+            if i == last and not need_output:
+                break
+            y = ops.linear(ops.attention(q, k_buf[i][:, :, :end], v_buf[i][:, :, :end], mask), layer.o_w)
+            x = x + (y if mods is None else y * gate.to(self.dtype))
+            if mods is None:
+                h = ops.rms_norm(x, layer.post_norm, e.rms_norm_eps).to(self.dtype)
+            else:
+                h = ops.ada_rms_norm(x, scale2, shift2, e.rms_norm_eps).to(self.dtype)
+            y = ops.linear(ops.gated_gelu(ops.linear(h, layer.gate_up_w)), layer.down_w)
+            x = x + (y if mods is None else y * gate2.to(self.dtype))
+        return x
+
+    @torch.no_grad()
+    def sample_actions(self, obs: Observation, *, noise: Tensor | None = None, num_steps: int | None = None,
+                       stages: dict[str, float] | None = None) -> Tensor:
+        """Same contract as the reference: actions [B, H, action_dim] fp32."""
+        cfg = self.config
+        num_steps = cfg.num_steps if num_steps is None else num_steps
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        obs.validate(cfg)
+        obs = obs.to(self.device, torch.float32)
+        b, horizon = obs.batch_size, cfg.action_horizon
+        shape = (b, horizon, cfg.action_dim)
+        if noise is None:
+            noise = torch.randn(shape, dtype=torch.float32, device=self.device)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must be {list(shape)} (batch, action_horizon, action_dim), got {list(noise.shape)}")
+        sched = self._schedule(num_steps)
+        clock = StageClock(stages)
+
+        prefix, n_valid, key_mask = self.embed_prefix(obs)
+        clock.lap("vision")
+        lp = prefix.shape[1]
+        n_state = 0 if cfg.pi05 else 1
+        total = lp + n_state + horizon
+        g = cfg.expert
+        k_buf = [torch.empty(b, g.num_kv_heads, total, g.head_dim, dtype=self.dtype, device=self.device)
+                 for _ in self.expert_layers]
+        v_buf = [torch.empty_like(k) for k in k_buf]
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask, torch.ones(b, n_state + horizon, dtype=torch.bool, device=self.device)], 1)
+            assert key_mask.shape[1] == total, f"key mask {key_mask.shape[1]} != prefix+suffix {total}"
+        self.fill_kv_cache(prefix, None if key_mask is None else key_mask[:, :lp], k_buf, v_buf)
+        if not cfg.pi05:  # the state token sees the prefix and itself only: its k, v are fixed for the call
+            s = ops.linear(obs.state, self.state_w, self.state_b)[:, None, :].to(self.dtype)
+            self._expert_pass(s, lp, n_valid[:, None], key_mask, k_buf, v_buf, None, need_output=False)
+        clock.lap("prefix")
+
+        act_start = lp + n_state
+        positions = n_valid[:, None] + n_state + torch.arange(horizon, device=self.device)[None, :]
+        x_t = noise.to(device=self.device, dtype=torch.float32)
+        dt = -1.0 / num_steps
+        for step in range(num_steps):
+            a = ops.linear(x_t, self.action_in_w, self.action_in_b)  # fp32 [B, H, We]
+            if cfg.pi05:
+                mods = sched["mods"][step][None]
+                scale, shift, _ = sched["final"][step][None, None].chunk(3, dim=-1)
+                out = self._expert_pass(a.to(self.dtype), act_start, positions, key_mask, k_buf, v_buf, mods)
+                out = ops.ada_rms_norm(out, scale, shift, g.rms_norm_eps)
+            else:
+                u = torch.nn.functional.silu(ops.linear(a, self.at_in_action_w) + sched["time_bias"][step])
+                a = ops.linear(u, self.at_out_w, self.at_out_b).to(self.dtype)
+                out = self._expert_pass(a, act_start, positions, key_mask, k_buf, v_buf, None)
+                out = ops.rms_norm(out, self.final_norm, g.rms_norm_eps)
+            v_t = ops.linear(out, self.action_out_w, self.action_out_b)  # fp32
+            x_t = x_t + dt * v_t
+        clock.lap("denoise")
+        return x_t

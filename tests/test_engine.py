@@ -1,0 +1,110 @@
+"""The engine against the reference (fp32 exactness, bf16 PCC gates), on LeRobot fixtures, and the
+work it must skip."""
+
+import dataclasses
+import statistics
+
+import pytest
+import torch
+
+import pi0
+from tests.conftest import make_noise
+from tests.fixtures_lib import MODELS, ROOT, cases
+
+
+def _obs(cfg, batch, valid, masked=(), seed=0):
+    obs = pi0.sample_observation(cfg, batch_size=batch, num_valid_tokens=max(valid), seed=seed)
+    for b, n in enumerate(valid):
+        obs.token_masks[b, n:] = False
+    for cam, row in masked:
+        obs.image_masks[cam][row] = False
+    return obs
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-pi05"])
+def pair(request):
+    cfg = pi0.preset(request.param)
+    return pi0.build_model(cfg, seed=11), pi0.build_model(cfg, seed=11, backend="engine")
+
+
+@pytest.mark.parametrize("batch,valid,masked", [(1, (12,), ()), (2, (5, 9), ((1, 0),)), (3, (3, 11, 6), ((2, 1), (0, 2)))])
+def test_engine_fp32_matches_reference(pair, batch, valid, masked):
+    ref, eng = pair
+    obs = _obs(ref.config, batch, valid, masked)
+    noise = make_noise(ref.config, batch)
+    for steps in (10, 3):
+        err = (eng.sample_actions(obs, noise=noise, num_steps=steps) - ref.sample_actions(obs, noise=noise, num_steps=steps)).abs().max()
+        assert err <= 1e-4, err
+
+
+def _pcc(a, b):
+    return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "tiny-pi05"])
+def test_engine_bf16_pcc_gate(preset_name):
+    cfg = pi0.preset(preset_name)
+    ref = pi0.build_model(cfg, seed=5)
+    eng = pi0.build_model(cfg, seed=5, backend="engine", dtype="bfloat16")
+    pccs = []
+    for seed in range(10):
+        obs = _obs(cfg, 2, (7, 12), ((1, 1),), seed=seed)
+        noise = make_noise(cfg, 2, seed=seed)
+        pccs.append(_pcc(eng.sample_actions(obs, noise=noise), ref.sample_actions(obs, noise=noise)))
+    assert statistics.mean(pccs) >= 0.999 and min(pccs) >= 0.995, pccs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_engine_reproduces_lerobot_fixtures(name):
+    eng32 = pi0.load_model(ROOT / name, backend="engine")
+    eng16 = pi0.load_model(ROOT / name, backend="engine", dtype="bfloat16")
+    for case in cases(name):
+        want = case.expected["actions"]
+        got = eng32.sample_actions(case.obs, noise=case.noise, num_steps=case.num_steps)
+        assert (got - want).abs().max() <= 1e-4, f"{name}/{case.name}"
+        got16 = eng16.sample_actions(case.obs, noise=case.noise, num_steps=case.num_steps)
+        assert _pcc(got16, want) >= 0.995, f"{name}/{case.name}"
+
+
+def test_masked_cameras_and_padding_are_skipped(pair):
+    ref, eng = pair
+    cfg = ref.config
+    obs = _obs(cfg, 2, (4, 9), ((1, 0), (2, 0), (2, 1)))
+    seen = []
+    orig = eng.embed_images
+
+    def spy(images):
+        seen.append(images.shape[0])
+        return orig(images)
+
+    eng.embed_images = spy
+    try:
+        prefix, n_valid, key_mask = eng.embed_prefix(obs)
+    finally:
+        del eng.embed_images
+    assert seen == [3]  # 6 (row, camera) pairs, 3 masked: only 3 images encoded
+    n_img = cfg.num_image_tokens
+    assert n_valid.tolist() == [n_img + 4, 2 * n_img + 9]
+    assert prefix.shape[1] == 2 * n_img + 9  # packed: no padding tokens beyond the longest row
+    assert key_mask is not None and key_mask.sum(1).tolist() == n_valid.tolist()
+    one = _obs(cfg, 1, (5,), ((0, 0),))
+    prefix, n_valid, key_mask = eng.embed_prefix(one)
+    assert key_mask is None and prefix.shape[1] == 2 * n_img + 5
+    noise = make_noise(cfg, 2)
+    assert (eng.sample_actions(obs, noise=noise) - ref.sample_actions(obs, noise=noise)).abs().max() <= 1e-4
+
+
+def test_all_cameras_masked_still_answers(pair):
+    ref, eng = pair
+    obs = _obs(ref.config, 1, (6,), ((0, 0), (1, 0), (2, 0)))
+    noise = make_noise(ref.config, 1)
+    assert (eng.sample_actions(obs, noise=noise) - ref.sample_actions(obs, noise=noise)).abs().max() <= 1e-4
+
+
+def test_engine_rejects_bad_inputs_like_the_reference(pair):
+    _, eng = pair
+    obs = pi0.sample_observation(eng.config)
+    with pytest.raises(ValueError, match="noise must be"):
+        eng.sample_actions(obs, noise=torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match="state must be"):
+        eng.sample_actions(dataclasses.replace(obs, state=torch.zeros(1, 3)))
