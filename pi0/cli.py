@@ -145,6 +145,84 @@ def _param_shapes(cfg: pi0.Pi0Config):
     return [torch.Size(s) for s in expected_shapes(cfg).values()]
 
 
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, .safetensors file or hub repo id")
+    p.add_argument("--preset", default=None, help="robot preset: libero, aloha, droid or generic "
+                   "(default: generic, from the checkpoint's LeRobot features)")
+    p.add_argument("--backend", default="engine", choices=BACKENDS)
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece model (default: the checkpoint "
+                   "directory, then ~/.cache/openpi/big_vision/paligemma_tokenizer.model)")
+    p.add_argument("--asset-id", default=None, help="which assets/<asset_id>/norm_stats.json to use")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=None, help="fixed noise seed (default: fresh noise per request)")
+    p.add_argument("--default-prompt", default=None, help="prompt used when a request carries none")
+    p.add_argument("--no-state-in-prompt", action="store_true", help="pi0.5: leave the state out of the prompt "
+                   "(the pi05_libero choice)")
+
+
+def _policy(args: argparse.Namespace):
+    from pi0.policy import Policy
+
+    return Policy(args.checkpoint, preset=args.preset, backend=args.backend, dtype=args.dtype, tokenizer=args.tokenizer,
+                  asset_id=args.asset_id, num_steps=args.steps, seed=args.seed, default_prompt=args.default_prompt,
+                  state_in_prompt=False if args.no_state_in_prompt else None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from pi0.serving.server import PolicyServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    policy = _policy(args)
+    print(f"policy: {policy.metadata}", file=sys.stderr, flush=True)
+    PolicyServer(policy, args.host, args.port, api_key=args.api_key,
+                 max_message_bytes=int(args.max_message_mb * (1 << 20))).run()
+    return 0
+
+
+def read_observation(path: str) -> dict:
+    """An observation saved as .npz (keys as the robot sends them; 'a/b' may also be nested) or .json."""
+    import numpy as np
+
+    p = Path(path)
+    if p.suffix == ".npz":
+        with np.load(p, allow_pickle=False) as z:
+            obs = {k: z[k] for k in z.files}
+        if "prompt" in obs:
+            obs["prompt"] = str(obs["prompt"])
+        return obs
+    if p.suffix == ".json":
+        def arrays(x):
+            if isinstance(x, dict):
+                return {k: arrays(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return np.asarray(x)
+            return x
+
+        return arrays(json.loads(p.read_text()))
+    raise ValueError(f"{p}: an observation file must be .npz or .json")
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    obs = read_observation(args.obs)
+    policy = _policy(args)
+    out = policy.infer(obs)
+    a = out["actions"]
+    print(f"actions [{a.shape[0]}, {a.shape[1]}] in {out['policy_timing']['infer_ms']:.0f} ms; first step: "
+          + " ".join(f"{x:+.4f}" for x in a[0].tolist()))
+    if args.out:
+        if args.out.endswith(".json"):
+            Path(args.out).write_text(json.dumps({"actions": a.tolist(), "policy_timing": out["policy_timing"]}))
+        else:
+            np.save(args.out, a)
+        print(f"saved {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pi0", description="pi0 / pi0.5 inference")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -171,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency, stage times, FLOP efficiency and peak memory of one configuration")
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
+
+    p = sub.add_parser("serve", help="serve a policy over openpi's websocket protocol")
+    _add_policy_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="refuse clients without 'Authorization: Api-Key <key>'")
+    p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("infer", help="one action chunk from a saved observation (.npz or .json)")
+    _add_policy_args(p)
+    p.add_argument("--obs", required=True)
+    p.add_argument("--out", default=None, help="save the actions (.npy or .json)")
+    p.set_defaults(func=cmd_infer)
     return ap
 
 
@@ -179,8 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("default")
     try:
         return args.func(args)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"pi0 {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"pi0 {args.cmd}: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
 
 

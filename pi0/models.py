@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from pi0.checkpoint import expected_shapes, inspect_checkpoint, load_state_dict
+from pi0.checkpoint import CheckpointInfo, expected_shapes, inspect_checkpoint, load_state_dict
 from pi0.config import Pi0Config
 from pi0.reference.model import Pi0Reference
 
@@ -88,7 +88,7 @@ _BLOCK = 1 << 22  # values per generator block
 
 
 def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0, device: str = "cpu",
-                dtype: str | torch.dtype = "float32", progress: Callable[[float], None] | None = None) -> Pi0Reference:
+                dtype: str | torch.dtype = "float32", progress: Callable[[float], None] | None = None):
     """A model with seeded random weights, allocated directly in `dtype` on `device`.
     progress: called with the fraction of parameters filled so far."""
     _check_backend(backend)
@@ -97,11 +97,15 @@ def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0,
 
 
 def load_model(path_or_repo_id: str | os.PathLike, *, backend: str = "reference", device: str = "cpu",
-               dtype: str | torch.dtype = "float32") -> Pi0Reference:
+               dtype: str | torch.dtype = "float32"):
     """Load a checkpoint in any known layout (directory, .safetensors file, sharded, or hub id)."""
+    return load_from_info(inspect_checkpoint(path_or_repo_id), backend=backend, dtype=parse_dtype(dtype), device=device)
+
+
+def load_from_info(info: CheckpointInfo, *, backend: str, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """The model of an already inspected checkpoint."""
     _check_backend(backend)
-    info = inspect_checkpoint(path_or_repo_id)
-    state = load_state_dict(info, parse_dtype(dtype), device)
+    state = load_state_dict(info, dtype, device)
     model = _from_state_dict(info.config, state, backend)
     model.checkpoint_info = info
     return model

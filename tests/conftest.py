@@ -15,3 +15,52 @@ def make_noise(cfg: pi0.Pi0Config, batch: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="session", params=["tiny", "tiny-pi05"])
 def tiny_model(request):
     return pi0.build_model(pi0.preset(request.param), seed=3)
+
+
+def train_tokenizer(path, vocab_size: int = 300) -> str:
+    """A small SentencePiece model trained on the fly, with PaliGemma's special ids (pad 0, eos 1, bos 2)
+    and "\\n" as a symbol, to check the prompt formatting rules without the real 4 MB tokenizer."""
+    import sentencepiece as spm
+
+    words = ("pick up the red cup put the block in the bowl open close drawer move left right arm gripper "
+             "task state action fold towel stack cubes push button").split()
+    rng = __import__("random").Random(0)
+    sentences = [" ".join(rng.choice(words) for _ in range(8)) + f" {rng.randint(0, 255)}" for _ in range(2000)]
+    sentences += [f"Task: {rng.choice(words)} {rng.choice(words)}, State: {rng.randint(0, 255)} {rng.randint(0, 255)};\nAction: "
+                  for _ in range(500)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(path), vocab_size=vocab_size, pad_id=0, eos_id=1, bos_id=2,
+        unk_id=3, user_defined_symbols=["\n", ":", ",", ";"], character_coverage=1.0, minloglevel=2,
+        hard_vocab_limit=False,
+    )
+    return str(path) + ".model"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    return train_tokenizer(tmp_path_factory.mktemp("sp") / "paligemma_tokenizer")
+
+
+def write_policy_checkpoint(directory, preset_name: str, tokenizer: str, layout: str = "openpi", seed: int = 0,
+                            robot_dim: int = 8, action_dim: int = 7, stats: bool = True):
+    """A tiny checkpoint as a user has it: weights, config.json, the tokenizer beside them, and openpi
+    norm stats under assets/<asset_id>/."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+
+    d = Path(directory)
+    pi0.build_model(pi0.preset(preset_name), seed=seed).save_pretrained(d, layout=layout)
+    shutil.copy(tokenizer, d / "paligemma_tokenizer.model")
+    if stats:
+        rng = np.random.default_rng(seed)
+        def st(n):
+            q01 = rng.uniform(-2, -1, n)
+            return {"mean": rng.normal(0, 1, n).tolist(), "std": rng.uniform(0.5, 2, n).tolist(),
+                    "q01": q01.tolist(), "q99": (q01 + rng.uniform(1, 3, n)).tolist()}
+        (d / "assets" / "robot").mkdir(parents=True)
+        (d / "assets" / "robot" / "norm_stats.json").write_text(
+            json.dumps({"norm_stats": {"state": st(robot_dim), "actions": st(action_dim)}}))
+    return d

@@ -1,0 +1,160 @@
+"""`pi0.Policy`: a robot's observation dict in, an action chunk in robot units out."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pi0.checkpoint import inspect_checkpoint
+from pi0.models import load_from_info, parse_dtype
+from pi0.observation import Observation
+from pi0.processing import (
+    PRESETS, PromptTokenizer, RobotPreset, finite_vector, find_tokenizer, generic_preset, image_to_model,
+    load_norm_stats, lookup, to_uint8_hwc,
+)
+
+
+class Policy:
+    """Robot preset -> normalise -> images -> prompt tokens -> model -> unnormalise -> robot actions.
+
+    checkpoint: directory, .safetensors or hub id (as `pi0.load_model`). preset: `libero`, `aloha`, `droid`,
+    `generic` (cameras and dims from the checkpoint's LeRobot features), or None to pick `generic` when the
+    checkpoint describes its features. seed: None draws fresh noise per call (openpi's behaviour); an int
+    gives the same noise every call (reproducible answers). state_in_prompt: pi0.5 only; False is the
+    `pi05_libero` choice of leaving the discretised state out of the prompt."""
+
+    def __init__(self, checkpoint: str | os.PathLike, *, preset: str | None = None, backend: str = "engine",
+                 dtype: str = "bfloat16", device: str = "cpu", tokenizer: str | os.PathLike | None = None,
+                 asset_id: str | None = None, state_in_prompt: bool | None = None, num_steps: int | None = None,
+                 default_prompt: str | None = None, seed: int | None = None):
+        self.info = inspect_checkpoint(checkpoint)
+        cfg = self.info.config
+        self.config = cfg
+        root = self.info.files.root
+        self.preset = self._resolve_preset(preset)
+        if len(self.preset.cameras) != cfg.num_cameras and self.preset.name != "generic":
+            raise ValueError(f"preset {self.preset.name} feeds {len(self.preset.cameras)} cameras, the model takes {cfg.num_cameras}")
+        self.tokenizer = PromptTokenizer(find_tokenizer(tokenizer, root), cfg.max_token_len)
+        self.normalizer, self.stats_source = load_norm_stats(root, asset_id, use_quantiles=cfg.pi05)
+        if state_in_prompt is None:
+            state_in_prompt = bool(self.info.meta.get("discrete_state_input", True))
+        self.state_in_prompt = cfg.pi05 and state_in_prompt
+        self.num_steps = num_steps
+        self.default_prompt = default_prompt
+        self.seed = seed
+        self.backend, self.dtype, self.device = backend, dtype, device
+        self.model = load_from_info(self.info, backend=backend, dtype=parse_dtype(dtype), device=device)
+        stats_dim = None
+        if self.normalizer is not None and self.normalizer.actions is not None:
+            st = self.normalizer.actions
+            stats_dim = len(st.mean if st.mean is not None else st.q01)
+        self.action_dim = min(self.preset.action_dim or stats_dim or cfg.action_dim, cfg.action_dim)
+
+    def _resolve_preset(self, name: str | None) -> RobotPreset:
+        meta = self.info.meta
+        feats = meta.get("input_features") if isinstance(meta.get("input_features"), dict) else {}
+        cams = [k for k in feats if k.startswith("observation.images.")]
+        out = meta.get("output_features") if isinstance(meta.get("output_features"), dict) else {}
+        act = out.get("action", {}).get("shape", [None])[0] if isinstance(out.get("action"), dict) else None
+        if name is None:
+            if not cams:
+                raise ValueError(f"choose a robot preset ({', '.join(PRESETS)}, generic): the checkpoint's config.json "
+                                 "describes no camera features")
+            name = "generic"
+        if name == "generic":
+            return generic_preset(cams, act)
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}, generic")
+        return PRESETS[name]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "model": cfg.kind, "preset": self.preset.name, "action_horizon": cfg.action_horizon,
+            "action_dim": self.action_dim, "cameras": [c for c, _ in self.preset.cameras],
+            "state_keys": self.preset.state_keys, "backend": self.backend, "dtype": self.dtype,
+            "norm_stats": self.stats_source, "state_in_prompt": self.state_in_prompt,
+        }
+
+    # -- input side ---------------------------------------------------------------------------
+
+    def _get(self, obs: dict[str, Any], key: str) -> Any:
+        try:
+            return lookup(obs, key)
+        except KeyError:
+            raise KeyError(f"observation is missing '{key}' (preset {self.preset.name} expects: "
+                           f"{self.preset.description or self.preset.state_keys})") from None
+
+    def prepare(self, obs: dict[str, Any]) -> Observation:
+        """A robot observation dict -> model-level Observation (batch 1). Raises KeyError / ValueError
+        naming the offending key."""
+        if not isinstance(obs, dict):
+            raise ValueError(f"an observation must be a dict, got {type(obs).__name__}")
+        cfg = self.config
+        size = cfg.vision.image_size
+        images, masks = [], []
+        for key, required in self.preset.cameras:
+            img = None
+            if key is not None:
+                try:
+                    img = lookup(obs, key)
+                except KeyError:
+                    if required:
+                        self._get(obs, key)  # raises with the preset's description
+            if img is None:
+                images.append(np.zeros((3, size, size), dtype=np.float32) - 1.0)  # a zero image in [-1, 1]
+                masks.append(False)
+            else:
+                images.append(image_to_model(to_uint8_hwc(img, key), size))
+                masks.append(True)
+        state = np.concatenate([finite_vector(self._get(obs, k), k) for k in self.preset.state_keys])
+        state = self.preset.state_in(state.copy())
+        if self.normalizer is not None:
+            state = self.normalizer.state_in(state)
+        if len(state) > cfg.state_dim:
+            raise ValueError(f"state has {len(state)} dims, the model takes at most {cfg.state_dim}")
+        prompt = obs.get("prompt", self.default_prompt)
+        if prompt is None:
+            raise KeyError("observation is missing 'prompt' (a str instruction), and no default prompt is set")
+        if isinstance(prompt, (bytes, np.bytes_)):
+            prompt = bytes(prompt).decode()
+        if isinstance(prompt, np.ndarray) and prompt.shape == ():
+            prompt = prompt.item()
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        tokens, token_mask = self.tokenizer(prompt, state if self.state_in_prompt else None)
+        padded = np.zeros(cfg.state_dim, dtype=np.float32)
+        padded[: len(state)] = state
+        return Observation(
+            images=[torch.from_numpy(im)[None] for im in images],
+            image_masks=[torch.tensor([m]) for m in masks],
+            tokens=torch.from_numpy(tokens)[None],
+            token_masks=torch.from_numpy(token_mask)[None],
+            state=torch.from_numpy(padded)[None],
+        )
+
+    # -- output side --------------------------------------------------------------------------
+
+    def postprocess(self, actions: np.ndarray) -> np.ndarray:
+        """Model actions [H, action_dim] -> robot actions [H, robot_dim] in robot units."""
+        a = np.asarray(actions, dtype=np.float32)[:, : self.action_dim]
+        if self.normalizer is not None:
+            a = self.normalizer.actions_out(a)
+        return self.preset.actions_out(a.copy()).astype(np.float32)
+
+    def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        inputs = self.prepare(obs)
+        cfg = self.config
+        noise = None
+        if self.seed is not None:
+            g = torch.Generator().manual_seed(self.seed)
+            noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=g)
+        actions = self.model.sample_actions(inputs, noise=noise, num_steps=self.num_steps)[0].cpu().numpy()
+        return {"actions": self.postprocess(actions),
+                "policy_timing": {"infer_ms": (time.perf_counter() - t0) * 1000.0}}

@@ -1,0 +1,330 @@
+"""From a robot's observation to model inputs and back (openpi conventions,
+../shared/spec/serving_and_processing.md): images, prompt tokens, normalisation, robot presets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger("pi0")
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def to_uint8_hwc(image: Any, name: str = "image") -> np.ndarray:
+    """uint8 (or other integers in [0, 255]), or float in [0, 1] (x255, truncated as openpi does); HWC or CHW
+    -> uint8 HWC, 3 channels."""
+    a = np.asarray(image)
+    if a.dtype.kind not in "uif":
+        raise ValueError(f"{name} must be a uint8 or float array, got dtype {a.dtype}")
+    if a.ndim != 3:
+        raise ValueError(f"{name} must be HWC or CHW with 3 channels, got shape {list(a.shape)}")
+    if a.shape[-1] != 3 and a.shape[0] == 3:
+        a = np.transpose(a, (1, 2, 0))
+    if a.shape[-1] != 3 or a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"{name} must be HWC or CHW with 3 channels, got shape {list(a.shape)}")
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    if a.dtype.kind in "ui":  # e.g. pixel lists from JSON
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise ValueError(f"{name}: integer pixels must lie in [0, 255], got [{a.min()}, {a.max()}]")
+        return np.ascontiguousarray(a.astype(np.uint8))
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    if a.min() < 0.0 or a.max() > 1.0:
+        raise ValueError(f"{name}: float images must be in [0, 1], got [{a.min():.3g}, {a.max():.3g}]")
+    return np.ascontiguousarray((255 * a).astype(np.uint8))
+
+
+def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """openpi's rule (tf.image.resize_with_pad via PIL): keep the aspect ratio, bilinear, zero padding
+    centred. uint8 HWC -> uint8 [height, width, 3]."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    ratio = max(w / width, h / height)
+    rh, rw = int(h / ratio), int(w / ratio)
+    resized = Image.fromarray(image).resize((rw, rh), resample=Image.BILINEAR)
+    out = Image.new(resized.mode, (width, height), 0)
+    out.paste(resized, (max(0, int((width - rw) / 2)), max(0, int((height - rh) / 2))))
+    return np.asarray(out)
+
+
+def image_to_model(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HWC (any size) -> float32 CHW [3, size, size] in [-1, 1]."""
+    x = resize_with_pad(image, size, size).astype(np.float32) / 255.0 * 2.0 - 1.0
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt tokens
+
+OPENPI_TOKENIZER = "~/.cache/openpi/big_vision/paligemma_tokenizer.model"
+TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
+
+
+def find_tokenizer(explicit: str | os.PathLike | None, checkpoint_dir: Path | None) -> Path:
+    """--tokenizer PATH, else the checkpoint directory (and its assets/), else openpi's cache."""
+    tried: list[str] = []
+    candidates: list[Path] = []
+    if explicit:
+        candidates.append(Path(explicit).expanduser())
+    if checkpoint_dir is not None:
+        for base in (checkpoint_dir, checkpoint_dir / "assets"):
+            candidates += [base / n for n in TOKENIZER_NAMES]
+    env = os.environ.get("PI0_TOKENIZER")
+    if env:
+        candidates.append(Path(env).expanduser())
+    candidates.append(Path(OPENPI_TOKENIZER).expanduser())
+    for c in candidates:
+        tried.append(str(c))
+        if c.is_file():
+            return c
+    raise FileNotFoundError(
+        "no PaliGemma SentencePiece tokenizer found; looked at: " + ", ".join(tried) + ". Pass --tokenizer PATH "
+        f"(the file is gs://big_vision/paligemma_tokenizer.model, ~4 MB; openpi caches it at {OPENPI_TOKENIZER})"
+    )
+
+
+class PromptTokenizer:
+    """openpi's PaligemmaTokenizer formats. pi0: BOS + text + "\\n"; pi0.5 with state:
+    BOS + "Task: {text}, State: {s0 s1 ...};\\nAction: " (state discretised into 256 bins over [-1, 1]).
+    Right-padded with 0 to max_len (mask False on padding); longer prompts are truncated with a warning."""
+
+    def __init__(self, model_path: str | os.PathLike, max_len: int):
+        import sentencepiece
+
+        self.path = Path(model_path)
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        self.max_len = max_len
+
+    @staticmethod
+    def clean(text: str) -> str:
+        return text.strip().replace("_", " ").replace("\n", " ")
+
+    @staticmethod
+    def discretize(state: np.ndarray) -> np.ndarray:
+        return np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+
+    def __call__(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        text = self.clean(prompt)
+        if state is not None:
+            state_str = " ".join(map(str, self.discretize(np.asarray(state))))
+            ids = self.sp.encode(f"Task: {text}, State: {state_str};\nAction: ", add_bos=True)
+        else:
+            ids = self.sp.encode(text, add_bos=True) + self.sp.encode("\n")
+        if len(ids) > self.max_len:
+            log.warning("prompt is %d tokens, truncated to %d", len(ids), self.max_len)
+            ids = ids[: self.max_len]
+        tokens = np.zeros(self.max_len, dtype=np.int64)
+        mask = np.zeros(self.max_len, dtype=bool)
+        tokens[: len(ids)] = ids
+        mask[: len(ids)] = True
+        return tokens, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+
+
+@dataclass
+class Stats:
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    q01: np.ndarray | None = None
+    q99: np.ndarray | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Stats":
+        def arr(k):
+            return None if d.get(k) is None else np.asarray(d[k], dtype=np.float32).reshape(-1)
+
+        return cls(arr("mean"), arr("std"), arr("q01"), arr("q99"))
+
+
+@dataclass
+class Normalizer:
+    """z-score for pi0 (`(x - mean) / (std + eps)`), quantiles for pi0.5
+    (`(x - q01) / (q99 - q01 + 1e-6) * 2 - 1`). Dims beyond the stats pass through unchanged."""
+
+    state: Stats | None
+    actions: Stats | None
+    use_quantiles: bool
+    eps: float = 1e-6
+
+    def _apply(self, x: np.ndarray, st: Stats | None, inverse: bool, what: str) -> np.ndarray:
+        if st is None:
+            return x
+        x = np.asarray(x, dtype=np.float32).copy()
+        if self.use_quantiles:
+            if st.q01 is None or st.q99 is None:
+                raise ValueError(f"quantile normalisation needs q01/q99 stats for {what}; the stats file has none")
+            lo, hi = st.q01, st.q99
+            n = min(len(lo), x.shape[-1])
+            span = hi[:n] - lo[:n] + 1e-6
+            if inverse:
+                x[..., :n] = (x[..., :n] + 1.0) / 2.0 * span + lo[:n]
+            else:
+                x[..., :n] = (x[..., :n] - lo[:n]) / span * 2.0 - 1.0
+        else:
+            if st.mean is None or st.std is None:
+                raise ValueError(f"z-score normalisation needs mean/std stats for {what}")
+            n = min(len(st.mean), x.shape[-1])
+            if inverse:
+                x[..., :n] = x[..., :n] * (st.std[:n] + self.eps) + st.mean[:n]
+            else:
+                x[..., :n] = (x[..., :n] - st.mean[:n]) / (st.std[:n] + self.eps)
+        return x
+
+    def state_in(self, x: np.ndarray) -> np.ndarray:
+        return self._apply(x, self.state, False, "state")
+
+    def actions_out(self, x: np.ndarray) -> np.ndarray:
+        return self._apply(x, self.actions, True, "actions")
+
+
+def load_norm_stats(checkpoint_dir: Path, asset_id: str | None, use_quantiles: bool) -> tuple[Normalizer | None, str]:
+    """openpi `assets/<asset_id>/norm_stats.json`, or LeRobot stats (`*normalizer*.safetensors` /
+    `stats.safetensors` with `observation.state.mean`-style keys) stored beside the weights.
+    Returns (normalizer or None, where the stats came from)."""
+    assets = checkpoint_dir / "assets"
+    files = sorted(assets.glob("*/norm_stats.json")) if assets.is_dir() else []
+    if asset_id is not None:
+        files = [f for f in files if f.parent.name == asset_id]
+        if not files:
+            raise FileNotFoundError(f"no {assets}/{asset_id}/norm_stats.json")
+    if len(files) > 1:
+        raise ValueError(f"{assets} holds stats for several robots {[f.parent.name for f in files]}: pass --asset-id")
+    if files:
+        d = json.loads(files[0].read_text())
+        d = d.get("norm_stats", d)
+        st = Stats.from_dict(d["state"]) if "state" in d else None
+        ac = Stats.from_dict(d["actions"]) if "actions" in d else None
+        return Normalizer(st, ac, use_quantiles), str(files[0])
+    lerobot = sorted(checkpoint_dir.glob("*normalizer*.safetensors")) + sorted(checkpoint_dir.glob("stats.safetensors"))
+    if lerobot:
+        from safetensors.numpy import load_file
+
+        t = load_file(str(lerobot[0]))
+
+        def stats(prefix: str) -> Stats | None:
+            d = {k[len(prefix) + 1:]: v for k, v in t.items() if k.startswith(prefix + ".")}
+            return Stats.from_dict(d) if d else None
+
+        # LeRobot divides by (std + 1e-8)
+        return Normalizer(stats("observation.state"), stats("action"), use_quantiles, eps=1e-8), str(lerobot[0])
+    return None, "none (inputs are used as given)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Robot presets
+
+ALOHA_JOINT_FLIP = np.array([1, -1, -1, 1, 1, 1, 1, 1, -1, -1, 1, 1, 1, 1], dtype=np.float32)
+
+
+def _scale(x, lo, hi):
+    return (x - lo) / (hi - lo)
+
+
+def _unscale(x, lo, hi):
+    return x * (hi - lo) + lo
+
+
+def _gripper_to_angular(x: np.ndarray) -> np.ndarray:
+    """Aloha's linear gripper position -> pi's angular space (openpi adapt_to_pi)."""
+    pos = _unscale(x, 0.01844, 0.05800)  # puppet gripper position closed / open (m)
+    arm, horn = 0.036, 0.022  # Interbotix linkage
+    angle = np.arcsin(np.clip((horn**2 + pos**2 - arm**2) / (2 * horn * pos), -1.0, 1.0))
+    return _scale(angle, 0.5476, 1.6296)
+
+
+def _gripper_from_angular(x: np.ndarray) -> np.ndarray:
+    """pi's gripper output -> Aloha's puppet gripper joint range."""
+    return _scale(x + 0.5476, -0.6213, 1.4910)
+
+
+@dataclass
+class RobotPreset:
+    """How one robot's observation keys map onto the model's cameras, state and actions."""
+
+    name: str
+    cameras: list[tuple[str | None, bool]]  # per model camera: (robot key or None for zeros, required)
+    state_keys: list[str]
+    action_dim: int | None  # robot action dims (None: from the checkpoint's stats / features)
+    state_in: Callable[[np.ndarray], np.ndarray] = lambda s: s
+    actions_out: Callable[[np.ndarray], np.ndarray] = lambda a: a
+    description: str = ""
+    image_key_aliases: dict[str, str] = field(default_factory=dict)
+
+
+def _aloha_state_in(s: np.ndarray) -> np.ndarray:
+    s = ALOHA_JOINT_FLIP * s
+    s[[6, 13]] = _gripper_to_angular(s[[6, 13]])
+    return s
+
+
+def _aloha_actions_out(a: np.ndarray) -> np.ndarray:
+    a = ALOHA_JOINT_FLIP * a
+    a[:, [6, 13]] = _gripper_from_angular(a[:, [6, 13]])
+    return a
+
+
+PRESETS: dict[str, RobotPreset] = {
+    "libero": RobotPreset(
+        "libero", [("observation/image", True), ("observation/wrist_image", True), (None, False)],
+        ["observation/state"], 7,
+        description="observation/image, observation/wrist_image (HWC), observation/state (8), prompt -> actions[:, :7]",
+    ),
+    "droid": RobotPreset(
+        "droid", [("observation/exterior_image_1_left", True), ("observation/wrist_image_left", True), (None, False)],
+        ["observation/joint_position", "observation/gripper_position"], 8,
+        description="observation/exterior_image_1_left, observation/wrist_image_left, observation/joint_position (7), "
+                    "observation/gripper_position (1), prompt -> actions[:, :8]",
+    ),
+    "aloha": RobotPreset(
+        "aloha", [("images/cam_high", True), ("images/cam_left_wrist", False), ("images/cam_right_wrist", False)],
+        ["state"], 14, state_in=_aloha_state_in, actions_out=_aloha_actions_out,
+        description="state (14), images: {cam_high, cam_left_wrist, cam_right_wrist} (CHW), prompt -> actions[:, :14]; "
+                    "joint flips and gripper maps as openpi's adapt_to_pi",
+    ),
+}
+
+
+def generic_preset(camera_keys: list[str], action_dim: int | None) -> RobotPreset:
+    """Described by the checkpoint's features: `observation.images.*` cameras in order, `observation.state`."""
+    cams = [(k, False) for k in camera_keys] or [("observation.image", True)]
+    return RobotPreset("generic", cams, ["observation.state"], action_dim,
+                       description=f"cameras {camera_keys}, observation.state, prompt")
+
+
+def lookup(obs: dict[str, Any], key: str) -> Any:
+    """`a/b` looks in obs["a/b"], then in nested dicts obs["a"]["b"]."""
+    if key in obs:
+        return obs[key]
+    cur: Any = obs
+    for part in key.split("/"):
+        if not isinstance(cur, dict) or part not in cur:
+            raise KeyError(key)
+        cur = cur[part]
+    return cur
+
+
+def finite_vector(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype.kind not in "uif":
+        raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+    a = a.astype(np.float32).reshape(-1)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} holds NaN or infinite values: {a.tolist()[:8]}")
+    return a
+
+

@@ -1,0 +1,196 @@
+"""`pi0 serve` speaks openpi's protocol: the real openpi-client talks to it. Bad input never kills the
+server nor the connection; /healthz answers during a long request; the API key is enforced."""
+
+import asyncio
+import threading
+import time
+import urllib.request
+
+import msgpack
+import numpy as np
+import pytest
+
+openpi_client = pytest.importorskip("openpi_client.websocket_client_policy")
+from websockets.exceptions import InvalidStatus  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+from pi0.policy import Policy  # noqa: E402
+from pi0.serving import msgpack_numpy  # noqa: E402
+from pi0.serving.server import PolicyServer  # noqa: E402
+from tests.conftest import write_policy_checkpoint  # noqa: E402
+from tests.test_policy import libero_obs  # noqa: E402
+
+
+class Running:
+    """A PolicyServer on an ephemeral loopback port, in a thread, stopped at the end."""
+
+    def __init__(self, policy, **kw):
+        self.server = PolicyServer(policy, "127.0.0.1", 0, **kw)
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.stop = self.loop.create_future()
+            ev = asyncio.Event()
+
+            async def main():
+                task = asyncio.ensure_future(self.server.serve(ev, self.stop))
+                await ev.wait()
+                started.set()
+                await task
+
+            self.loop.run_until_complete(main())
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(30)
+        self.port = self.server.bound_port
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.stop.set_result, None)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory, tokenizer_path):
+    ck = write_policy_checkpoint(tmp_path_factory.mktemp("serve"), "tiny", tokenizer_path)
+    return Policy(ck, preset="libero", dtype="float32", seed=1)
+
+
+@pytest.fixture(scope="module")
+def server(policy):
+    s = Running(policy, max_message_bytes=2 << 20)
+    yield s
+    s.close()
+
+
+def test_openpi_client_round_trips(server, policy):
+    client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=server.port)
+    assert client.get_server_metadata() == policy.metadata
+    for seed in range(3):
+        obs = libero_obs(seed)
+        out = client.infer(obs)
+        assert np.array_equal(out["actions"], policy.infer(obs)["actions"])
+        assert out["policy_timing"]["infer_ms"] > 0 and out["server_timing"]["infer_ms"] > 0
+        if seed:
+            assert out["server_timing"]["prev_total_ms"] > 0
+
+
+def test_two_clients_at_once_get_their_own_answers(server, policy):
+    prompts = ["pick up the red cup", "open the drawer"]
+    want = [policy.infer(libero_obs(i, p))["actions"] for i, p in enumerate(prompts)]
+    got = [None, None]
+
+    def worker(i):
+        c = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=server.port)
+        for _ in range(3):
+            got[i] = c.infer(libero_obs(i, prompts[i]))["actions"]
+            assert np.array_equal(got[i], want[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert not np.allclose(want[0], want[1])
+
+
+def _arr(data: bytes, dtype: str, shape) -> dict:
+    return {b"__ndarray__": True, b"data": data, b"dtype": dtype, b"shape": list(shape)}
+
+
+def _bad_requests():
+    good = libero_obs(0)
+    packed = {k: v for k, v in good.items()}
+
+    def with_(key, value):
+        return msgpack.packb({**{k: (msgpack_numpy._encode(v) if isinstance(v, np.ndarray) else v) for k, v in packed.items()},
+                              key: value})
+
+    return [
+        ("malformed msgpack", b"\xc1\xff\x00garbage", "malformed msgpack"),
+        ("not a map", msgpack.packb([1, 2, 3]), "must be a msgpack map"),
+        ("missing key", msgpack_numpy.packb({k: v for k, v in good.items() if k != "observation/state"}), "observation/state"),
+        ("wrong dtype", with_("observation/image", _arr("ab".encode("utf-32-le") * 12, "<U1", (4, 2, 3))), "uint8 or float"),
+        ("wrong shape", msgpack_numpy.packb({**good, "observation/image": np.zeros((10, 10, 2), np.uint8)}), "3 channels"),
+        ("object dtype", with_("observation/state", _arr(b"\x00" * 64, "|O", (8,))), "object, void or complex"),
+        ("void dtype", with_("observation/state", _arr(b"\x00" * 8, "|V8", (1,))), "object, void or complex"),
+        ("byte length", with_("observation/state", _arr(b"\x00" * 30, "<f4", (8,))), "needs 32 bytes, got 30"),
+        ("NaN state", msgpack_numpy.packb({**good, "observation/state": np.full(8, np.nan, np.float32)}), "NaN"),
+        ("infinite state", msgpack_numpy.packb({**good, "observation/state": np.full(8, np.inf, np.float32)}), "infinite"),
+        ("oversized", msgpack_numpy.packb({**good, "pad": np.zeros(3 << 20, np.uint8)}), "exceeds the server's limit"),
+        ("text frame", "hello", "text frame"),
+    ]
+
+
+def test_every_bad_input_gets_a_text_frame_and_the_connection_lives(server, policy):
+    good = libero_obs(0)
+    want = policy.infer(good)["actions"]
+    with connect(f"ws://127.0.0.1:{server.port}", compression=None, max_size=None) as ws:
+        msgpack_numpy.unpackb(ws.recv())
+        for name, payload, needle in _bad_requests():
+            ws.send(payload)
+            reply = ws.recv(timeout=60)
+            assert isinstance(reply, str), name
+            assert needle in reply, (name, reply)
+            ws.send(msgpack_numpy.packb(good))
+            ok = ws.recv(timeout=60)
+            assert isinstance(ok, bytes), (name, ok)
+            assert np.array_equal(msgpack_numpy.unpackb(ok)["actions"], want)
+    # and through openpi's own client: the server's text becomes a RuntimeError, the next call works
+    client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=server.port)
+    with pytest.raises(RuntimeError, match="observation/wrist_image"):
+        client.infer({k: v for k, v in good.items() if k != "observation/wrist_image"})
+    assert np.array_equal(client.infer(good)["actions"], want)
+
+
+class SlowPolicy:
+    """The real policy behind a deliberately slow call, to hold the worker busy."""
+
+    def __init__(self, policy, delay):
+        self.policy, self.delay, self.metadata = policy, delay, policy.metadata
+
+    def infer(self, obs):
+        time.sleep(self.delay)
+        return self.policy.infer(obs)
+
+
+def test_healthz_answers_during_a_long_request(policy):
+    s = Running(SlowPolicy(policy, 3.0))
+    try:
+        result = {}
+
+        def call():
+            c = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=s.port)
+            result["out"] = c.infer(libero_obs(0))
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.8)
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/healthz", timeout=5) as r:
+            assert r.status == 200 and r.read().strip() == b"OK"
+        assert time.perf_counter() - t0 < 1.0
+        assert t.is_alive()  # the request is still being computed
+        t.join(60)
+        assert result["out"]["actions"].shape == (50, 7)
+    finally:
+        s.close()
+
+
+def test_api_key_is_enforced(policy):
+    s = Running(policy, api_key="s3cret")
+    try:
+        with pytest.raises(InvalidStatus) as e:
+            openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=s.port)
+        assert e.value.response.status_code == 401
+        with pytest.raises(InvalidStatus):
+            openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=s.port, api_key="wrong")
+        c = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=s.port, api_key="s3cret")
+        assert c.infer(libero_obs(0))["actions"].shape == (50, 7)
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/healthz", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        s.close()
