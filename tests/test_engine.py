@@ -108,3 +108,22 @@ def test_engine_rejects_bad_inputs_like_the_reference(pair):
         eng.sample_actions(obs, noise=torch.zeros(1, 2, 2))
     with pytest.raises(ValueError, match="state must be"):
         eng.sample_actions(dataclasses.replace(obs, state=torch.zeros(1, 3)))
+
+
+def test_vision_tower_can_stay_fp32():
+    cfg = pi0.preset("tiny")
+    ref = pi0.build_model(cfg, seed=5)
+    from pi0.engine.model import Pi0Engine
+
+    state = {k: v if k.startswith(("vision.", "projector.")) else v.to(torch.bfloat16) for k, v in ref.state_dict().items()}
+    eng = Pi0Engine(cfg, dict(state), vision_dtype=torch.float32)
+    assert eng.patch_w.dtype == torch.float32 and eng.embed.dtype == torch.bfloat16
+    obs = _obs(cfg, 2, (7, 12), ((1, 1),))
+    noise = make_noise(cfg, 2)
+    images = torch.cat([im[:1] for im in obs.images])
+    want = ref.embed_image(images)
+    bf16_vision = pi0.build_model(cfg, seed=5, backend="engine", dtype="bfloat16")
+    err32 = (eng.embed_images(images).float() - want).abs().max()  # only the final rounding to bf16
+    err16 = (bf16_vision.embed_images(images).float() - want).abs().max()
+    assert err32 <= want.abs().max() * 2**-8 and err32 < err16 / 2
+    assert _pcc(eng.sample_actions(obs, noise=noise), ref.sample_actions(obs, noise=noise)) >= 0.999

@@ -194,3 +194,16 @@ def test_api_key_is_enforced(policy):
             assert r.status == 200
     finally:
         s.close()
+
+
+def test_pi05_policy_over_the_wire(tmp_path, tokenizer_path):
+    ck = write_policy_checkpoint(tmp_path / "pi05", "tiny-pi05", tokenizer_path, layout="lerobot")
+    pol = Policy(ck, preset="libero", dtype="float32", seed=2)
+    s = Running(pol)
+    try:
+        client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=s.port)
+        assert client.get_server_metadata()["model"] == "pi05"
+        obs = libero_obs(4)
+        assert np.array_equal(client.infer(obs)["actions"], pol.infer(obs)["actions"])
+    finally:
+        s.close()

@@ -60,11 +60,13 @@ class GemmaLayer:
 class Pi0Engine:
     backend = "engine"
 
-    def __init__(self, config: Pi0Config, state: dict[str, Tensor]):
-        """Packs canonical tensors (any dtype; the engine computes in theirs). Consumes `state`."""
+    def __init__(self, config: Pi0Config, state: dict[str, Tensor], vision_dtype: torch.dtype | None = None):
+        """Packs canonical tensors (any dtype; the engine computes in theirs). Consumes `state`.
+        vision_dtype: run SigLIP + projector in another dtype (e.g. fp32, as LeRobot does); default: the weights'."""
         self.config = config
         self.dtype = state["vlm.embed_tokens.weight"].dtype
         self.device = state["vlm.embed_tokens.weight"].device
+        self.vision_dtype = vision_dtype or self.dtype
         dt = self.dtype
 
         def take(name: str, dtype: torch.dtype | None = dt) -> Tensor:
@@ -75,27 +77,28 @@ class Pi0Engine:
             return take(name, torch.float32)
 
         v = config.vision
-        self.patch_w, self.patch_b = take("vision.patch_embedding.weight"), take("vision.patch_embedding.bias")
-        self.pos_emb = take("vision.position_embedding.weight")
+        vdt = self.vision_dtype
+        self.patch_w, self.patch_b = take("vision.patch_embedding.weight", vdt), take("vision.patch_embedding.bias", vdt)
+        self.pos_emb = take("vision.position_embedding.weight", vdt)
         img_rows = config.num_cameras * v.num_patches  # GEMM row-count hint for the packed layouts
 
-        def packed(name: str, rows: int) -> Tensor:
-            return ops.pack(take(name), rows)
+        def packed(name: str, rows: int, dtype: torch.dtype = dt) -> Tensor:
+            return ops.pack(take(name, dtype), rows)
 
         self.vision_layers = []
         for i in range(v.depth):
             p = f"vision.layers.{i}."
             self.vision_layers.append(VisionLayer(
-                ln1_w=take(p + "layer_norm1.weight"), ln1_b=take(p + "layer_norm1.bias"),
-                qkv_w=ops.pack(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]), img_rows),
-                qkv_b=torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]),
-                out_w=packed(p + "self_attn.out_proj.weight", img_rows), out_b=take(p + "self_attn.out_proj.bias"),
-                ln2_w=take(p + "layer_norm2.weight"), ln2_b=take(p + "layer_norm2.bias"),
-                fc1_w=packed(p + "mlp.fc1.weight", img_rows), fc1_b=take(p + "mlp.fc1.bias"),
-                fc2_w=packed(p + "mlp.fc2.weight", img_rows), fc2_b=take(p + "mlp.fc2.bias"),
+                ln1_w=take(p + "layer_norm1.weight", vdt), ln1_b=take(p + "layer_norm1.bias", vdt),
+                qkv_w=ops.pack(torch.cat([take(p + f"self_attn.{n}_proj.weight", vdt) for n in "qkv"]), img_rows),
+                qkv_b=torch.cat([take(p + f"self_attn.{n}_proj.bias", vdt) for n in "qkv"]),
+                out_w=packed(p + "self_attn.out_proj.weight", img_rows, vdt), out_b=take(p + "self_attn.out_proj.bias", vdt),
+                ln2_w=take(p + "layer_norm2.weight", vdt), ln2_b=take(p + "layer_norm2.bias", vdt),
+                fc1_w=packed(p + "mlp.fc1.weight", img_rows, vdt), fc1_b=take(p + "mlp.fc1.bias", vdt),
+                fc2_w=packed(p + "mlp.fc2.weight", img_rows, vdt), fc2_b=take(p + "mlp.fc2.bias", vdt),
             ))
-        self.post_ln_w, self.post_ln_b = take("vision.post_layernorm.weight"), take("vision.post_layernorm.bias")
-        self.proj_w, self.proj_b = packed("projector.weight", img_rows), take("projector.bias")
+        self.post_ln_w, self.post_ln_b = take("vision.post_layernorm.weight", vdt), take("vision.post_layernorm.bias", vdt)
+        self.proj_w, self.proj_b = packed("projector.weight", img_rows, vdt), take("projector.bias", vdt)
         self.embed = take("vlm.embed_tokens.weight")
 
         head_dim = config.vlm.head_dim
@@ -179,7 +182,7 @@ class Pi0Engine:
         from pi0.reference.model import interpolate_position_embedding
 
         v = self.config.vision
-        x = torch.nn.functional.conv2d(images.to(self.dtype), self.patch_w, self.patch_b, stride=v.patch_size)
+        x = torch.nn.functional.conv2d(images.to(self.vision_dtype), self.patch_w, self.patch_b, stride=v.patch_size)
         grid = x.shape[-1]
         x = x.flatten(2).transpose(1, 2)
         x = x + interpolate_position_embedding(self.pos_emb, grid)
@@ -192,7 +195,7 @@ class Pi0Engine:
             hdn = ops.linear(ops.layer_norm(x, layer.ln2_w, layer.ln2_b, v.layer_norm_eps), layer.fc1_w, layer.fc1_b)
             x = x + ops.linear(ops.gelu_tanh(hdn), layer.fc2_w, layer.fc2_b)
         x = ops.layer_norm(x, self.post_ln_w, self.post_ln_b, v.layer_norm_eps)
-        return ops.linear(x, self.proj_w, self.proj_b)
+        return ops.linear(x, self.proj_w, self.proj_b).to(self.dtype)
 
     def embed_prefix(self, obs: Observation) -> tuple[Tensor, Tensor, Tensor | None]:
         """Packed prefix: each row's valid camera tokens and valid language tokens, in order, moved to
