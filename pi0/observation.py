@@ -90,3 +90,20 @@ def sample_observation(config: Pi0Config, batch_size: int = 1, num_valid_tokens:
     token_masks[:, :n] = True
     state = torch.randn(batch_size, config.state_dim, generator=g)
     return Observation(images, masks, tokens, token_masks, state)
+
+
+def sampling_inputs(config: Pi0Config, obs: Observation, noise: torch.Tensor | None, num_steps: int | None,
+                    device: torch.device | str) -> tuple[int, torch.Tensor]:
+    """The checks every backend's sample_actions makes: a valid observation, num_steps >= 1 (default:
+    the config's), noise of shape [B, horizon, action_dim] (drawn from N(0, 1) when not given).
+    Returns (num_steps, fp32 noise on `device`)."""
+    num_steps = config.num_steps if num_steps is None else num_steps
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    obs.validate(config)
+    shape = (obs.batch_size, config.action_horizon, config.action_dim)
+    if noise is None:
+        noise = torch.randn(shape, dtype=torch.float32, device=device)
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise must be {list(shape)} (batch, action_horizon, action_dim), got {list(noise.shape)}")
+    return num_steps, noise.to(device=device, dtype=torch.float32)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from pi0.config import Pi0Config
 from pi0.engine import ops
-from pi0.observation import Observation
+from pi0.observation import Observation, sampling_inputs
 from pi0.reference.model import posemb
 from pi0.timing import StageClock
 
@@ -300,17 +300,9 @@ class Pi0Engine:
                        stages: dict[str, float] | None = None) -> Tensor:
         """Same contract as the reference: actions [B, H, action_dim] fp32."""
         cfg = self.config
-        num_steps = cfg.num_steps if num_steps is None else num_steps
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        obs.validate(cfg)
+        num_steps, x_t = sampling_inputs(cfg, obs, noise, num_steps, self.device)
         obs = obs.to(self.device, torch.float32)
         b, horizon = obs.batch_size, cfg.action_horizon
-        shape = (b, horizon, cfg.action_dim)
-        if noise is None:
-            noise = torch.randn(shape, dtype=torch.float32, device=self.device)
-        if tuple(noise.shape) != shape:
-            raise ValueError(f"noise must be {list(shape)} (batch, action_horizon, action_dim), got {list(noise.shape)}")
         sched = self._schedule(num_steps)
         clock = StageClock(stages)
 
@@ -334,7 +326,6 @@ class Pi0Engine:
 
         act_start = lp + n_state
         positions = n_valid[:, None] + n_state + torch.arange(horizon, device=self.device)[None, :]
-        x_t = noise.to(device=self.device, dtype=torch.float32)
         dt = -1.0 / num_steps
         for step in range(num_steps):
             a = ops.linear(x_t, self.action_in_w, self.action_in_b)  # fp32 [B, H, We]

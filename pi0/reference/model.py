@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pi0.config import GemmaConfig, Pi0Config, SiglipConfig
-from pi0.observation import Observation
+from pi0.observation import Observation, sampling_inputs
 from pi0.timing import StageClock
 
 MASK_VALUE = -2.3819763e38  # big_vision's finite "minus infinity": a fully masked row softmaxes to uniform
@@ -406,17 +406,9 @@ class Pi0Reference(nn.Module):
         """Flow matching with Euler steps from t=1 (noise) to t=0. Returns actions [B, H, action_dim] fp32.
         stages: if given, filled with seconds spent in vision, prefix (KV cache) and denoise."""
         cfg = self.config
-        num_steps = cfg.num_steps if num_steps is None else num_steps
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        obs.validate(cfg)
+        num_steps, x_t = sampling_inputs(cfg, obs, noise, num_steps, self.device)
         obs = obs.to(self.device, self.dtype)
         b = obs.batch_size
-        shape = (b, cfg.action_horizon, cfg.action_dim)
-        if noise is None:
-            noise = torch.randn(shape, dtype=torch.float32, device=self.device)
-        if tuple(noise.shape) != shape:
-            raise ValueError(f"noise must be {list(shape)} (batch, action_horizon, action_dim), got {list(noise.shape)}")
         clock = StageClock(stages)
         image_embs = [self.embed_image(image) for image in obs.images]
         clock.lap("vision")
@@ -424,7 +416,6 @@ class Pi0Reference(nn.Module):
         kv_cache, _ = self.fill_kv_cache(prefix, prefix_mask, prefix_ar)
         clock.lap("prefix")
         dt = -1.0 / num_steps
-        x_t = noise.to(device=self.device, dtype=torch.float32)
         for step in range(num_steps):
             t = torch.full((b,), 1.0 + step * dt, dtype=torch.float32, device=self.device)
             v_t = self.denoise_step(obs.state, prefix_mask, prefix_ar, kv_cache, x_t, t)
