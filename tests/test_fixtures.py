@@ -36,3 +36,18 @@ def test_reference_reproduces_lerobot(fixture_model):
         for k, want in case.expected.items():
             err = (got[k] - want).abs().max().item()
             assert err <= TOL, f"{name}/{case.name}: {k} differs from LeRobot by {err:.2e}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_layout_reproduces_lerobot(tmp_path, name):
+    """LeRobot's weights rewritten in the openpi (and, for pi0, legacy) layout give LeRobot's actions."""
+    layouts = ["openpi"] + ([] if name.startswith("pi05") else ["lerobot_legacy"])
+    src = pi0.load_model(ROOT / name)
+    for layout in layouts:
+        src.save_pretrained(tmp_path / layout, layout=layout)
+        model = pi0.load_model(tmp_path / layout)
+        assert model.checkpoint_info.layout == layout
+        for case in cases(name):
+            got = model.sample_actions(case.obs, noise=case.noise, num_steps=case.num_steps)
+            err = (got - case.expected["actions"]).abs().max().item()
+            assert err <= TOL, f"{name}/{case.name} via {layout}: {err:.2e}"
