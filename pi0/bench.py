@@ -57,15 +57,23 @@ def model_flops(cfg: Pi0Config, images_per_row: list[int], tokens_per_row: list[
     return float(total)
 
 
-def gemm_gflops(dtype: torch.dtype, m: int = 816, k: int = 2048, n: int = 16384, repeats: int = 5) -> float:
+def gemm_gflops(dtype: torch.dtype, device: str = "cpu", m: int = 816, k: int = 2048, n: int = 16384,
+                repeats: int = 5) -> float:
     """A plain GEMM of the model's dominant shape (VLM MLP over the W1 prefix), best of `repeats`."""
-    a = torch.randn(m, k).to(dtype)
-    b = torch.randn(n, k).to(dtype)
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(n, k, device=device).to(dtype)
+
+    def sync() -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
     torch.nn.functional.linear(a, b)
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         torch.nn.functional.linear(a, b)
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * m * k * n / best / 1e9
 
@@ -109,7 +117,7 @@ def run(args) -> dict[str, Any]:
     valid = args.valid_tokens or tokens
     obs = make_observation(cfg, args.batch, args.cameras, args.masked_cameras, tokens, valid)
     noise = torch.randn(args.batch, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
-    gemm = gemm_gflops(dtype)
+    gemm = gemm_gflops(dtype, args.device)
     flops = model_flops(cfg, [args.cameras - args.masked_cameras] * args.batch, [valid] * args.batch, steps)
 
     def call() -> tuple[float, dict[str, float]]:

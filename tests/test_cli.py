@@ -56,3 +56,28 @@ def test_bad_path_is_one_clear_line(tmp_path):
     r = run("inspect", str(tmp_path))
     assert r.returncode == 2
     assert "holds no pi0 checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_json_reports_every_field():
+    r = run("bench", "--size", "tiny", "--json", "--repeats", "2", "--masked-cameras", "1", "--valid-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    for k in ("latency_s", "first_call_s", "load_s", "model_tflop", "achieved_gflops", "gemm_gflops", "efficiency",
+              "peak_rss_gib"):
+        assert rep[k] > 0, k
+    assert set(rep["stages_s"]) == {"vision", "prefix", "denoise"}
+    c = rep["config"]
+    assert (c["backend"], c["dtype"], c["cameras"], c["masked_cameras"], c["valid_tokens"], c["tokens"]) == \
+        ("engine", "bfloat16", 3, 1, 5, 48)
+    assert abs(rep["efficiency"] - rep["achieved_gflops"] / rep["gemm_gflops"]) < 1e-9
+
+
+def test_model_flops_counts_only_valid_work():
+    from pi0.bench import model_flops
+
+    cfg = pi0.preset("pi0")
+    w1 = model_flops(cfg, [3], [48], 10)
+    w2 = model_flops(cfg, [2], [12], 10)
+    assert 4.0e12 < w1 < 4.4e12  # the issue's ~4.3 TFLOP for W1
+    assert w2 < 0.7 * w1
+    assert model_flops(cfg, [3, 3], [48, 48], 10) == 2 * w1
