@@ -207,3 +207,36 @@ def test_pi05_policy_over_the_wire(tmp_path, tokenizer_path):
         assert np.array_equal(client.infer(obs)["actions"], pol.infer(obs)["actions"])
     finally:
         s.close()
+
+
+def test_pi0_serve_command(tmp_path, tokenizer_path):
+    """`pi0 serve` as a user starts it, reached by openpi's client; stopped with SIGINT/terminate."""
+    import socket
+    import subprocess
+    import sys
+
+    ck = write_policy_checkpoint(tmp_path / "ck", "tiny", tokenizer_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", str(ck), "--preset", "libero",
+                             "--port", str(port), "--seed", "0", "--dtype", "float32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(0.3)
+        client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=port)
+        assert client.get_server_metadata()["preset"] == "libero"
+        want = Policy(ck, preset="libero", dtype="float32", seed=0).infer(libero_obs(0))["actions"]
+        assert np.array_equal(client.infer(libero_obs(0))["actions"], want)
+    finally:
+        proc.terminate()
+        proc.wait(30)
