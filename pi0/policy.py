@@ -36,8 +36,6 @@ class Policy:
         self.config = cfg
         root = self.info.files.root
         self.preset = self._resolve_preset(preset)
-        if len(self.preset.cameras) != cfg.num_cameras and self.preset.name != "generic":
-            raise ValueError(f"preset {self.preset.name} feeds {len(self.preset.cameras)} cameras, the model takes {cfg.num_cameras}")
         self.tokenizer = PromptTokenizer(find_tokenizer(tokenizer, root), cfg.max_token_len)
         self.normalizer, self.stats_source = load_norm_stats(root, asset_id, use_quantiles=cfg.pi05)
         if state_in_prompt is None:
@@ -113,6 +111,9 @@ class Policy:
                 images.append(image_to_model(to_uint8_hwc(img, key), size))
                 masks.append(True)
         state = np.concatenate([finite_vector(self._get(obs, k), k) for k in self.preset.state_keys])
+        if self.preset.state_len is not None and len(state) != self.preset.state_len:
+            raise ValueError(f"{' + '.join(self.preset.state_keys)} has {len(state)} values; preset {self.preset.name} "
+                             f"expects {self.preset.state_len}")
         state = self.preset.state_in(state.copy())
         if self.normalizer is not None:
             state = self.normalizer.state_in(state)

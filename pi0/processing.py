@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -263,7 +263,7 @@ class RobotPreset:
     state_in: Callable[[np.ndarray], np.ndarray] = lambda s: s
     actions_out: Callable[[np.ndarray], np.ndarray] = lambda a: a
     description: str = ""
-    image_key_aliases: dict[str, str] = field(default_factory=dict)
+    state_len: int | None = None  # robot state values the preset expects (None: any)
 
 
 def _aloha_state_in(s: np.ndarray) -> np.ndarray:
@@ -281,18 +281,18 @@ def _aloha_actions_out(a: np.ndarray) -> np.ndarray:
 PRESETS: dict[str, RobotPreset] = {
     "libero": RobotPreset(
         "libero", [("observation/image", True), ("observation/wrist_image", True), (None, False)],
-        ["observation/state"], 7,
+        ["observation/state"], 7, state_len=8,
         description="observation/image, observation/wrist_image (HWC), observation/state (8), prompt -> actions[:, :7]",
     ),
     "droid": RobotPreset(
         "droid", [("observation/exterior_image_1_left", True), ("observation/wrist_image_left", True), (None, False)],
-        ["observation/joint_position", "observation/gripper_position"], 8,
+        ["observation/joint_position", "observation/gripper_position"], 8, state_len=8,
         description="observation/exterior_image_1_left, observation/wrist_image_left, observation/joint_position (7), "
                     "observation/gripper_position (1), prompt -> actions[:, :8]",
     ),
     "aloha": RobotPreset(
         "aloha", [("images/cam_high", True), ("images/cam_left_wrist", False), ("images/cam_right_wrist", False)],
-        ["state"], 14, state_in=_aloha_state_in, actions_out=_aloha_actions_out,
+        ["state"], 14, state_in=_aloha_state_in, actions_out=_aloha_actions_out, state_len=14,
         description="state (14), images: {cam_high, cam_left_wrist, cam_right_wrist} (CHW), prompt -> actions[:, :14]; "
                     "joint flips and gripper maps as openpi's adapt_to_pi",
     ),

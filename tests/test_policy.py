@@ -65,7 +65,7 @@ def test_bad_observations_name_the_problem(libero_ckpt):
         pol.infer({**obs, "observation/image": np.zeros((64, 64, 2), np.uint8)})
     with pytest.raises(ValueError, match="prompt must be a str"):
         pol.infer({**obs, "prompt": 5})
-    with pytest.raises(ValueError, match="at most 32"):
+    with pytest.raises(ValueError, match="has 40 values; preset libero expects 8"):
         pol.infer({**obs, "observation/state": np.zeros(40, np.float32)})
     with pytest.raises(ValueError, match="unknown preset"):
         Policy(libero_ckpt, preset="nope")
@@ -85,6 +85,8 @@ def test_aloha_preset_flips_joints_and_maps_grippers(tmp_path, tokenizer_path):
     want[[6, 13]] = _gripper_to_angular(want[[6, 13]])
     assert np.allclose(inputs.state[0, :14].numpy(), want, atol=1e-6)
     assert [m.item() for m in inputs.image_masks] == [True, True, False]  # no right wrist camera
+    with pytest.raises(ValueError, match="expects 14"):
+        pol.infer({**obs, "state": state[:7]})
     out = pol.infer(obs)["actions"]
     raw = pol.model.sample_actions(inputs, noise=torch.randn(1, 50, 32, generator=torch.Generator().manual_seed(0)))[0, :, :14].numpy()
     want_a = ALOHA_JOINT_FLIP * raw
@@ -138,6 +140,8 @@ def test_generic_preset_from_lerobot_features(tmp_path, tokenizer_path):
     inputs = pol.prepare(obs)
     assert [m.item() for m in inputs.image_masks] == [True, False, False]
     assert pol.infer(obs)["actions"].shape == (50, 6)
+    with pytest.raises(ValueError, match="at most 32"):
+        pol.infer({**obs, "observation.state": np.zeros(40)})
 
 
 def test_pi0_infer_cli(tmp_path, libero_ckpt):
