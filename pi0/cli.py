@@ -1,4 +1,4 @@
-"""`pi0 inspect | demo` — the command line."""
+"""`pi0 inspect | demo | bench | serve | infer` — the command line."""
 
 from __future__ import annotations
 

@@ -36,6 +36,9 @@ def _empty_model(config: Pi0Config) -> Pi0Reference:
         return Pi0Reference(config).eval().requires_grad_(False)
 
 
+_BLOCK = 1 << 22  # values per generator block in random_state_dict
+
+
 def _init_rule(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     """(mean, std) that keep activations O(1): linear/conv weights N(0, 1/fan_in), biases N(0, 0.02^2),
     LayerNorm weight 1 + N(0, 0.1^2), Gemma RMSNorm w (used as 1 + w) N(0, 0.1^2), embeddings N(0, 1/width)."""
@@ -82,9 +85,6 @@ def random_state_dict(config: Pi0Config, seed: int, dtype: torch.dtype, device: 
             if progress is not None:
                 progress(done / total)
     return out
-
-
-_BLOCK = 1 << 22  # values per generator block
 
 
 def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0, device: str = "cpu",
