@@ -210,18 +210,25 @@ def load_norm_stats(checkpoint_dir: Path, asset_id: str | None, use_quantiles: b
         st = Stats.from_dict(d["state"]) if "state" in d else None
         ac = Stats.from_dict(d["actions"]) if "actions" in d else None
         return Normalizer(st, ac, use_quantiles), str(files[0])
-    lerobot = sorted(checkpoint_dir.glob("*normalizer*.safetensors")) + sorted(checkpoint_dir.glob("stats.safetensors"))
+    # LeRobot: policy_preprocessor_*_normalizer_processor.safetensors (state and action stats) and
+    # policy_postprocessor_*_unnormalizer_processor.safetensors (action stats), keys 'feature.stat'
+    lerobot = sorted(checkpoint_dir.glob("*normalizer*.safetensors"), key=lambda f: ("unnormalizer" in f.name, f.name))
+    lerobot += sorted(checkpoint_dir.glob("stats.safetensors"))
     if lerobot:
         from safetensors.numpy import load_file
 
-        t = load_file(str(lerobot[0]))
+        t: dict[str, np.ndarray] = {}
+        for f in lerobot:
+            for k, v in load_file(str(f)).items():
+                t.setdefault(k, v)
 
         def stats(prefix: str) -> Stats | None:
             d = {k[len(prefix) + 1:]: v for k, v in t.items() if k.startswith(prefix + ".")}
             return Stats.from_dict(d) if d else None
 
         # LeRobot divides by (std + 1e-8)
-        return Normalizer(stats("observation.state"), stats("action"), use_quantiles, eps=1e-8), str(lerobot[0])
+        return (Normalizer(stats("observation.state"), stats("action"), use_quantiles, eps=1e-8),
+                ", ".join(str(f) for f in lerobot))
     return None, "none (inputs are used as given)"
 
 

@@ -164,3 +164,23 @@ def test_pi0_infer_cli(tmp_path, libero_ckpt):
     r = subprocess.run([sys.executable, "-m", "pi0.cli", "infer", "--checkpoint", str(libero_ckpt), "--preset", "libero",
                         "--obs", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "observation/state" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_lerobot_stats_files_beside_the_weights(tmp_path, tokenizer_path):
+    from safetensors.numpy import save_file
+
+    ck = write_policy_checkpoint(tmp_path / "lr", "tiny", tokenizer_path, layout="lerobot", stats=False)
+    rng = np.random.default_rng(0)
+    s_mean, s_std = rng.normal(size=8).astype(np.float32), rng.uniform(1, 2, 8).astype(np.float32)
+    a_mean, a_std = rng.normal(size=7).astype(np.float32), rng.uniform(1, 2, 7).astype(np.float32)
+    # LeRobot writes the unnormalizer (actions only) and the normalizer (state and actions) separately
+    save_file({"action.mean": a_mean, "action.std": a_std},
+              str(ck / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"))
+    save_file({"observation.state.mean": s_mean, "observation.state.std": s_std, "action.mean": a_mean, "action.std": a_std},
+              str(ck / "policy_preprocessor_step_3_normalizer_processor.safetensors"))
+    pol = Policy(ck, preset="libero", dtype="float32", seed=0)
+    obs = libero_obs()
+    state = pol.prepare(obs).state[0, :8].numpy()
+    assert np.allclose(state, (obs["observation/state"] - s_mean) / (s_std + 1e-8), atol=1e-5)
+    raw = pol.model.sample_actions(pol.prepare(obs), noise=torch.randn(1, 50, 32, generator=torch.Generator().manual_seed(0)))
+    assert np.allclose(pol.infer(obs)["actions"], raw[0, :, :7].numpy() * (a_std + 1e-8) + a_mean, atol=1e-4)
