@@ -219,6 +219,8 @@ class Pi0Engine:
             ids = obs.tokens[i][obs.token_masks[i]]
             parts.append(self.embed[ids] * scale)
             seqs.append(torch.cat(parts))
+            assert len(seqs[-1]) == sum(len(x) for x in parts), \
+                f"row {i}: packed prefix {len(seqs[-1])} != parts {[len(x) for x in parts]}"
         n_valid = torch.tensor([len(s) for s in seqs], device=self.device)
         lp = int(n_valid.max())
         if int(n_valid.min()) == lp:
