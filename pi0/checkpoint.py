@@ -359,8 +359,6 @@ def file_tensors(state_dict: dict[str, torch.Tensor], config: Pi0Config, layout:
     unused lm_heads those formats carry (written as the tied embedding / zeros)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: choose one of {LAYOUTS}")
-    if layout == "lerobot_legacy" and config.pi05:
-        raise ValueError("the lerobot_legacy layout predates pi0.5; use 'openpi' or 'lerobot'")
     out: dict[str, torch.Tensor] = {}
     embed = state_dict["vlm.embed_tokens.weight"]
     for c, t in state_dict.items():

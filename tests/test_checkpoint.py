@@ -17,12 +17,12 @@ def _same(a, b):  # the same weights give the same actions (up to memory-alignme
     return (a - b).abs().max() <= 1e-5
 
 
-LAYOUTS = {"tiny": ["openpi", "lerobot", "lerobot_legacy"], "tiny-pi05": ["openpi", "lerobot"]}
+LAYOUTS = {"tiny": ["openpi", "lerobot", "lerobot_legacy"], "tiny-pi05": ["openpi", "lerobot", "lerobot_legacy"]}
 
 
 @pytest.mark.parametrize("kind,layout,count", [
     ("pi0", "openpi", 777), ("pi0", "lerobot", 778), ("pi0", "lerobot_legacy", 778),
-    ("pi05", "openpi", 812), ("pi05", "lerobot", 813),
+    ("pi05", "openpi", 812), ("pi05", "lerobot", 813), ("pi05", "lerobot_legacy", 813),
 ])
 def test_full_size_layouts_have_the_real_counts(kind, layout, count):
     cfg = pi0.preset(kind)

@@ -15,7 +15,7 @@ def run(*args, timeout=300):
 
 @pytest.mark.parametrize("preset_name,layout,tensors", [
     ("tiny", "openpi", 89), ("tiny", "lerobot", 90), ("tiny", "lerobot_legacy", 90),
-    ("tiny-pi05", "openpi", 92), ("tiny-pi05", "lerobot", 93),
+    ("tiny-pi05", "openpi", 92), ("tiny-pi05", "lerobot", 93), ("tiny-pi05", "lerobot_legacy", 93),
 ])
 def test_inspect_json_for_every_layout(tmp_path, preset_name, layout, tensors):
     cfg = pi0.preset(preset_name)

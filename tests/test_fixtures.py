@@ -40,8 +40,8 @@ def test_reference_reproduces_lerobot(fixture_model):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_every_layout_reproduces_lerobot(tmp_path, name):
-    """LeRobot's weights rewritten in the openpi (and, for pi0, legacy) layout give LeRobot's actions."""
-    layouts = ["openpi"] + ([] if name.startswith("pi05") else ["lerobot_legacy"])
+    """LeRobot's weights rewritten in the openpi and legacy layouts give LeRobot's actions."""
+    layouts = ["openpi", "lerobot_legacy"]
     src = pi0.load_model(ROOT / name)
     for layout in layouts:
         src.save_pretrained(tmp_path / layout, layout=layout)
