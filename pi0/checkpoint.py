@@ -347,7 +347,7 @@ def _config_json(config: Pi0Config, layout: str) -> dict[str, Any]:
             "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m", **ours,
         }
     return {
-        "type": "pi0", "chunk_size": config.action_horizon, "n_action_steps": config.action_horizon,
+        "type": config.kind, "chunk_size": config.action_horizon, "n_action_steps": config.action_horizon,
         "max_state_dim": config.state_dim, "max_action_dim": config.action_dim, "proj_width": config.expert.width,
         "num_steps": config.num_steps, "tokenizer_max_length": config.max_token_len,
         "resize_imgs_with_padding": [config.vision.image_size] * 2, **ours,
