@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -308,21 +309,64 @@ def _check_against_config(info: CheckpointInfo, source) -> None:
         )
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_CHUNK_BYTES = 64 << 20  # staging buffer for dtype conversion
+
+
+def _readinto(f, buf: torch.Tensor, path: Path, name: str) -> None:
+    view = memoryview(buf.view(torch.uint8).numpy())
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{path}: tensor {name} ends past the end of the file; the file is truncated")
+        got += n
+
+
+def _read_shard(path: Path, items: list[tuple[str, str]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read tensors with plain file reads (no mmap, so the file never counts towards the process's memory)
+    straight into tensors of `dtype`: same-dtype tensors in one read, others through a 64 MiB staging buffer."""
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        base = 8 + n
+        for c, fk in items:
+            meta = header[fk]
+            src = _ST_DTYPES.get(meta["dtype"])
+            if src is None:
+                raise CheckpointError(f"{path}: tensor {fk} has dtype {meta['dtype']}, which pi0 cannot read")
+            begin, end = meta["data_offsets"]
+            t = torch.empty(meta["shape"], dtype=dtype)
+            if end - begin != t.numel() * torch.empty((), dtype=src).element_size():
+                raise CheckpointError(f"{path}: tensor {fk} spans {end - begin} bytes, its shape needs another size")
+            f.seek(base + begin)
+            if src == dtype:
+                _readinto(f, t, path, fk)
+            else:
+                flat, size = t.view(-1), torch.empty((), dtype=src).element_size()
+                step = max(1, _CHUNK_BYTES // size)
+                stage = torch.empty(min(step, flat.numel()), dtype=src)
+                for i in range(0, flat.numel(), step):
+                    k = min(step, flat.numel() - i)
+                    _readinto(f, stage[:k], path, fk)
+                    flat[i:i + k].copy_(stage[:k])
+            out[c] = t
+    return out
+
+
 def load_state_dict(info: CheckpointInfo, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Canonical tensors read straight from the memory-mapped shards into `dtype` on `device`
-    (no fp32 detour for a bf16 file); the unused lm_heads are never read."""
+    """Canonical tensors read from the shards straight into `dtype` (no fp32 detour for a bf16 file, one
+    copy per tensor), then moved to `device`; the unused lm_heads are never read."""
     by_shard: dict[Path, list[tuple[str, str]]] = {}
     for c, (shard, fk) in info.canonical.items():
         by_shard.setdefault(shard, []).append((c, fk))
     out: dict[str, torch.Tensor] = {}
     for shard, items in by_shard.items():
-        with _open(shard) as f:
-            for c, fk in items:
-                try:
-                    t = f.get_tensor(fk)
-                except Exception as e:  # noqa: BLE001
-                    raise CheckpointError(f"{shard}: cannot read tensor {fk} ({e}); the file may be truncated or corrupt") from e
-                out[c] = t.to(device=device, dtype=dtype)
+        for c, t in _read_shard(shard, items, dtype).items():
+            out[c] = t if torch.device(device).type == "cpu" else t.to(device)
     return out
 
 
