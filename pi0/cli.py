@@ -183,8 +183,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     policy = _policy(args)
     print(f"policy: {policy.metadata}", file=sys.stderr, flush=True)
-    PolicyServer(policy, args.host, args.port, api_key=args.api_key,
-                 max_message_bytes=int(args.max_message_mb * (1 << 20))).run()
+    server = PolicyServer(policy, args.host, args.port, api_key=args.api_key,
+                          max_message_bytes=int(args.max_message_mb * (1 << 20)))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        print("pi0 serve: stopped", file=sys.stderr)
     return 0
 
 
