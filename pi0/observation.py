@@ -20,6 +20,11 @@ class Observation:
     token_masks: torch.Tensor
     state: torch.Tensor
 
+    def __post_init__(self) -> None:
+        # masks given as 0/1 integers or floats (LeRobot's attention_mask, say) become bool
+        self.token_masks = _as_bool(self.token_masks, "token_masks")
+        self.image_masks = [_as_bool(m, f"image_masks[{i}]") for i, m in enumerate(self.image_masks)]
+
     @property
     def batch_size(self) -> int:
         return self.tokens.shape[0]
@@ -71,6 +76,15 @@ class Observation:
             token_masks=self.token_masks.to(device),
             state=self.state.to(device=device, dtype=dtype),
         )
+
+
+def _as_bool(m, name: str) -> torch.Tensor:
+    m = torch.as_tensor(m)
+    if m.dtype == torch.bool:
+        return m
+    if m.numel() and not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError(f"{name} must be bool (or 0/1), got values other than 0 and 1")
+    return m != 0
 
 
 def sample_observation(config: Pi0Config, batch_size: int = 1, num_valid_tokens: int = 12, seed: int = 0,

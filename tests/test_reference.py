@@ -123,6 +123,17 @@ def test_other_image_sizes_interpolate_the_position_embedding(tiny_model):
     assert torch.allclose(interpolate_position_embedding(const, 2 * grid + 1), torch.full_like(big[:1], 0.25).expand((2 * grid + 1) ** 2, -1))
 
 
+def test_integer_masks_are_taken_as_bool(tiny_model):
+    m = tiny_model
+    obs = _obs(m.config, batch=2, valid=(4, 9), masked=(1, 0))
+    noise = make_noise(m.config, 2)
+    ints = pi0.Observation(obs.images, [mk.long() for mk in obs.image_masks], obs.tokens.int(),
+                           obs.token_masks.long(), obs.state.double())
+    assert (m.sample_actions(ints, noise=noise) - m.sample_actions(obs, noise=noise)).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="0/1"):
+        pi0.Observation(obs.images, obs.image_masks, obs.tokens, obs.token_masks.long() * 2, obs.state)
+
+
 def test_bad_inputs_are_named(tiny_model):
     m = tiny_model
     cfg = m.config
