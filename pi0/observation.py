@@ -12,13 +12,14 @@ from pi0.config import Pi0Config
 @dataclass
 class Observation:
     """images: one [B,3,S,S] float tensor in [-1,1] per camera; image_masks: one bool [B] per camera;
-    tokens: int [B,L] right-padded with 0; token_masks: bool [B,L]; state: float [B,state_dim]."""
+    tokens: int [B,L] right-padded with 0; token_masks: bool [B,L]; state: float [B,state_dim]
+    (pi0.5 may pass None)."""
 
     images: list[torch.Tensor]
     image_masks: list[torch.Tensor]
     tokens: torch.Tensor
     token_masks: torch.Tensor
-    state: torch.Tensor
+    state: torch.Tensor | None  # None only for pi0.5, which reads the state from the prompt
 
     def __post_init__(self) -> None:
         # masks given as 0/1 integers or floats (LeRobot's attention_mask, say) become bool
@@ -61,6 +62,10 @@ class Observation:
                 raise ValueError(f"image_masks[{i}] must be bool [{b}], got {m.dtype} {list(m.shape)}")
         if len({img.shape[2] for img in self.images}) != 1:
             raise ValueError(f"all cameras need one image size, got {[img.shape[2] for img in self.images]}")
+        if self.state is None and config.pi05:
+            return  # pi0.5 takes the state through the prompt, not as an input of the model
+        if self.state is None:
+            raise ValueError(f"pi0 needs a state [{b}, {config.state_dim}] (zero-padded)")
         want = config.state_dim
         if self.state.ndim != 2 or self.state.shape != (b, want):
             raise ValueError(f"state must be [{b}, {want}] (zero-padded), got {list(self.state.shape)}")
@@ -74,7 +79,7 @@ class Observation:
             image_masks=[m.to(device) for m in self.image_masks],
             tokens=self.tokens.to(device),
             token_masks=self.token_masks.to(device),
-            state=self.state.to(device=device, dtype=dtype),
+            state=None if self.state is None else self.state.to(device=device, dtype=dtype),
         )
 
 

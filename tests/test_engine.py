@@ -94,6 +94,14 @@ def test_masked_cameras_and_padding_are_skipped(pair):
     assert (eng.sample_actions(obs, noise=noise) - ref.sample_actions(obs, noise=noise)).abs().max() <= 1e-4
 
 
+def test_pi05_engine_needs_no_state():
+    cfg = pi0.preset("tiny-pi05")
+    eng = pi0.build_model(cfg, seed=1, backend="engine")
+    obs = _obs(cfg, 1, (6,))
+    noise = make_noise(cfg, 1)
+    assert torch.equal(eng.sample_actions(dataclasses.replace(obs, state=None), noise=noise), eng.sample_actions(obs, noise=noise))
+
+
 def test_all_cameras_masked_still_answers(pair):
     ref, eng = pair
     obs = _obs(ref.config, 1, (6,), ((0, 0), (1, 0), (2, 0)))

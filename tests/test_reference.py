@@ -123,6 +123,18 @@ def test_other_image_sizes_interpolate_the_position_embedding(tiny_model):
     assert torch.allclose(interpolate_position_embedding(const, 2 * grid + 1), torch.full_like(big[:1], 0.25).expand((2 * grid + 1) ** 2, -1))
 
 
+def test_pi05_needs_no_state(tiny_model):
+    m = tiny_model
+    obs = _obs(m.config, batch=1, valid=(6,))
+    noise = make_noise(m.config, 1)
+    if m.config.pi05:
+        assert torch.equal(m.sample_actions(dataclasses.replace(obs, state=None), noise=noise),
+                           m.sample_actions(obs, noise=noise))
+    else:
+        with pytest.raises(ValueError, match="pi0 needs a state"):
+            m.sample_actions(dataclasses.replace(obs, state=None), noise=noise)
+
+
 def test_integer_masks_are_taken_as_bool(tiny_model):
     m = tiny_model
     obs = _obs(m.config, batch=2, valid=(4, 9), masked=(1, 0))
