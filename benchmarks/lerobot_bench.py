@@ -52,20 +52,20 @@ def main():
     policy = build.build_full(args.kind, args.dtype)
     load_s = time.perf_counter() - t0
     m = policy.model
+
+    def call(images, masks, tok, tmask, state, noise) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            if args.kind == "pi0":
+                m.sample_actions(images, masks, tok, tmask, state, noise=noise.clone())
+            else:
+                m.sample_actions(images, masks, tok, tmask, noise=noise.clone())
+        return time.perf_counter() - t
+
     for w in args.workload:
-        images, masks, tok, tmask, state, noise = inputs(policy.config, *WORKLOADS[w])
-
-        def call():
-            t = time.perf_counter()
-            with torch.inference_mode():
-                if args.kind == "pi0":
-                    m.sample_actions(images, masks, tok, tmask, state, noise=noise.clone())
-                else:
-                    m.sample_actions(images, masks, tok, tmask, noise=noise.clone())
-            return time.perf_counter() - t
-
-        first = call()
-        times = [call() for _ in range(args.repeats)]
+        batch = inputs(policy.config, *WORKLOADS[w])
+        first = call(*batch)
+        times = [call(*batch) for _ in range(args.repeats)]
         print(json.dumps({
             "impl": "lerobot-0.6.1", "kind": args.kind, "dtype": args.dtype, "workload": w,
             "latency_s": statistics.median(times), "first_call_s": first, "times_s": times, "load_s": load_s,

@@ -156,7 +156,6 @@ class GemmaLayer(nn.Module):
 class Gemma(nn.Module):
     def __init__(self, cfg: GemmaConfig, cond_dim: int | None = None):
         super().__init__()
-        self.cfg = cfg
         if cfg.vocab_size:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width)
         self.layers = nn.ModuleList(GemmaLayer(cfg, cond_dim) for _ in range(cfg.depth))
