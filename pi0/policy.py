@@ -37,7 +37,12 @@ class Policy:
         root = self.info.files.root
         self.preset = self._resolve_preset(preset)
         self.tokenizer = PromptTokenizer(find_tokenizer(tokenizer, root), cfg.max_token_len)
-        self.normalizer, self.stats_source = load_norm_stats(root, asset_id, use_quantiles=cfg.pi05)
+        # pi0: z-score, pi0.5: quantiles, unless a LeRobot config.json says otherwise (normalization_mapping)
+        default = "QUANTILES" if cfg.pi05 else "MEAN_STD"
+        mapping = self.info.meta.get("normalization_mapping")
+        mapping = {str(k).upper(): str(v).upper() for k, v in mapping.items()} if isinstance(mapping, dict) else {}
+        self.normalizer, self.stats_source = load_norm_stats(
+            root, asset_id, mapping.get("STATE", default), mapping.get("ACTION", default))
         if state_in_prompt is None:
             state_in_prompt = bool(self.info.meta.get("discrete_state_input", True))
         self.state_in_prompt = cfg.pi05 and state_in_prompt

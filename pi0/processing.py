@@ -151,21 +151,31 @@ class Stats:
         return cls(arr("mean"), arr("std"), arr("q01"), arr("q99"))
 
 
+MODES = ("MEAN_STD", "QUANTILES", "IDENTITY")
+
+
 @dataclass
 class Normalizer:
-    """z-score for pi0 (`(x - mean) / (std + eps)`), quantiles for pi0.5
-    (`(x - q01) / (q99 - q01 + 1e-6) * 2 - 1`). Dims beyond the stats pass through unchanged."""
+    """Per feature: MEAN_STD `(x - mean) / (std + eps)` (pi0's default), QUANTILES
+    `(x - q01) / (q99 - q01 + 1e-6) * 2 - 1` (pi0.5's default) or IDENTITY. Dims beyond the stats pass
+    through unchanged."""
 
     state: Stats | None
     actions: Stats | None
-    use_quantiles: bool
+    state_mode: str = "MEAN_STD"
+    action_mode: str = "MEAN_STD"
     eps: float = 1e-6
 
-    def _apply(self, x: np.ndarray, st: Stats | None, inverse: bool, what: str) -> np.ndarray:
-        if st is None:
+    def __post_init__(self) -> None:
+        for m in (self.state_mode, self.action_mode):
+            if m not in MODES:
+                raise ValueError(f"unknown normalisation mode {m!r}: choose one of {MODES}")
+
+    def _apply(self, x: np.ndarray, st: Stats | None, mode: str, inverse: bool, what: str) -> np.ndarray:
+        if st is None or mode == "IDENTITY":
             return x
         x = np.asarray(x, dtype=np.float32).copy()
-        if self.use_quantiles:
+        if mode == "QUANTILES":
             if st.q01 is None or st.q99 is None:
                 raise ValueError(f"quantile normalisation needs q01/q99 stats for {what}; the stats file has none")
             lo, hi = st.q01, st.q99
@@ -186,13 +196,14 @@ class Normalizer:
         return x
 
     def state_in(self, x: np.ndarray) -> np.ndarray:
-        return self._apply(x, self.state, False, "state")
+        return self._apply(x, self.state, self.state_mode, False, "state")
 
     def actions_out(self, x: np.ndarray) -> np.ndarray:
-        return self._apply(x, self.actions, True, "actions")
+        return self._apply(x, self.actions, self.action_mode, True, "actions")
 
 
-def load_norm_stats(checkpoint_dir: Path, asset_id: str | None, use_quantiles: bool) -> tuple[Normalizer | None, str]:
+def load_norm_stats(checkpoint_dir: Path, asset_id: str | None, state_mode: str,
+                    action_mode: str) -> tuple[Normalizer | None, str]:
     """openpi `assets/<asset_id>/norm_stats.json`, or LeRobot stats (`*normalizer*.safetensors` /
     `stats.safetensors` with `observation.state.mean`-style keys) stored beside the weights.
     Returns (normalizer or None, where the stats came from)."""
@@ -209,7 +220,7 @@ def load_norm_stats(checkpoint_dir: Path, asset_id: str | None, use_quantiles: b
         d = d.get("norm_stats", d)
         st = Stats.from_dict(d["state"]) if "state" in d else None
         ac = Stats.from_dict(d["actions"]) if "actions" in d else None
-        return Normalizer(st, ac, use_quantiles), str(files[0])
+        return Normalizer(st, ac, state_mode, action_mode), str(files[0])
     # LeRobot: policy_preprocessor_*_normalizer_processor.safetensors (state and action stats) and
     # policy_postprocessor_*_unnormalizer_processor.safetensors (action stats), keys 'feature.stat'
     lerobot = sorted(checkpoint_dir.glob("*normalizer*.safetensors"), key=lambda f: ("unnormalizer" in f.name, f.name))
@@ -227,7 +238,7 @@ def load_norm_stats(checkpoint_dir: Path, asset_id: str | None, use_quantiles: b
             return Stats.from_dict(d) if d else None
 
         # LeRobot divides by (std + 1e-8)
-        return (Normalizer(stats("observation.state"), stats("action"), use_quantiles, eps=1e-8),
+        return (Normalizer(stats("observation.state"), stats("action"), state_mode, action_mode, eps=1e-8),
                 ", ".join(str(f) for f in lerobot))
     return None, "none (inputs are used as given)"
 

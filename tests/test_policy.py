@@ -184,3 +184,16 @@ def test_lerobot_stats_files_beside_the_weights(tmp_path, tokenizer_path):
     assert np.allclose(state, (obs["observation/state"] - s_mean) / (s_std + 1e-8), atol=1e-5)
     raw = pol.model.sample_actions(pol.prepare(obs), noise=torch.randn(1, 50, 32, generator=torch.Generator().manual_seed(0)))
     assert np.allclose(pol.infer(obs)["actions"], raw[0, :, :7].numpy() * (a_std + 1e-8) + a_mean, atol=1e-4)
+
+
+def test_lerobot_normalization_mapping_is_honoured(tmp_path, tokenizer_path):
+    """A pi0.5 fine-tuned with MEAN_STD (LeRobot's --policy.normalization_mapping) is not quantile-normalised."""
+    ck = write_policy_checkpoint(tmp_path / "p", "tiny-pi05", tokenizer_path, layout="lerobot")
+    meta = json.loads((ck / "config.json").read_text())
+    meta["normalization_mapping"] = {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
+    (ck / "config.json").write_text(json.dumps(meta))
+    pol = Policy(ck, preset="libero", dtype="float32", seed=0, state_in_prompt=False)
+    stats = json.loads((ck / "assets" / "robot" / "norm_stats.json").read_text())["norm_stats"]["state"]
+    obs = libero_obs()
+    want = (obs["observation/state"] - np.asarray(stats["mean"])) / (np.asarray(stats["std"]) + 1e-6)
+    assert np.allclose(pol.prepare(obs).state[0, :8].numpy(), want, atol=1e-5)

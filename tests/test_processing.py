@@ -70,15 +70,19 @@ def test_normalisation_round_trips():
     st = Stats(mean=rng.normal(size=5).astype(np.float32), std=rng.uniform(0.5, 2, 5).astype(np.float32),
                q01=np.full(5, -2, np.float32), q99=np.full(5, 3, np.float32))
     x = rng.normal(size=(10, 7)).astype(np.float32)  # 2 dims beyond the stats pass through
-    for q in (False, True):
-        n = Normalizer(st, st, use_quantiles=q)
+    for mode in ("MEAN_STD", "QUANTILES"):
+        n = Normalizer(st, st, mode, mode)
         back = n.actions_out(n.state_in(x))
         assert np.allclose(back, x, atol=1e-5)
         assert np.array_equal(n.state_in(x)[:, 5:], x[:, 5:])
-    z = Normalizer(st, st, use_quantiles=False).state_in(x[0])
+    z = Normalizer(st, st, "MEAN_STD", "MEAN_STD").state_in(x[0])
     assert np.allclose(z[:5], (x[0, :5] - st.mean) / (st.std + 1e-6))
-    qn = Normalizer(st, st, use_quantiles=True).state_in(x[0])
+    qn = Normalizer(st, st, "QUANTILES", "QUANTILES").state_in(x[0])
     assert np.allclose(qn[:5], (x[0, :5] + 2) / (5 + 1e-6) * 2 - 1)
+    ident = Normalizer(st, st, "IDENTITY", "MEAN_STD")
+    assert np.array_equal(ident.state_in(x[0]), x[0]) and not np.allclose(ident.actions_out(x), x)
+    with pytest.raises(ValueError, match="unknown normalisation mode"):
+        Normalizer(st, st, "MIN_MAX", "QUANTILES")
 
 
 def test_aloha_gripper_maps():
