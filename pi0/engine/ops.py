@@ -1,6 +1,6 @@
 """The engine's primitive ops, all in one place: another accelerator backend (e.g. TTNN) replaces
-this module. Activations are [B, L, features]; norms keep fp32 statistics; softmax runs in fp32
-inside scaled_dot_product_attention."""
+this module. Activations are [B, L, features]; norms keep fp32 statistics; attention softmax runs
+in fp32."""
 
 from __future__ import annotations
 
