@@ -102,6 +102,15 @@ def test_pi05_engine_needs_no_state():
     assert torch.equal(eng.sample_actions(dataclasses.replace(obs, state=None), noise=noise), eng.sample_actions(obs, noise=noise))
 
 
+def test_other_image_sizes_match_the_reference(pair):
+    ref, eng = pair
+    cfg = ref.config
+    obs = pi0.sample_observation(cfg, batch_size=2, image_size=2 * cfg.vision.image_size)
+    obs.image_masks[0][1] = False
+    noise = make_noise(cfg, 2)
+    assert (eng.sample_actions(obs, noise=noise) - ref.sample_actions(obs, noise=noise)).abs().max() <= 1e-4
+
+
 def test_all_cameras_masked_still_answers(pair):
     ref, eng = pair
     obs = _obs(ref.config, 1, (6,), ((0, 0), (1, 0), (2, 0)))

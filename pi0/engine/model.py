@@ -202,26 +202,18 @@ class Pi0Engine:
         """Packed prefix: each row's valid camera tokens and valid language tokens, in order, moved to
         the front. Returns prefix [B, Lp, W], n_valid int [B], key_mask bool [B, Lp] (None: no padding)."""
         b = obs.batch_size
-        rows = [torch.nonzero(m, as_tuple=True)[0] for m in obs.image_masks]
-        valid = [im[r] for im, r in zip(obs.images, rows) if len(r)]
-        feats = self.embed_images(torch.cat(valid)) if valid else None
-        per_cam, start = [], 0
-        for r in rows:
-            per_cam.append(feats[start:start + len(r)] if len(r) else None)
-            start += len(r)
+        # every valid (camera, row) image goes through SigLIP in one batch; masked ones never do
+        pairs = [(c, i) for c, m in enumerate(obs.image_masks) for i in torch.nonzero(m).flatten().tolist()]
+        feats = self.embed_images(torch.stack([obs.images[c][i] for c, i in pairs])) if pairs else None
+        feat_of = {pair: j for j, pair in enumerate(pairs)}
         scale = torch.tensor(math.sqrt(self.config.vlm.width), dtype=torch.float32).to(self.dtype)
         seqs = []
         for i in range(b):
-            parts = []
-            for r, f in zip(rows, per_cam):
-                hit = (r == i).nonzero(as_tuple=True)[0]
-                if len(hit):
-                    parts.append(f[hit[0]])
-            ids = obs.tokens[i][obs.token_masks[i]]
-            parts.append(self.embed[ids] * scale)
-            seqs.append(torch.cat(parts))
-            assert len(seqs[-1]) == sum(len(x) for x in parts), \
-                f"row {i}: packed prefix {len(seqs[-1])} != parts {[len(x) for x in parts]}"
+            cams = [feats[feat_of[(c, i)]] for c in range(len(obs.images)) if (c, i) in feat_of]
+            lang = self.embed[obs.tokens[i][obs.token_masks[i]]] * scale
+            seqs.append(torch.cat(cams + [lang]))
+            want = len(cams) * (feats.shape[1] if pairs else 0) + len(lang)
+            assert len(seqs[-1]) == want, f"row {i}: packed prefix {len(seqs[-1])} != {len(cams)} cameras + {len(lang)} tokens"
         n_valid = torch.tensor([len(s) for s in seqs], device=self.device)
         lp = int(n_valid.max())
         if int(n_valid.min()) == lp:
