@@ -19,6 +19,7 @@ import torch
 
 import pi0
 from pi0.config import Pi0Config
+from pi0.timing import Progress
 
 
 def _gemma_layer_flops(n_q: int, n_k: int, width: int, cfg, attn: bool = True) -> float:
@@ -103,7 +104,7 @@ def make_observation(cfg: Pi0Config, batch: int, cameras: int, masked: int, toke
 def run(args) -> dict[str, Any]:
     dtype = pi0.models.parse_dtype(args.dtype)
     torch.manual_seed(0)
-    progress = None if args.json else _progress
+    progress = None if args.json else Progress()
     t0 = time.perf_counter()
     if args.checkpoint:
         model = pi0.load_model(args.checkpoint, backend=args.backend, dtype=dtype, device=args.device)
@@ -158,11 +159,6 @@ def run(args) -> dict[str, Any]:
         },
         "times_s": times,
     }
-
-
-def _progress(label: str, frac: float) -> None:
-    end = "\n" if frac >= 1.0 else ""
-    print(f"\r{label} {frac * 100:5.1f}%   ", end=end, file=sys.stderr, flush=True)
 
 
 def add_arguments(p) -> None:

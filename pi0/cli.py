@@ -13,6 +13,7 @@ import torch
 import pi0
 from pi0.checkpoint import CheckpointError, CheckpointInfo
 from pi0.models import BACKENDS, DTYPES
+from pi0.timing import Progress
 
 
 def _sizes(cfg: pi0.Pi0Config) -> str:
@@ -61,18 +62,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(label: str):
-    last = [-1]
-
-    def show(frac: float) -> None:
-        pct = int(frac * 100)
-        if pct != last[0]:
-            last[0] = pct
-            print(f"\r{label} {pct:3d}%", end="" if pct < 100 else "\n", file=sys.stderr, flush=True)
-
-    return show
-
-
 def save_action_plot(actions: torch.Tensor, path: Path, title: str) -> None:
     """One small panel per action dimension: the value over the horizon."""
     import matplotlib
@@ -112,7 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"building {args.size} ({n / 1e6:,.1f} M params, seeded random weights, {args.dtype}) ...",
               file=sys.stderr, flush=True)
         model = pi0.build_model(cfg, backend=args.backend, seed=args.seed, dtype=args.dtype,
-                                progress=_progress("  weights"))
+                                progress=lambda f, p=Progress(): p("  weights", f))
         source = f"{args.size}, random weights (seed {args.seed})"
     load_s = time.perf_counter() - t0
     cfg = model.config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -23,3 +24,22 @@ class StageClock:
         now = time.perf_counter()
         self.stages[name] = self.stages.get(name, 0.0) + now - self.t
         self.t = now
+
+
+class Progress:
+    """One stderr line that rewrites itself: `progress(label, fraction)`; prints only when the shown
+    percentage (or the label) changes, and ends the line at 100%."""
+
+    def __init__(self) -> None:
+        self.shown: tuple[str, int] | None = None
+        self.width = 0
+
+    def __call__(self, label: str, frac: float) -> None:
+        shown = (label, int(frac * 100))
+        if shown == self.shown:
+            return
+        self.shown = shown
+        text = f"{label} {shown[1]:3d}%"
+        pad = " " * max(0, self.width - len(text))  # blank what a longer previous label left
+        self.width = 0 if frac >= 1.0 else len(text)
+        print(f"\r{text}{pad}", end="\n" if frac >= 1.0 else "", file=sys.stderr, flush=True)
