@@ -15,7 +15,6 @@ import time
 import torch
 
 import pi0
-from pi0.bench import make_observation
 from pi0.engine.model import Pi0Engine
 
 
@@ -28,7 +27,7 @@ def main() -> None:
     print(json.dumps({"built_s": time.perf_counter() - t0}), flush=True)
     cases = []
     for s in range(seeds):
-        obs = make_observation(cfg, 1, 3, s % 2, 48, 12 + 3 * s, seed=s)
+        obs = pi0.sample_observation(cfg, 1, 12 + 3 * s, seed=s, masked_cameras=s % 2, token_len=48)
         noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(s))
         cases.append((obs, noise, ref.sample_actions(obs, noise=noise)))
     # the engine gets the bf16 rounding of the very same weights; SigLIP in bf16 (default) or fp32 (as LeRobot)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -32,12 +31,10 @@ def _gemma_layer_flops(n_q: int, n_k: int, width: int, cfg, attn: bool = True) -
     return qkv + att + o + mlp
 
 
-def model_flops(cfg: Pi0Config, images_per_row: list[int], tokens_per_row: list[int], num_steps: int,
-                image_size: int | None = None) -> float:
+def model_flops(cfg: Pi0Config, images_per_row: list[int], tokens_per_row: list[int], num_steps: int) -> float:
     """Matmul FLOPs of one sample_actions call counting only valid cameras and tokens."""
     v = cfg.vision
-    s = image_size or v.image_size
-    n = (s // v.patch_size) ** 2
+    n = v.num_patches
     per_image = 2 * n * 3 * v.patch_size**2 * v.width + 2 * n * v.width * cfg.vlm.width
     per_image += v.depth * (2 * n * v.width * 3 * v.width + 4 * n * n * v.width + 2 * n * v.width**2
                             + 2 * 2 * n * v.width * v.mlp_dim)
@@ -83,24 +80,6 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def make_observation(cfg: Pi0Config, batch: int, cameras: int, masked: int, tokens: int, valid_tokens: int,
-                     seed: int = 0) -> pi0.Observation:
-    if not 0 <= masked <= cameras or cameras < 1:
-        raise ValueError(f"need 1 <= cameras and 0 <= masked <= cameras, got cameras={cameras} masked={masked}")
-    if not 1 <= valid_tokens <= tokens:
-        raise ValueError(f"need 1 <= valid_tokens <= tokens, got {valid_tokens} of {tokens}")
-    base = pi0.sample_observation(cfg, batch_size=batch, num_valid_tokens=valid_tokens, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    s = cfg.vision.image_size
-    images = [torch.rand(batch, 3, s, s, generator=g) * 2 - 1 for _ in range(cameras)]
-    masks = [torch.full((batch,), i < cameras - masked) for i in range(cameras)]
-    tok = torch.zeros(batch, tokens, dtype=torch.long)
-    tmask = torch.zeros(batch, tokens, dtype=torch.bool)
-    tok[:, :valid_tokens] = base.tokens[:, :valid_tokens]
-    tmask[:, :valid_tokens] = True
-    return pi0.Observation(images, masks, tok, tmask, base.state)
-
-
 def run(args) -> dict[str, Any]:
     dtype = pi0.models.parse_dtype(args.dtype)
     torch.manual_seed(0)
@@ -116,7 +95,8 @@ def run(args) -> dict[str, Any]:
     steps = args.steps or cfg.num_steps
     tokens = args.tokens or cfg.max_token_len
     valid = args.valid_tokens or tokens
-    obs = make_observation(cfg, args.batch, args.cameras, args.masked_cameras, tokens, valid)
+    obs = pi0.sample_observation(cfg, args.batch, valid, num_cameras=args.cameras, masked_cameras=args.masked_cameras,
+                                 token_len=tokens)
     noise = torch.randn(args.batch, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
     gemm = gemm_gflops(dtype, args.device)
     flops = model_flops(cfg, [args.cameras - args.masked_cameras] * args.batch, [valid] * args.batch, steps)

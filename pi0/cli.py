@@ -100,12 +100,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         n = sum(v.numel() for v in _param_shapes(cfg))
         print(f"building {args.size} ({n / 1e6:,.1f} M params, seeded random weights, {args.dtype}) ...",
               file=sys.stderr, flush=True)
+        show = Progress()
         model = pi0.build_model(cfg, backend=args.backend, seed=args.seed, dtype=args.dtype,
-                                progress=lambda f, p=Progress(): p("  weights", f))
+                                progress=lambda f: show("  weights", f))
         source = f"{args.size}, random weights (seed {args.seed})"
     load_s = time.perf_counter() - t0
     cfg = model.config
-    obs = pi0.sample_observation(cfg, batch_size=1, num_valid_tokens=args.tokens, seed=args.seed)
+    obs = pi0.sample_observation(cfg, batch_size=1, num_valid_tokens=min(args.tokens, cfg.max_token_len), seed=args.seed)
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(args.seed))
     print(f"sampling {args.steps or cfg.num_steps} Euler steps on {len(obs.images)} cameras, "
           f"{int(obs.token_masks.sum())} prompt tokens ...", file=sys.stderr, flush=True)

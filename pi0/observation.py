@@ -93,20 +93,26 @@ def _as_bool(m, name: str) -> torch.Tensor:
 
 
 def sample_observation(config: Pi0Config, batch_size: int = 1, num_valid_tokens: int = 12, seed: int = 0,
-                       image_size: int | None = None) -> Observation:
+                       image_size: int | None = None, num_cameras: int | None = None, masked_cameras: int = 0,
+                       token_len: int | None = None) -> Observation:
     """A deterministic synthetic observation (random images, BOS + random prompt ids, random state):
-    what `pi0 demo` and `pi0 bench` feed when no robot is attached."""
+    what `pi0 demo` and `pi0 bench` feed when no robot is attached. The last `masked_cameras` cameras
+    are masked; prompts are `token_len` long (default: the config's) with `num_valid_tokens` valid."""
+    cams = config.num_cameras if num_cameras is None else num_cameras
+    L = config.max_token_len if token_len is None else token_len
+    if cams < 1 or not 0 <= masked_cameras <= cams:
+        raise ValueError(f"need 1 <= cameras and 0 <= masked <= cameras, got cameras={cams} masked={masked_cameras}")
+    if not 1 <= num_valid_tokens <= L:
+        raise ValueError(f"need 1 <= valid tokens <= prompt length, got {num_valid_tokens} of {L}")
     g = torch.Generator().manual_seed(seed)
     s = image_size or config.vision.image_size
-    L = config.max_token_len
-    n = max(1, min(num_valid_tokens, L))
-    images = [torch.rand(batch_size, 3, s, s, generator=g) * 2 - 1 for _ in range(config.num_cameras)]
-    masks = [torch.ones(batch_size, dtype=torch.bool) for _ in range(config.num_cameras)]
+    images = [torch.rand(batch_size, 3, s, s, generator=g) * 2 - 1 for _ in range(cams)]
+    masks = [torch.full((batch_size,), c < cams - masked_cameras) for c in range(cams)]
     tokens = torch.zeros(batch_size, L, dtype=torch.long)
     tokens[:, 0] = 2  # <bos>
-    tokens[:, 1:n] = torch.randint(3, config.vlm.vocab_size, (batch_size, n - 1), generator=g)
+    tokens[:, 1:num_valid_tokens] = torch.randint(3, config.vlm.vocab_size, (batch_size, num_valid_tokens - 1), generator=g)
     token_masks = torch.zeros(batch_size, L, dtype=torch.bool)
-    token_masks[:, :n] = True
+    token_masks[:, :num_valid_tokens] = True
     state = torch.randn(batch_size, config.state_dim, generator=g)
     return Observation(images, masks, tokens, token_masks, state)
 
