@@ -12,6 +12,18 @@ def make_noise(cfg: pi0.Pi0Config, batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(seed))
 
 
+def make_obs(cfg: pi0.Pi0Config, batch: int, valid, masked=(), seed: int = 0) -> pi0.Observation:
+    """A synthetic observation whose rows have `valid[b]` prompt tokens (the rest padding, id 0) and
+    whose (camera, row) pairs in `masked` are masked."""
+    obs = pi0.sample_observation(cfg, batch_size=batch, num_valid_tokens=max(valid), seed=seed)
+    for b, n in enumerate(valid):
+        obs.token_masks[b, n:] = False
+        obs.tokens[b, n:] = 0
+    for cam, row in masked:
+        obs.image_masks[cam][row] = False
+    return obs
+
+
 @pytest.fixture(scope="session", params=["tiny", "tiny-pi05"])
 def tiny_model(request):
     return pi0.build_model(pi0.preset(request.param), seed=3)

@@ -8,17 +8,8 @@ import pytest
 import torch
 
 import pi0
-from tests.conftest import make_noise
+from tests.conftest import make_noise, make_obs
 from tests.fixtures_lib import MODELS, ROOT, cases
-
-
-def _obs(cfg, batch, valid, masked=(), seed=0):
-    obs = pi0.sample_observation(cfg, batch_size=batch, num_valid_tokens=max(valid), seed=seed)
-    for b, n in enumerate(valid):
-        obs.token_masks[b, n:] = False
-    for cam, row in masked:
-        obs.image_masks[cam][row] = False
-    return obs
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-pi05"])
@@ -30,7 +21,7 @@ def pair(request):
 @pytest.mark.parametrize("batch,valid,masked", [(1, (12,), ()), (2, (5, 9), ((1, 0),)), (3, (3, 11, 6), ((2, 1), (0, 2)))])
 def test_engine_fp32_matches_reference(pair, batch, valid, masked):
     ref, eng = pair
-    obs = _obs(ref.config, batch, valid, masked)
+    obs = make_obs(ref.config, batch, valid, masked)
     noise = make_noise(ref.config, batch)
     for steps in (10, 3):
         err = (eng.sample_actions(obs, noise=noise, num_steps=steps) - ref.sample_actions(obs, noise=noise, num_steps=steps)).abs().max()
@@ -48,7 +39,7 @@ def test_engine_bf16_pcc_gate(preset_name):
     eng = pi0.build_model(cfg, seed=5, backend="engine", dtype="bfloat16")
     pccs = []
     for seed in range(10):
-        obs = _obs(cfg, 2, (7, 12), ((1, 1),), seed=seed)
+        obs = make_obs(cfg, 2, (7, 12), ((1, 1),), seed=seed)
         noise = make_noise(cfg, 2, seed=seed)
         pccs.append(_pcc(eng.sample_actions(obs, noise=noise), ref.sample_actions(obs, noise=noise)))
     assert statistics.mean(pccs) >= 0.999 and min(pccs) >= 0.995, pccs
@@ -69,7 +60,7 @@ def test_engine_reproduces_lerobot_fixtures(name):
 def test_masked_cameras_and_padding_are_skipped(pair):
     ref, eng = pair
     cfg = ref.config
-    obs = _obs(cfg, 2, (4, 9), ((1, 0), (2, 0), (2, 1)))
+    obs = make_obs(cfg, 2, (4, 9), ((1, 0), (2, 0), (2, 1)))
     seen = []
     orig = eng.embed_images
 
@@ -87,7 +78,7 @@ def test_masked_cameras_and_padding_are_skipped(pair):
     assert n_valid.tolist() == [n_img + 4, 2 * n_img + 9]
     assert prefix.shape[1] == 2 * n_img + 9  # packed: no padding tokens beyond the longest row
     assert key_mask is not None and key_mask.sum(1).tolist() == n_valid.tolist()
-    one = _obs(cfg, 1, (5,), ((0, 0),))
+    one = make_obs(cfg, 1, (5,), ((0, 0),))
     prefix, n_valid, key_mask = eng.embed_prefix(one)
     assert key_mask is None and prefix.shape[1] == 2 * n_img + 5
     noise = make_noise(cfg, 2)
@@ -97,7 +88,7 @@ def test_masked_cameras_and_padding_are_skipped(pair):
 def test_pi05_engine_needs_no_state():
     cfg = pi0.preset("tiny-pi05")
     eng = pi0.build_model(cfg, seed=1, backend="engine")
-    obs = _obs(cfg, 1, (6,))
+    obs = make_obs(cfg, 1, (6,))
     noise = make_noise(cfg, 1)
     assert torch.equal(eng.sample_actions(dataclasses.replace(obs, state=None), noise=noise), eng.sample_actions(obs, noise=noise))
 
@@ -113,7 +104,7 @@ def test_other_image_sizes_match_the_reference(pair):
 
 def test_all_cameras_masked_still_answers(pair):
     ref, eng = pair
-    obs = _obs(ref.config, 1, (6,), ((0, 0), (1, 0), (2, 0)))
+    obs = make_obs(ref.config, 1, (6,), ((0, 0), (1, 0), (2, 0)))
     noise = make_noise(ref.config, 1)
     assert (eng.sample_actions(obs, noise=noise) - ref.sample_actions(obs, noise=noise)).abs().max() <= 1e-4
 
@@ -135,7 +126,7 @@ def test_vision_tower_can_stay_fp32():
     state = {k: v if k.startswith(("vision.", "projector.")) else v.to(torch.bfloat16) for k, v in ref.state_dict().items()}
     eng = Pi0Engine(cfg, dict(state), vision_dtype=torch.float32)
     assert eng.patch_w.dtype == torch.float32 and eng.embed.dtype == torch.bfloat16
-    obs = _obs(cfg, 2, (7, 12), ((1, 1),))
+    obs = make_obs(cfg, 2, (7, 12), ((1, 1),))
     noise = make_noise(cfg, 2)
     images = torch.cat([im[:1] for im in obs.images])
     want = ref.embed_image(images)

@@ -7,23 +7,12 @@ import torch
 
 import pi0
 from pi0.reference.model import interpolate_position_embedding
-from tests.conftest import make_noise
-
-
-def _obs(cfg, batch=2, valid=(5, 9), seed=0, masked=None):
-    obs = pi0.sample_observation(cfg, batch_size=batch, num_valid_tokens=max(valid), seed=seed)
-    for b, n in enumerate(valid):
-        obs.token_masks[b, n:] = False
-        obs.tokens[b, n:] = 0
-    if masked is not None:
-        cam, row = masked
-        obs.image_masks[cam][row] = False
-    return obs
+from tests.conftest import make_noise, make_obs
 
 
 def test_cached_equals_uncached(tiny_model):
     m = tiny_model
-    obs = _obs(m.config, masked=(1, 0))
+    obs = make_obs(m.config, 2, (5, 9), ((1, 0),))
     x_t = make_noise(m.config, 2)
     prefix, pm, par = m.embed_prefix(obs)
     kv, _ = m.fill_kv_cache(prefix, pm, par)
@@ -38,7 +27,7 @@ def test_cached_equals_uncached(tiny_model):
 def test_masked_camera_content_and_presence_do_not_matter(tiny_model):
     m = tiny_model
     cfg = m.config
-    obs = _obs(cfg, batch=1, valid=(7,), masked=(1, 0))
+    obs = make_obs(cfg, 1, (7,), ((1, 0),))
     noise = make_noise(cfg, 1)
     ref = m.sample_actions(obs, noise=noise)
     # other pixels behind the mask
@@ -56,7 +45,7 @@ def test_masked_camera_content_and_presence_do_not_matter(tiny_model):
 def test_extra_padding_tokens_do_not_matter(tiny_model):
     m = tiny_model
     cfg = m.config
-    obs = _obs(cfg, batch=2, valid=(4, 10))
+    obs = make_obs(cfg, 2, (4, 10))
     noise = make_noise(cfg, 2)
     ref = m.sample_actions(obs, noise=noise)
     extra = 17
@@ -69,7 +58,7 @@ def test_extra_padding_tokens_do_not_matter(tiny_model):
 def test_batch_rows_with_different_valid_lengths_match_single_rows(tiny_model):
     m = tiny_model
     cfg = m.config
-    obs = _obs(cfg, batch=3, valid=(3, 11, 6), masked=(2, 1))
+    obs = make_obs(cfg, 3, (3, 11, 6), ((2, 1),))
     noise = make_noise(cfg, 3)
     batched = m.sample_actions(obs, noise=noise)
     for b in range(3):
@@ -81,7 +70,7 @@ def test_batch_rows_with_different_valid_lengths_match_single_rows(tiny_model):
 def test_prompt_and_state_change_the_actions(tiny_model):
     m = tiny_model
     cfg = m.config
-    obs = _obs(cfg, batch=1, valid=(8,))
+    obs = make_obs(cfg, 1, (8,))
     noise = make_noise(cfg, 1)
     ref = m.sample_actions(obs, noise=noise)
     tokens = obs.tokens.clone()
@@ -94,7 +83,7 @@ def test_prompt_and_state_change_the_actions(tiny_model):
 
 def test_steps_and_seeded_noise(tiny_model):
     m = tiny_model
-    obs = _obs(m.config, batch=1, valid=(6,))
+    obs = make_obs(m.config, 1, (6,))
     noise = make_noise(m.config, 1)
     a10 = m.sample_actions(obs, noise=noise)
     a3 = m.sample_actions(obs, noise=noise, num_steps=3)
@@ -125,7 +114,7 @@ def test_other_image_sizes_interpolate_the_position_embedding(tiny_model):
 
 def test_pi05_needs_no_state(tiny_model):
     m = tiny_model
-    obs = _obs(m.config, batch=1, valid=(6,))
+    obs = make_obs(m.config, 1, (6,))
     noise = make_noise(m.config, 1)
     if m.config.pi05:
         assert torch.equal(m.sample_actions(dataclasses.replace(obs, state=None), noise=noise),
@@ -137,7 +126,7 @@ def test_pi05_needs_no_state(tiny_model):
 
 def test_integer_masks_are_taken_as_bool(tiny_model):
     m = tiny_model
-    obs = _obs(m.config, batch=2, valid=(4, 9), masked=(1, 0))
+    obs = make_obs(m.config, 2, (4, 9), ((1, 0),))
     noise = make_noise(m.config, 2)
     ints = pi0.Observation(obs.images, [mk.long() for mk in obs.image_masks], obs.tokens.int(),
                            obs.token_masks.long(), obs.state.double())
