@@ -24,7 +24,7 @@ from torch import Tensor
 from pi0.config import Pi0Config
 from pi0.engine import ops
 from pi0.observation import Observation, sampling_inputs
-from pi0.reference.model import posemb
+from pi0.reference.model import interpolate_position_embedding, posemb
 from pi0.timing import StageClock
 
 
@@ -180,8 +180,6 @@ class Pi0Engine:
 
     def embed_images(self, images: Tensor) -> Tensor:
         """[N, 3, S, S] -> [N, (S//p)^2, VLM width] in the engine dtype."""
-        from pi0.reference.model import interpolate_position_embedding
-
         v = self.config.vision
         x = torch.nn.functional.conv2d(images.to(self.vision_dtype), self.patch_w, self.patch_b, stride=v.patch_size)
         grid = x.shape[-1]
@@ -260,13 +258,18 @@ class Pi0Engine:
 
     # -- suffix -----------------------------------------------------------------------------
 
-    def _expert_pass(self, x: Tensor, start: int, positions: Tensor, key_mask: Tensor | None,
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        e = self.config.expert
+        return ops.rope_tables(positions, e.head_dim, e.rope_theta, self.dtype)
+
+    def _expert_pass(self, x: Tensor, start: int, rope: tuple[Tensor, Tensor], key_mask: Tensor | None,
                      k_buf: list[Tensor], v_buf: list[Tensor], mods: Tensor | None, need_output: bool = True) -> Tensor:
         """Tokens x [B, n, We] at buffer slots start..start+n attend to every key in slots < start+n.
-        mods [B or 1, depth, 6We] fp32 (pi0.5) or None. Returns the last layer's output (pre final norm)."""
+        rope: cos, sin of the tokens' positions; mods [B or 1, depth, 6We] fp32 (pi0.5) or None.
+        Returns the last layer's output (pre final norm)."""
         e = self.config.expert
         end = start + x.shape[1]
-        cos, sin = ops.rope_tables(positions, e.head_dim, e.rope_theta, self.dtype)
+        cos, sin = rope
         mask = None if key_mask is None else key_mask[:, :end]
         last = len(self.expert_layers) - 1
         for i, layer in enumerate(self.expert_layers):
@@ -316,23 +319,23 @@ class Pi0Engine:
         self.fill_kv_cache(prefix, None if key_mask is None else key_mask[:, :lp], k_buf, v_buf)
         if not cfg.pi05:  # the state token sees the prefix and itself only: its k, v are fixed for the call
             s = ops.linear(obs.state, self.state_w, self.state_b)[:, None, :].to(self.dtype)
-            self._expert_pass(s, lp, n_valid[:, None], key_mask, k_buf, v_buf, None, need_output=False)
+            self._expert_pass(s, lp, self._rope(n_valid[:, None]), key_mask, k_buf, v_buf, None, need_output=False)
         clock.lap("prefix")
 
         act_start = lp + n_state
-        positions = n_valid[:, None] + n_state + torch.arange(horizon, device=self.device)[None, :]
+        rope = self._rope(n_valid[:, None] + n_state + torch.arange(horizon, device=self.device)[None, :])  # same every step
         dt = -1.0 / num_steps
         for step in range(num_steps):
             a = ops.linear(x_t, self.action_in_w, self.action_in_b)  # fp32 [B, H, We]
             if cfg.pi05:
                 mods = sched["mods"][step][None]
                 scale, shift, _ = sched["final"][step][None, None].chunk(3, dim=-1)
-                out = self._expert_pass(a.to(self.dtype), act_start, positions, key_mask, k_buf, v_buf, mods)
+                out = self._expert_pass(a.to(self.dtype), act_start, rope, key_mask, k_buf, v_buf, mods)
                 out = ops.ada_rms_norm(out, scale, shift, g.rms_norm_eps)
             else:
                 u = torch.nn.functional.silu(ops.linear(a, self.at_in_action_w) + sched["time_bias"][step])
                 a = ops.linear(u, self.at_out_w, self.at_out_b).to(self.dtype)
-                out = self._expert_pass(a, act_start, positions, key_mask, k_buf, v_buf, None)
+                out = self._expert_pass(a, act_start, rope, key_mask, k_buf, v_buf, None)
                 out = ops.rms_norm(out, self.final_norm, g.rms_norm_eps)
             v_t = ops.linear(out, self.action_out_w, self.action_out_b)  # fp32
             x_t = x_t + dt * v_t
