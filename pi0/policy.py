@@ -86,10 +86,13 @@ class Policy:
 
     # -- input side ---------------------------------------------------------------------------
 
-    def _get(self, obs: dict[str, Any], key: str) -> Any:
+    def _get(self, obs: dict[str, Any], key: str, required: bool = True) -> Any:
+        """obs[key] (or the nested obs[a][b] for 'a/b'); a missing optional key gives None."""
         try:
             return lookup(obs, key)
         except KeyError:
+            if not required:
+                return None
             raise KeyError(f"observation is missing '{key}' (preset {self.preset.name} expects: "
                            f"{self.preset.description or self.preset.state_keys})") from None
 
@@ -102,13 +105,7 @@ class Policy:
         size = cfg.vision.image_size
         images, masks = [], []
         for key, required in self.preset.cameras:
-            img = None
-            if key is not None:
-                try:
-                    img = lookup(obs, key)
-                except KeyError:
-                    if required:
-                        self._get(obs, key)  # raises with the preset's description
+            img = None if key is None else self._get(obs, key, required)
             if img is None:
                 images.append(np.zeros((3, size, size), dtype=np.float32) - 1.0)  # a zero image in [-1, 1]
                 masks.append(False)
