@@ -10,8 +10,6 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch (a wheel on disk on our machines); never the multi-GB CUDA build.
 	$(VENV)/bin/pip install -q --find-links /opt/wheels "torch==2.13.0"
 	$(VENV)/bin/pip install -q -e '.[test]'
-	# openpi's robot-side client, for the server tests; --no-deps skips its numpy<2 pin (it runs on numpy 2)
-	$(VENV)/bin/pip install -q --no-deps "openpi-client==0.1.2"
 	rm -f $(VENV)/.installed-* && touch $@
 
 .PHONY: install demo test

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import torch
 
-from pi0.config import Pi0Config, infer_config, read_config_json
+from pi0.config import Pi0Config, canonical_shapes, infer_config, read_config_json
 
 LAYOUTS = ("openpi", "lerobot", "lerobot_legacy")
 HEADS = ("state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out",
@@ -277,16 +277,8 @@ def inspect_checkpoint(path_or_repo_id: str | os.PathLike) -> CheckpointInfo:
     return info
 
 
-def expected_shapes(config: Pi0Config) -> dict[str, tuple[int, ...]]:
-    from pi0.reference.model import Pi0Reference
-
-    with torch.device("meta"):
-        model = Pi0Reference(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def _check_against_config(info: CheckpointInfo, source) -> None:
-    want = expected_shapes(info.config)
+    want = canonical_shapes(info.config)
     layout = info.layout
     missing = [k for k in want if k not in info.shapes]
     if missing:

@@ -12,7 +12,8 @@ import torch
 
 import pi0
 from pi0.checkpoint import CheckpointError, CheckpointInfo
-from pi0.models import BACKENDS, DTYPES
+from pi0.hardware import resolve_device, resolve_dtype
+from pi0.models import BACKENDS
 from pi0.timing import Progress
 
 
@@ -88,20 +89,30 @@ def save_action_plot(actions: torch.Tensor, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """--device / --dtype resolved ("auto" included), with the choice and its reason printed in one line."""
+    device = resolve_device(args.device)
+    dtype, why = resolve_dtype(args.dtype, device)
+    print(f"pi0 {args.cmd}: device {device}, {why}", file=sys.stderr, flush=True)
+    return device, dtype
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
+    device, dtype = device_and_dtype(args)
+    dtype_name = str(dtype).replace("torch.", "")
     t0 = time.perf_counter()
     if args.checkpoint:
         print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
-        model = pi0.load_model(args.checkpoint, backend=args.backend, dtype=args.dtype)
+        model = pi0.load_model(args.checkpoint, backend=args.backend, dtype=dtype, device=device)
         source = str(args.checkpoint)
     else:
         cfg = pi0.preset(args.size)
         n = sum(v.numel() for v in _param_shapes(cfg))
-        print(f"building {args.size} ({n / 1e6:,.1f} M params, seeded random weights, {args.dtype}) ...",
+        print(f"building {args.size} ({n / 1e6:,.1f} M params, seeded random weights, {dtype_name}) ...",
               file=sys.stderr, flush=True)
         show = Progress()
-        model = pi0.build_model(cfg, backend=args.backend, seed=args.seed, dtype=args.dtype,
+        model = pi0.build_model(cfg, backend=args.backend, seed=args.seed, dtype=dtype, device=device,
                                 progress=lambda f: show("  weights", f))
         source = f"{args.size}, random weights (seed {args.seed})"
     load_s = time.perf_counter() - t0
@@ -119,7 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     actions = model.sample_actions(obs, noise=noise, num_steps=args.steps, stages=stages)[0]
     total = time.perf_counter() - t1
-    print(f"model     {cfg.kind} ({source}), backend {model.backend}, {args.dtype}")
+    print(f"model     {cfg.kind} ({source}), backend {model.backend}, {dtype_name} on {device}")
     print(f"load      {load_s:8.2f} s")
     if first is not None:
         print(f"1st call  {first:8.2f} s (one-time kernel compilation included)")
@@ -136,17 +147,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _param_shapes(cfg: pi0.Pi0Config):
-    from pi0.checkpoint import expected_shapes
+    from pi0.config import canonical_shapes
 
-    return [torch.Size(s) for s in expected_shapes(cfg).values()]
+    return [torch.Size(s) for s in canonical_shapes(cfg).values()]
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="engine", choices=BACKENDS)
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 where this machine runs it natively, else "
+                   "float32), bfloat16 or float32")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1, ...")
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, .safetensors file or hub repo id")
     p.add_argument("--preset", default=None, help="robot preset: libero, aloha, droid or generic "
                    "(default: generic, from the checkpoint's LeRobot features)")
-    p.add_argument("--backend", default="engine", choices=BACKENDS)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    add_device_args(p)
     p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece model (default: the checkpoint "
                    "directory, then ~/.cache/openpi/big_vision/paligemma_tokenizer.model)")
     p.add_argument("--asset-id", default=None, help="which assets/<asset_id>/norm_stats.json to use")
@@ -160,8 +177,10 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 def _policy(args: argparse.Namespace):
     from pi0.policy import Policy
 
-    return Policy(args.checkpoint, preset=args.preset, backend=args.backend, dtype=args.dtype, tokenizer=args.tokenizer,
-                  asset_id=args.asset_id, num_steps=args.steps, seed=args.seed, default_prompt=args.default_prompt,
+    device, dtype = device_and_dtype(args)
+    return Policy(args.checkpoint, preset=args.preset, backend=args.backend, dtype=dtype, device=device,
+                  tokenizer=args.tokenizer, asset_id=args.asset_id, num_steps=args.steps, seed=args.seed,
+                  default_prompt=args.default_prompt,
                   state_in_prompt=False if args.no_state_in_prompt else None)
 
 
@@ -236,8 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="pi0", choices=["pi0", "pi05", "tiny", "tiny-pi05"],
                    help="architecture with seeded random weights (default: full-size pi0)")
     p.add_argument("--checkpoint", help="real weights instead of random ones")
-    p.add_argument("--backend", default="engine", choices=BACKENDS)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    add_device_args(p)
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's, 10)")
     p.add_argument("--tokens", type=int, default=12, help="valid prompt tokens in the sample observation")
     p.add_argument("--seed", type=int, default=0)

@@ -232,3 +232,67 @@ def read_config_json(path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ValueError(f"{path} must hold a JSON object, found {type(d).__name__}")
     return d
+
+
+# ---------------------------------------------------------------------------------------------
+# The canonical layout (checkpoint.py maps every file layout onto these names)
+
+
+def canonical_shapes(config: Pi0Config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a pi0 / pi0.5 model of `config` has, in the canonical layout
+    (the parameter names of the reference model)."""
+    v, ew = config.vision, config.expert.width
+    out: dict[str, tuple[int, ...]] = {
+        "vision.patch_embedding.weight": (v.width, 3, v.patch_size, v.patch_size),
+        "vision.patch_embedding.bias": (v.width,),
+        "vision.position_embedding.weight": (v.num_patches, v.width),
+    }
+    for i in range(v.depth):
+        p = f"vision.layers.{i}."
+        for n in ("layer_norm1", "layer_norm2"):
+            out[p + n + ".weight"] = out[p + n + ".bias"] = (v.width,)
+        for n in "qkv":
+            out[p + f"self_attn.{n}_proj.weight"], out[p + f"self_attn.{n}_proj.bias"] = (v.width, v.width), (v.width,)
+        out[p + "self_attn.out_proj.weight"], out[p + "self_attn.out_proj.bias"] = (v.width, v.width), (v.width,)
+        out[p + "mlp.fc1.weight"], out[p + "mlp.fc1.bias"] = (v.mlp_dim, v.width), (v.mlp_dim,)
+        out[p + "mlp.fc2.weight"], out[p + "mlp.fc2.bias"] = (v.width, v.mlp_dim), (v.width,)
+    out["vision.post_layernorm.weight"] = out["vision.post_layernorm.bias"] = (v.width,)
+    out["projector.weight"], out["projector.bias"] = (config.vlm.width, v.width), (config.vlm.width,)
+
+    def gemma(prefix: str, g: GemmaConfig, adaptive: bool) -> None:
+        def norm(name: str) -> None:
+            if adaptive:  # pi0.5 adaRMS: scale, shift, gate from the time conditioning
+                out[name + ".dense.weight"], out[name + ".dense.bias"] = (3 * g.width, ew), (3 * g.width,)
+            else:
+                out[name + ".weight"] = (g.width,)
+
+        if g.vocab_size:
+            out[prefix + ".embed_tokens.weight"] = (g.vocab_size, g.width)
+        for i in range(g.depth):
+            p = f"{prefix}.layers.{i}."
+            norm(p + "input_layernorm")
+            out[p + "self_attn.q_proj.weight"] = (g.num_heads * g.head_dim, g.width)
+            out[p + "self_attn.k_proj.weight"] = (g.num_kv_heads * g.head_dim, g.width)
+            out[p + "self_attn.v_proj.weight"] = (g.num_kv_heads * g.head_dim, g.width)
+            out[p + "self_attn.o_proj.weight"] = (g.width, g.num_heads * g.head_dim)
+            norm(p + "post_attention_layernorm")
+            out[p + "mlp.gate_proj.weight"] = out[p + "mlp.up_proj.weight"] = (g.mlp_dim, g.width)
+            out[p + "mlp.down_proj.weight"] = (g.width, g.mlp_dim)
+        norm(prefix + ".norm")
+
+    gemma("vlm", config.vlm, False)
+    gemma("expert", config.expert, config.pi05)
+
+    def linear(name: str, n_in: int, n_out: int) -> None:
+        out[name + ".weight"], out[name + ".bias"] = (n_out, n_in), (n_out,)
+
+    linear("action_in_proj", config.action_dim, ew)
+    linear("action_out_proj", ew, config.action_dim)
+    if config.pi05:
+        linear("time_mlp_in", ew, ew)
+        linear("time_mlp_out", ew, ew)
+    else:
+        linear("state_proj", config.state_dim, ew)
+        linear("action_time_mlp_in", 2 * ew, ew)
+        linear("action_time_mlp_out", ew, ew)
+    return out

@@ -9,21 +9,12 @@ from typing import Callable
 
 import torch
 
-from pi0.checkpoint import CheckpointInfo, expected_shapes, inspect_checkpoint, load_state_dict
-from pi0.config import Pi0Config
+from pi0.checkpoint import CheckpointInfo, inspect_checkpoint, load_state_dict
+from pi0.config import Pi0Config, canonical_shapes
+from pi0.hardware import resolve_device, resolve_dtype
 from pi0.reference.model import Pi0Reference
 
 BACKENDS = ("reference", "engine")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _check_backend(backend: str) -> None:
@@ -60,7 +51,7 @@ def random_state_dict(config: Pi0Config, seed: int, dtype: torch.dtype, device: 
     generator (seeded by seed, tensor index, block index), so the values do not depend on the thread
     count, and the blocks are filled on all cores. Values are drawn in fp32 and rounded to `dtype`, so a
     bf16 build holds the bf16-rounded weights of the fp32 build with the same seed."""
-    shapes = expected_shapes(config)
+    shapes = canonical_shapes(config)
     out = {k: torch.empty(s, dtype=dtype, device=device) for k, s in sorted(shapes.items())}
     jobs = []
     for i, (name, t) in enumerate(out.items()):
@@ -87,25 +78,28 @@ def random_state_dict(config: Pi0Config, seed: int, dtype: torch.dtype, device: 
     return out
 
 
-def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0, device: str = "cpu",
+def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0, device: str | torch.device = "cpu",
                 dtype: str | torch.dtype = "float32", progress: Callable[[float], None] | None = None):
-    """A model with seeded random weights, allocated directly in `dtype` on `device`.
-    progress: called with the fraction of parameters filled so far."""
+    """A model with seeded random weights, allocated directly in `dtype` on `device`. dtype and device may
+    be "auto" (pi0.hardware). progress: called with the fraction of parameters filled so far."""
     _check_backend(backend)
-    state = random_state_dict(config, seed, parse_dtype(dtype), device, progress)
+    device = resolve_device(device)
+    state = random_state_dict(config, seed, resolve_dtype(dtype, device)[0], device, progress)
     return _from_state_dict(config, state, backend)
 
 
-def load_model(path_or_repo_id: str | os.PathLike, *, backend: str = "reference", device: str = "cpu",
+def load_model(path_or_repo_id: str | os.PathLike, *, backend: str = "reference", device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "float32"):
-    """Load a checkpoint in any known layout (directory, .safetensors file, sharded, or hub id)."""
-    return load_from_info(inspect_checkpoint(path_or_repo_id), backend=backend, dtype=parse_dtype(dtype), device=device)
+    """Load a checkpoint in any known layout (directory, .safetensors file, sharded, or hub id).
+    dtype and device may be "auto" (pi0.hardware)."""
+    return load_from_info(inspect_checkpoint(path_or_repo_id), backend=backend, dtype=dtype, device=device)
 
 
-def load_from_info(info: CheckpointInfo, *, backend: str, dtype: torch.dtype, device: str | torch.device = "cpu"):
+def load_from_info(info: CheckpointInfo, *, backend: str, dtype: str | torch.dtype, device: str | torch.device = "cpu"):
     """The model of an already inspected checkpoint."""
     _check_backend(backend)
-    state = load_state_dict(info, dtype, device)
+    device = resolve_device(device)
+    state = load_state_dict(info, resolve_dtype(dtype, device)[0], device)
     model = _from_state_dict(info.config, state, backend)
     model.checkpoint_info = info
     return model

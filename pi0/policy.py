@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from pi0.checkpoint import inspect_checkpoint
-from pi0.models import load_from_info, parse_dtype
-from pi0.observation import Observation
+from pi0.hardware import resolve_device, resolve_dtype
+from pi0.models import load_from_info
+from pi0.observation import Observation, sample_observation
 from pi0.processing import (
     PRESETS, PromptTokenizer, RobotPreset, finite_vector, find_tokenizer, generic_preset, image_to_model,
     load_norm_stats, lookup, to_uint8_hwc,
@@ -25,10 +26,12 @@ class Policy:
     `generic` (cameras and dims from the checkpoint's LeRobot features), or None to pick `generic` when the
     checkpoint describes its features. seed: None draws fresh noise per call (openpi's behaviour); an int
     gives the same noise every call (reproducible answers). state_in_prompt: pi0.5 only; False is the
-    `pi05_libero` choice of leaving the discretised state out of the prompt."""
+    `pi05_libero` choice of leaving the discretised state out of the prompt. dtype / device: "auto" picks
+    bf16 where this machine runs it natively (else fp32) and a CUDA GPU when there is one
+    (`self.dtype_reason` says why)."""
 
     def __init__(self, checkpoint: str | os.PathLike, *, preset: str | None = None, backend: str = "engine",
-                 dtype: str = "bfloat16", device: str = "cpu", tokenizer: str | os.PathLike | None = None,
+                 dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", tokenizer: str | os.PathLike | None = None,
                  asset_id: str | None = None, state_in_prompt: bool | None = None, num_steps: int | None = None,
                  default_prompt: str | None = None, seed: int | None = None):
         self.info = inspect_checkpoint(checkpoint)
@@ -49,8 +52,10 @@ class Policy:
         self.num_steps = num_steps
         self.default_prompt = default_prompt
         self.seed = seed
-        self.backend, self.dtype, self.device = backend, dtype, device
-        self.model = load_from_info(self.info, backend=backend, dtype=parse_dtype(dtype), device=device)
+        self.device = resolve_device(device)
+        torch_dtype, self.dtype_reason = resolve_dtype(dtype, self.device)
+        self.backend, self.dtype = backend, str(torch_dtype).replace("torch.", "")
+        self.model = load_from_info(self.info, backend=backend, dtype=torch_dtype, device=self.device)
         stats_dim = None
         if self.normalizer is not None and self.normalizer.actions is not None:
             st = self.normalizer.actions
@@ -80,7 +85,7 @@ class Policy:
         return {
             "model": cfg.kind, "preset": self.preset.name, "action_horizon": cfg.action_horizon,
             "action_dim": self.action_dim, "cameras": [c for c, _ in self.preset.cameras],
-            "state_keys": self.preset.state_keys, "backend": self.backend, "dtype": self.dtype,
+            "state_keys": self.preset.state_keys, "backend": self.backend, "dtype": self.dtype, "device": str(self.device),
             "norm_stats": self.stats_source, "state_in_prompt": self.state_in_prompt,
         }
 
@@ -149,6 +154,15 @@ class Policy:
         if self.normalizer is not None:
             a = self.normalizer.actions_out(a)
         return self.preset.actions_out(a.copy()).astype(np.float32)
+
+    def warmup(self) -> float:
+        """One full model call on a synthetic observation shaped like the robot's (all cameras, the full
+        prompt length), so that one-time costs (compiling kernels) are paid before the first robot asks.
+        Returns its seconds."""
+        t0 = time.perf_counter()
+        obs = sample_observation(self.config, num_cameras=len(self.preset.cameras), num_valid_tokens=self.config.max_token_len)
+        self.model.sample_actions(obs, num_steps=self.num_steps)
+        return time.perf_counter() - t0
 
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()

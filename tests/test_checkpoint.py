@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pi0
-from pi0.checkpoint import CheckpointError, expected_shapes, file_tensors
+from pi0.checkpoint import CheckpointError, file_tensors
+from pi0.config import canonical_shapes
 from tests.conftest import make_noise
 
 def _same(a, b):  # the same weights give the same actions (up to memory-alignment rounding)
@@ -26,7 +27,7 @@ LAYOUTS = {"tiny": ["openpi", "lerobot", "lerobot_legacy"], "tiny-pi05": ["openp
 ])
 def test_full_size_layouts_have_the_real_counts(kind, layout, count):
     cfg = pi0.preset(kind)
-    sd = {k: torch.empty(s, device="meta") for k, s in expected_shapes(cfg).items()}
+    sd = {k: torch.empty(s, device="meta") for k, s in canonical_shapes(cfg).items()}
     names = file_tensors(sd, cfg, layout)
     assert len(names) == count
     if layout == "lerobot" and kind == "pi0":  # the names LeRobot 0.6.1 itself writes
@@ -44,7 +45,7 @@ def test_every_layout_round_trips(tmp_path, preset_name):
     obs = pi0.sample_observation(cfg, batch_size=2, num_valid_tokens=9)
     noise = make_noise(cfg, 2)
     ref = model.sample_actions(obs, noise=noise)
-    full = expected_shapes(cfg)
+    full = canonical_shapes(cfg)
     for layout in LAYOUTS[preset_name]:
         d = tmp_path / layout
         model.save_pretrained(d, layout=layout)

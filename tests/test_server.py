@@ -3,7 +3,9 @@ server nor the connection; /healthz answers during a long request; the API key i
 
 import asyncio
 import threading
+import statistics
 import time
+import urllib.error
 import urllib.request
 
 import msgpack
@@ -24,7 +26,7 @@ from tests.test_policy import libero_obs  # noqa: E402
 class Running:
     """A PolicyServer on an ephemeral loopback port, in a thread, stopped at the end."""
 
-    def __init__(self, policy, **kw):
+    def __init__(self, policy, wait_ready: bool = True, **kw):
         self.server = PolicyServer(policy, "127.0.0.1", 0, **kw)
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -46,6 +48,10 @@ class Running:
         self.thread.start()
         assert started.wait(30)
         self.port = self.server.bound_port
+        deadline = time.time() + 60
+        while wait_ready and not self.server.ready:
+            assert time.time() < deadline, "the server's warm-up call did not finish"
+            time.sleep(0.05)
 
     def close(self):
         self.loop.call_soon_threadsafe(self.stop.set_result, None)
@@ -155,6 +161,44 @@ class SlowPolicy:
     def infer(self, obs):
         time.sleep(self.delay)
         return self.policy.infer(obs)
+
+    def warmup(self):
+        time.sleep(self.delay)
+        return self.policy.warmup()
+
+
+def _healthz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_server_warms_up_before_it_reports_ready(policy):
+    """/healthz and new connections get 503 while the warm-up call runs, 200 and service after it."""
+    s = Running(SlowPolicy(policy, 2.0), wait_ready=False)
+    try:
+        assert _healthz(s.port) == 503
+        with pytest.raises(InvalidStatus) as e:
+            openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=s.port)
+        assert e.value.response.status_code == 503
+        deadline = time.time() + 60
+        while not s.server.ready:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert _healthz(s.port) == 200
+    finally:
+        s.close()
+
+
+def test_warmup_pays_the_first_call_cost(tmp_path, tokenizer_path):
+    """After Policy.warmup() the first robot request costs no more than the ones after it."""
+    ck = write_policy_checkpoint(tmp_path / "ck", "tiny", tokenizer_path)
+    pol = Policy(ck, preset="libero", dtype="float32", seed=0)
+    pol.warmup()
+    times = [pol.infer(libero_obs(i))["policy_timing"]["infer_ms"] for i in range(4)]
+    assert times[0] <= 3 * statistics.median(times[1:]) + 20, times
 
 
 def test_healthz_answers_during_a_long_request(policy):

@@ -16,6 +16,7 @@ Primitive ops live in `pi0.engine.ops`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,8 @@ from torch import Tensor
 
 from pi0.config import Pi0Config
 from pi0.engine import ops
+from pi0.functional import interpolate_position_embedding, posemb
 from pi0.observation import Observation, sampling_inputs
-from pi0.reference.model import interpolate_position_embedding, posemb
 from pi0.timing import StageClock
 
 
@@ -60,14 +61,24 @@ class GemmaLayer:
 class Pi0Engine:
     backend = "engine"
 
-    def __init__(self, config: Pi0Config, state: dict[str, Tensor], vision_dtype: torch.dtype | None = None):
+    def __init__(self, config: Pi0Config, state: dict[str, Tensor], vision_dtype: torch.dtype | None = None,
+                 pack: bool = True, fuse: bool = True):
         """Packs canonical tensors (any dtype; the engine computes in theirs). Consumes `state`.
-        vision_dtype: run SigLIP + projector in another dtype (e.g. fp32, as LeRobot does); default: the weights'."""
+        vision_dtype: run SigLIP + projector in another dtype (e.g. fp32, as LeRobot does); default: the weights'.
+        pack / fuse: allow oneDNN-packed weights / torch.compile'd kernels where they work on this machine
+        (probed once; PI0_PACK=0 / PI0_COMPILE=0 turn them off too). `self.kernels` says what was chosen."""
         self.config = config
         self.dtype = state["vlm.embed_tokens.weight"].dtype
         self.device = state["vlm.embed_tokens.weight"].device
         self.vision_dtype = vision_dtype or self.dtype
         dt = self.dtype
+        pack = pack and os.environ.get("PI0_PACK", "1") != "0"
+        fuse = fuse and os.environ.get("PI0_COMPILE", "1") != "0"
+        self.fused, why_fused = ops.fusion_works(dt, self.device.type) if fuse else (False, "compiled kernels off")
+        self._pack = {d: ops.packing_works(d, self.device.type) if pack else (False, "packing off")
+                      for d in {dt, self.vision_dtype}}
+        self.kernels = {"packed_weights": self._pack[dt][0], "fused_kernels": self.fused,
+                        "why": "; ".join([self._pack[dt][1], why_fused])}
 
         def take(name: str, dtype: torch.dtype | None = dt) -> Tensor:
             t = state.pop(name)
@@ -82,15 +93,18 @@ class Pi0Engine:
         self.pos_emb = take("vision.position_embedding.weight", vdt)
         img_rows = config.num_cameras * v.num_patches  # GEMM row-count hint for the packed layouts
 
+        def pack_as(w: Tensor, rows: int) -> Tensor:
+            return ops.pack(w, rows, self._pack[w.dtype][0])
+
         def packed(name: str, rows: int, dtype: torch.dtype = dt) -> Tensor:
-            return ops.pack(take(name, dtype), rows)
+            return pack_as(take(name, dtype), rows)
 
         self.vision_layers = []
         for i in range(v.depth):
             p = f"vision.layers.{i}."
             self.vision_layers.append(VisionLayer(
                 ln1_w=take(p + "layer_norm1.weight", vdt), ln1_b=take(p + "layer_norm1.bias", vdt),
-                qkv_w=ops.pack(torch.cat([take(p + f"self_attn.{n}_proj.weight", vdt) for n in "qkv"]), img_rows),
+                qkv_w=pack_as(torch.cat([take(p + f"self_attn.{n}_proj.weight", vdt) for n in "qkv"]), img_rows),
                 qkv_b=torch.cat([take(p + f"self_attn.{n}_proj.bias", vdt) for n in "qkv"]),
                 out_w=packed(p + "self_attn.out_proj.weight", img_rows, vdt), out_b=take(p + "self_attn.out_proj.bias", vdt),
                 ln2_w=take(p + "layer_norm2.weight", vdt), ln2_b=take(p + "layer_norm2.bias", vdt),
@@ -113,15 +127,15 @@ class Pi0Engine:
                               "post_attention_layernorm"):
                         state.pop(p + n + ".weight")
                     kv_w = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "kv"])
-                    layers.append(GemmaLayer(None, ops.pack(kv_w, rows), None, None, None,
+                    layers.append(GemmaLayer(None, pack_as(kv_w, rows), None, None, None,
                                              1 + f32(p + "input_layernorm.weight"), None))
                     continue
                 q_w = take(p + "self_attn.q_proj.weight", torch.float32) * head_dim**-0.5  # scale folded into W_q
                 layers.append(GemmaLayer(
-                    qkv_w=ops.pack(torch.cat([q_w.to(dt)] + [take(p + f"self_attn.{n}_proj.weight") for n in "kv"]), rows),
+                    qkv_w=pack_as(torch.cat([q_w.to(dt)] + [take(p + f"self_attn.{n}_proj.weight") for n in "kv"]), rows),
                     kv_w=None,
                     o_w=packed(p + "self_attn.o_proj.weight", rows),
-                    gate_up_w=ops.pack(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]), rows),
+                    gate_up_w=pack_as(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]), rows),
                     down_w=packed(p + "mlp.down_proj.weight", rows),
                     in_norm=None if adaptive else 1 + f32(p + "input_layernorm.weight"),
                     post_norm=None if adaptive else 1 + f32(p + "post_attention_layernorm.weight"),
@@ -254,7 +268,7 @@ class Pi0Engine:
                 break
             x = x + ops.linear(ops.attention(q, k, v, key_mask), layer.o_w)
             h = ops.rms_norm(x, layer.post_norm, g.rms_norm_eps).to(self.dtype)
-            x = x + ops.linear(ops.gated_gelu(ops.linear(h, layer.gate_up_w)), layer.down_w)
+            x = x + ops.linear(ops.gated_gelu(ops.linear(h, layer.gate_up_w), self.fused), layer.down_w)
 
     # -- suffix -----------------------------------------------------------------------------
 
@@ -289,7 +303,7 @@ class Pi0Engine:
                 h = ops.rms_norm(x, layer.post_norm, e.rms_norm_eps).to(self.dtype)
             else:
                 h = ops.ada_rms_norm(x, scale2, shift2, e.rms_norm_eps).to(self.dtype)
-            y = ops.linear(ops.gated_gelu(ops.linear(h, layer.gate_up_w)), layer.down_w)
+            y = ops.linear(ops.gated_gelu(ops.linear(h, layer.gate_up_w), self.fused), layer.down_w)
             x = x + (y if mods is None else y * gate2.to(self.dtype))
         return x
 

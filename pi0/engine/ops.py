@@ -4,23 +4,40 @@ in fp32."""
 
 from __future__ import annotations
 
+import functools
 import math
-import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MASK_VALUE = -2.3819763e38  # big_vision's finite "minus infinity"
+from pi0.functional import MASK_VALUE, rope_inv_freq
 
 
-def pack(w: Tensor, rows_hint: int) -> Tensor:
-    """A weight [out, in] in the layout `linear` runs fastest with. On CPU that is oneDNN's blocked
-    layout: 2-2.5x the GEMM rate of F.linear for the expert's 50-row products and ~10% for the prefix's
-    800-row ones, with the same results (set PI0_PACK=0 to keep plain tensors). Unchanged elsewhere."""
-    if (w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float32) and torch.backends.mkldnn.is_available()
-            and os.environ.get("PI0_PACK", "1") != "0"):
+@functools.cache
+def packing_works(dtype: torch.dtype, device_type: str) -> tuple[bool, str]:
+    """Can weights of `dtype` be kept in oneDNN's blocked layout here? Probed once by packing a small
+    weight and checking the product against F.linear (oneDNN refuses bf16 packing on CPUs without
+    avx512bw/vl/dq or avx_ne_convert, e.g. AVX2-only ones)."""
+    if device_type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False, f"no oneDNN weight packing on {device_type}"
+    if dtype not in (torch.bfloat16, torch.float32):
+        return False, f"no oneDNN weight packing for {dtype}"
+    w, x = torch.randn(64, 32).to(dtype), torch.randn(3, 32).to(dtype)
+    try:
+        got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 3), None, "none", [], "")
+    except RuntimeError as e:
+        return False, f"oneDNN cannot pack {dtype} weights here: {str(e).splitlines()[0]}"
+    if not torch.allclose(got.float(), F.linear(x, w).float(), rtol=1e-2, atol=1e-2):
+        return False, f"oneDNN-packed {dtype} products disagree with F.linear here"
+    return True, f"oneDNN-packed {dtype} weights"
+
+
+def pack(w: Tensor, rows_hint: int, enabled: bool) -> Tensor:
+    """A weight [out, in] in the layout `linear` runs fastest with. With `enabled` (decided once per engine
+    by `packing_works`), oneDNN's blocked layout: 2-2.5x the GEMM rate of F.linear for the expert's 50-row
+    products and ~10% for the prefix's 800-row ones, with the same results. Otherwise a plain tensor."""
+    if enabled:
         return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows_hint)
     return w.contiguous()
 
@@ -64,38 +81,41 @@ def _gated_gelu_fused(gate_up: Tensor) -> Tensor:
     return (g * torch.sigmoid(_GELU_C * (g + 0.044715 * g * g * g)) * up.float()).to(gate_up.dtype)
 
 
-_compiled: dict[str, object] = {}
+_compiled_gated_gelu = None
 
 
-def _compiled_or_eager(name: str, fused, eager):
-    """torch.compile'd `fused` (one vectorised loop instead of 3 passes over the MLP activations);
-    `eager` when PI0_COMPILE=0 or when compiling fails (no C++ compiler, say)."""
-    fn = _compiled.get(name)
-    if fn is None:
-        if os.environ.get("PI0_COMPILE", "1") == "0":
-            fn = eager
-        else:
-            compiled = torch.compile(fused, dynamic=True)
-
-            def fn(x: Tensor, _c=compiled) -> Tensor:
-                try:
-                    return _c(x)
-                except Exception as e:  # noqa: BLE001 - fall back for good, once
-                    warnings.warn(f"torch.compile of {name} failed ({type(e).__name__}); using eager ops", stacklevel=2)
-                    _compiled[name] = eager
-                    return eager(x)
-        _compiled[name] = fn
-    return fn
+def _compiled() -> object:
+    global _compiled_gated_gelu
+    if _compiled_gated_gelu is None:
+        _compiled_gated_gelu = torch.compile(_gated_gelu_fused, dynamic=True)
+    return _compiled_gated_gelu
 
 
-def gated_gelu(gate_up: Tensor) -> Tensor:
-    """[.., 2M] fused gate|up projection -> gelu_tanh(gate) * up [.., M]."""
-    return _compiled_or_eager("gated_gelu", _gated_gelu_fused, _gated_gelu_eager)(gate_up)
+@functools.cache
+def fusion_works(dtype: torch.dtype, device_type: str) -> tuple[bool, str]:
+    """Does torch.compile build the fused gated gelu here (one vectorised loop instead of 3 passes over
+    the MLP activations; 3.3x)? Probed once per dtype and device type by compiling it and checking it
+    against eager ops; it fails without a C++ compiler (CPU) or Triton (GPU)."""
+    x = torch.randn(3, 7, 2 * 99, device=device_type).to(dtype)  # odd sizes: the vector loops' tails too
+    try:
+        got = _compiled()(x)
+    except Exception as e:  # noqa: BLE001 - any compiler failure means eager ops
+        return False, f"torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    if not torch.allclose(got.float(), _gated_gelu_eager(x).float(), rtol=tol, atol=tol):
+        return False, "the compiled gated gelu disagrees with eager ops here"
+    return True, "torch.compile'd gated gelu"
+
+
+def gated_gelu(gate_up: Tensor, fused: bool) -> Tensor:
+    """[.., 2M] fused gate|up projection -> gelu_tanh(gate) * up [.., M]; `fused`: the compiled kernel
+    (decided once per engine by `fusion_works`), else eager ops."""
+    return _compiled()(gate_up) if fused else _gated_gelu_eager(gate_up)
 
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin [B, L, 1, D] for rotate-half RoPE at integer positions [B, L] (computed in fp32)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    inv_freq = rope_inv_freq(head_dim, theta, positions.device)
     ang = positions.float()[..., None] * inv_freq
     ang = torch.cat([ang, ang], dim=-1)[:, :, None, :]
     return ang.cos().to(dtype), ang.sin().to(dtype)

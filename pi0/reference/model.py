@@ -13,11 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pi0.config import GemmaConfig, Pi0Config, SiglipConfig
+from pi0.functional import MASK_VALUE, interpolate_position_embedding, posemb, rope_inv_freq
 from pi0.observation import Observation, sampling_inputs
 from pi0.timing import StageClock
-
-MASK_VALUE = -2.3819763e38  # big_vision's finite "minus infinity": a fully masked row softmaxes to uniform
-
 
 # ---------------------------------------------------------------------------------------------
 # SigLIP vision tower
@@ -60,17 +58,6 @@ class SiglipLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
-
-
-def interpolate_position_embedding(pos: Tensor, grid: int) -> Tensor:
-    """[N, W] learned embedding of a sqrt(N) x sqrt(N) grid -> [grid*grid, W] (bicubic, as HF SigLIP)."""
-    n, w = pos.shape
-    old = math.isqrt(n)
-    if old == grid:
-        return pos
-    x = pos.reshape(1, old, old, w).permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
-    return x.permute(0, 2, 3, 1).reshape(grid * grid, w)
 
 
 class SiglipVision(nn.Module):
@@ -165,7 +152,7 @@ class Gemma(nn.Module):
 def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     """Rotate-half RoPE. x [B, L, heads, D], positions int [B, L]."""
     d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)  # [D/2]
+    inv_freq = rope_inv_freq(d, theta, x.device)  # [D/2]
     ang = positions.float()[..., None] * inv_freq  # [B, L, D/2]
     ang = torch.cat([ang, ang], dim=-1)[:, :, None, :]  # [B, L, 1, D]
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
@@ -233,15 +220,6 @@ def joint_layer(
 
 # ---------------------------------------------------------------------------------------------
 # pi0 / pi0.5
-
-
-def posemb(t: Tensor, width: int, min_period: float, max_period: float) -> Tensor:
-    """Sine-cosine embedding of the flow time t [B] -> [B, width] (sin first).
-    Computed in fp64 like LeRobot (the top frequency reaches ~1571 rad), then cast to t's dtype."""
-    frac = torch.linspace(0.0, 1.0, width // 2, dtype=torch.float64, device=t.device)
-    period = min_period * (max_period / min_period) ** frac
-    ang = (1.0 / period * 2 * math.pi)[None, :] * t.double()[:, None]
-    return torch.cat([ang.sin(), ang.cos()], dim=-1).to(t.dtype)
 
 
 def make_attn_mask(input_mask: Tensor, ar_mask: Tensor) -> Tensor:

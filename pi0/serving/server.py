@@ -5,7 +5,9 @@ msgpack(observation) -> msgpack(result) with `policy_timing` and `server_timing`
 Unlike openpi's server, inference runs in a worker thread (requests from all clients queue there in
 arrival order), so health checks and other clients are never blocked by a slow call; a bad request gets a
 text frame naming the problem (openpi's client raises it as RuntimeError) and the connection stays open;
-with an API key, clients without `Authorization: Api-Key <key>` are refused at the handshake.
+with an API key, clients without `Authorization: Api-Key <key>` are refused at the handshake. Before it
+reports ready the server warms the policy up with one full call (kernel compilation), so the first robot
+request costs what every other one costs; until then `/healthz` and new connections get 503.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class InferPolicy(Protocol):
 
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]: ...
 
+    def warmup(self) -> float: ...
+
 
 class PolicyServer:
     def __init__(self, policy: InferPolicy, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -44,10 +48,13 @@ class PolicyServer:
         self.max_message_bytes = max_message_bytes
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pi0-infer")  # one model, FIFO queue
         self.bound_port: int | None = None
+        self.ready = False  # set once the warm-up call is done
 
     # -- handshake ------------------------------------------------------------------------------
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if not self.ready:
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "warming up (first model call)\n")
         if request.path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         if self.api_key is not None:
@@ -117,6 +124,9 @@ class PolicyServer:
                      self.host, self.bound_port, self.host, self.bound_port)
             if started is not None:
                 started.set()
+            seconds = await asyncio.get_running_loop().run_in_executor(self.executor, self.policy.warmup)
+            self.ready = True
+            log.info("warm-up call took %.2f s; ready", seconds)
             await (stop if stop is not None else asyncio.get_running_loop().create_future())
 
     def run(self) -> None:

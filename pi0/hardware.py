@@ -1,0 +1,94 @@
+"""What this machine can do, probed once per process: which device to run on and which dtype is fast there.
+
+`dtype="auto"` is bf16 where torch runs bf16 GEMMs natively (CUDA devices with bf16; CPUs with
+avx512_bf16 / AMX / ARM bf16, where oneDNN's bf16 kernels beat fp32) and fp32 elsewhere (an AVX2-only
+CPU runs bf16 GEMMs ~6x slower than fp32). On a CPU the answer comes from timing one small bf16 and one
+fp32 GEMM (~0.1 s once), not from CPU model names. `PI0_NATIVE_BF16=0|1` overrides the probe.
+
+fp16 is refused: Gemma's residual stream and MLP outputs exceed fp16's range (65504) with real weights,
+and an fp16 pi0.5 silently produces garbage (it is known to score 0% on LIBERO).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+NATIVE_BF16_MIN_SPEEDUP = 1.2  # bf16 counts as native where its GEMM runs at least this much faster than fp32
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+DTYPE_CHOICES = ("auto", "bfloat16", "float32")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda when torch sees a GPU, else cpu; anything else as torch spells it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here (torch {torch.__version__}); "
+                         "use --device cpu")
+    return d
+
+
+def _gemm_gflops(dtype: torch.dtype, m: int = 128, k: int = 1024, n: int = 1024, repeats: int = 3) -> float:
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(n, k).to(dtype)
+    F.linear(a, b)  # first call: kernel selection, packing caches
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        F.linear(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / best / 1e9
+
+
+@functools.cache
+def native_bf16(device_type: str) -> tuple[bool, str]:
+    """(does torch run bf16 GEMMs natively on this device type, why we think so)."""
+    forced = os.environ.get("PI0_NATIVE_BF16")
+    if forced in ("0", "1"):
+        return forced == "1", f"PI0_NATIVE_BF16={forced}"
+    if device_type == "cuda":
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, f"{torch.cuda.get_device_name()} {'has' if ok else 'has no'} native bf16"
+    if device_type != "cpu":
+        return False, f"no bf16 probe for {device_type}"
+    try:
+        f32, b16 = _gemm_gflops(torch.float32), _gemm_gflops(torch.bfloat16)
+    except RuntimeError as e:  # a torch build without bf16 CPU kernels
+        return False, f"bf16 GEMM failed here ({e})"
+    ok = b16 >= NATIVE_BF16_MIN_SPEEDUP * f32
+    cap = torch.backends.cpu.get_cpu_capability()
+    return ok, f"CPU ({cap}) bf16 GEMM {b16:.0f} GFLOP/s vs fp32 {f32:.0f} GFLOP/s"
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> tuple[torch.dtype, str]:
+    """The dtype to compute in and a one-line reason. "auto": bf16 where it is native, fp32 otherwise."""
+    dev = resolve_device(device)
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            ok, why = native_bf16(dev.type)
+            chosen = torch.bfloat16 if ok else torch.float32
+            return chosen, f"dtype auto -> {_name(chosen)} on {dev.type} ({why})"
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+        dtype = _DTYPES[dtype]
+    if dtype == torch.float16:
+        raise ValueError("float16 is not supported: Gemma's activations exceed fp16's range (65504) with real "
+                         "weights, which gives wrong actions without an error. Use bfloat16 (or auto) or float32.")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype {dtype} is not supported: choose one of {', '.join(DTYPE_CHOICES)}")
+    if dtype == torch.bfloat16:
+        ok, why = native_bf16(dev.type)
+        if not ok:
+            return dtype, f"dtype bfloat16 as asked, but this {dev.type} has no native bf16 ({why}): expect it to be slow here"
+    return dtype, f"dtype {_name(dtype)} as asked"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
