@@ -1,6 +1,7 @@
 """`pi0 inspect` and `pi0 demo` as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,8 +10,10 @@ import pytest
 import pi0
 
 
-def run(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "pi0.cli", *args], capture_output=True, text=True, timeout=timeout)
+def run(*args, timeout=300, **env):
+    """`pi0 ARGS` in a fresh process; keyword arguments are extra environment variables."""
+    return subprocess.run([sys.executable, "-m", "pi0.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env})
 
 
 @pytest.mark.parametrize("preset_name,layout,tensors", [
@@ -37,8 +40,9 @@ def test_inspect_json_for_every_layout(tmp_path, preset_name, layout, tensors):
 
 def test_demo_tiny_prints_stages_and_saves_a_plot(tmp_path):
     out = tmp_path / "actions.png"
-    r = run("demo", "--size", "tiny", "--out", str(out))
+    r = run("demo", "--size", "tiny", "--out", str(out), PI0_NATIVE_BF16="0")
     assert r.returncode == 0, r.stderr
+    assert "device cpu, dtype auto -> float32 on cpu (PI0_NATIVE_BF16=0)" in r.stderr
     for word in ("vision", "prefix", "denoise", "actions", "[50, 32]"):
         assert word in r.stdout
     assert "weights 100%" in r.stderr
@@ -52,14 +56,23 @@ def test_demo_with_a_checkpoint(tmp_path):
     assert "pi05" in r.stdout
 
 
+def test_float16_is_refused_in_one_line():
+    r = run("demo", "--size", "tiny", "--dtype", "float16")
+    assert r.returncode == 2
+    assert "float16 is not supported" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_bad_path_is_one_clear_line(tmp_path):
     r = run("inspect", str(tmp_path))
     assert r.returncode == 2
     assert "holds no pi0 checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bench_json_reports_every_field():
-    r = run("bench", "--size", "tiny", "--json", "--repeats", "2", "--masked-cameras", "1", "--valid-tokens", "5")
+@pytest.mark.parametrize("native,dtype", [("1", "bfloat16"), ("0", "float32")])
+def test_bench_json_reports_every_field(native, dtype):
+    """--dtype auto (the default) follows the bf16 probe, forced both ways here; --json says what it chose."""
+    r = run("bench", "--size", "tiny", "--json", "--repeats", "2", "--masked-cameras", "1", "--valid-tokens", "5",
+            PI0_NATIVE_BF16=native)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     for k in ("latency_s", "first_call_s", "load_s", "model_tflop", "achieved_gflops", "gemm_gflops", "efficiency",
@@ -68,7 +81,9 @@ def test_bench_json_reports_every_field():
     assert set(rep["stages_s"]) == {"vision", "prefix", "denoise"}
     c = rep["config"]
     assert (c["backend"], c["dtype"], c["cameras"], c["masked_cameras"], c["valid_tokens"], c["tokens"]) == \
-        ("engine", "bfloat16", 3, 1, 5, 48)
+        ("engine", dtype, 3, 1, 5, 48)
+    assert rep["dtype"] == dtype and f"auto -> {dtype}" in rep["dtype_reason"] and "PI0_NATIVE_BF16" in rep["dtype_reason"]
+    assert set(rep["kernels"]) == {"packed_weights", "fused_kernels", "why"}
     assert abs(rep["efficiency"] - rep["achieved_gflops"] / rep["gemm_gflops"]) < 1e-9
 
 
@@ -81,3 +96,19 @@ def test_model_flops_counts_only_valid_work():
     assert 4.0e12 < w1 < 4.4e12  # the issue's ~4.3 TFLOP for W1
     assert w2 < 0.7 * w1
     assert model_flops(cfg, [3, 3], [48, 48], 10) == 2 * w1
+
+
+def test_gpu_check_script_runs_its_steps(tmp_path):
+    """benchmarks/gpu_check.sh on this machine's CPU at tiny size: the same steps as on a GPU, one JSON."""
+    import pathlib
+
+    root = pathlib.Path(__file__).parent.parent
+    r = subprocess.run(["bash", str(root / "benchmarks/gpu_check.sh")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PY": sys.executable, "DEVICE": "cpu", "SIZE": "tiny", "OUT": str(tmp_path)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["cuda_tests"]["exit_code"] == 0
+    check = rep["check"]
+    assert check["pass"] and set(check["parity"]) == {"reference_fp32", "engine_fp32", "engine_bf16"}
+    assert check["parity"]["engine_fp32"]["max_abs"] <= 1e-4
+    assert set(check["bench_bf16"]) == {"W1", "W2"} and check["bench_bf16"]["W1"]["latency_s"] > 0
