@@ -101,7 +101,9 @@ def run(args) -> dict[str, Any]:
     progress = None if args.json else Progress()
     t0 = time.perf_counter()
     if args.checkpoint:
-        model = pi0.load_model(args.checkpoint, backend=args.backend, dtype=dtype, device=device)
+        model = pi0.load_model(args.checkpoint, backend=args.backend, dtype=dtype, device=device,
+                               action_horizon=args.action_horizon,
+                               progress=(lambda f: progress("reading", f)) if progress else None)
     else:
         model = pi0.build_model(pi0.preset(args.size), backend=args.backend, dtype=dtype, device=device,
                                 progress=(lambda f: progress(f"building {args.size}", f)) if progress else None)
@@ -166,6 +168,7 @@ def run(args) -> dict[str, Any]:
 def add_arguments(p) -> None:
     p.add_argument("--size", default="pi0", choices=["pi0", "pi05", "tiny", "tiny-pi05"])
     p.add_argument("--checkpoint", help="real weights instead of seeded random ones")
+    p.add_argument("--action-horizon", type=int, default=None, help="override the checkpoint's action horizon")
     from pi0.cli import add_device_args
 
     add_device_args(p)

@@ -9,22 +9,27 @@ Every known key layout is mapped onto one canonical layout (the parameter names 
 
 Layouts (../shared/spec/checkpoints.md): `openpi` (openpi-converted PyTorch, 777 / 812 tensors, the
 VLM embedding stored only as `paligemma.lm_head`), `lerobot` (`model.` prefix, 778 / 813), and
-`lerobot_legacy` (`lerobot/pi0`, Feb 2025, the older transformers names). The lm_heads are never read.
+`lerobot_legacy` (`lerobot/pi0`, Feb 2025, the older transformers names), read and written; and
+`openpi_orbax` (openpi's JAX checkpoints as released and as training writes them, `pi0.orbax`), read.
+The lm_heads are never read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from pi0.config import Pi0Config, canonical_shapes, infer_config, read_config_json
+from pi0.orbax import OrbaxError, find_params_dir
 
 LAYOUTS = ("openpi", "lerobot", "lerobot_legacy")
 HEADS = ("state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out",
@@ -116,9 +121,35 @@ def _is_repo_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
 
 
+GCS_PREFIX = "gs://"
+
+
+def openpi_cache_dir() -> Path:
+    """Where openpi keeps what it downloads: $OPENPI_DATA_HOME, else ~/.cache/openpi."""
+    return Path(os.environ.get("OPENPI_DATA_HOME") or "~/.cache/openpi").expanduser()
+
+
+def resolve_gcs(url: str) -> Path:
+    """gs://bucket/path as openpi's download cache holds it (`<cache>/bucket/path`); an error that says how
+    to fetch it when it is not there."""
+    local = openpi_cache_dir() / url[len(GCS_PREFIX):].strip("/")
+    if not local.exists():
+        raise CheckpointError(
+            f"{url} is not in openpi's download cache ({local}). Fetch it there with "
+            f"`gsutil -m cp -r {url.rstrip('/')} {local.parent}/` (or set OPENPI_DATA_HOME to where it is)")
+    return local
+
+
 def resolve(path_or_repo_id: str | os.PathLike) -> CheckpointFiles:
-    """A local directory or .safetensors file, or a hub repo id found in the huggingface_hub cache."""
+    """A local directory or .safetensors file, an openpi Orbax checkpoint (its directory, a training step or
+    `params/`), a gs:// name in openpi's download cache, or a hub repo id found in the huggingface_hub cache."""
+    if str(path_or_repo_id).startswith(GCS_PREFIX):
+        path_or_repo_id = resolve_gcs(str(path_or_repo_id))
     p = Path(path_or_repo_id).expanduser()
+    if p.is_dir() and (params := find_params_dir(p)) is not None:
+        root = params.parent if params.name == "params" else params
+        cfg = root / "config.json"
+        return CheckpointFiles(root, [params], cfg if cfg.exists() else None)
     if not p.exists() and _is_repo_id(str(path_or_repo_id)):
         p = _from_hub_cache(str(path_or_repo_id))
     if not p.exists():
@@ -144,14 +175,10 @@ def resolve(path_or_repo_id: str | os.PathLike) -> CheckpointFiles:
     else:
         shards = sorted(p.glob("*.safetensors"))
     if not shards:
-        hint = ""
-        if (p / "params").is_dir():
-            hint = (" It looks like an openpi JAX (orbax) checkpoint: convert it with openpi's "
-                    "examples/convert_jax_model_to_pytorch.py first.")
         found = sorted(x.name for x in p.iterdir())[:8]
         raise CheckpointError(
-            f"{p} holds no pi0 checkpoint: expected model.safetensors, model.safetensors.index.json "
-            f"or *.safetensors, found {found}.{hint}"
+            f"{p} holds no pi0 checkpoint: expected model.safetensors, model.safetensors.index.json, "
+            f"*.safetensors or an openpi Orbax params/ directory (with _METADATA), found {found}"
         )
     return CheckpointFiles(p, shards, cfg if cfg.exists() else None)
 
@@ -181,6 +208,15 @@ def _from_hub_cache(repo_id: str) -> Path:
     )
 
 
+def find_asset_stats(root: Path) -> dict[str, Path]:
+    """openpi's norm stats under `root/assets`: asset id (which may be a nested path such as
+    `physical-intelligence/libero`) -> its norm_stats.json."""
+    assets = root / "assets"
+    if not assets.is_dir():
+        return {}
+    return {f.parent.relative_to(assets).as_posix(): f for f in sorted(assets.rglob("norm_stats.json"))}
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading
 
@@ -197,6 +233,8 @@ class CheckpointInfo:
     canonical: dict[str, tuple[Path, str]]  # canonical name -> (shard, file key)
     shapes: dict[str, tuple[int, ...]]  # canonical name -> shape
     dropped: list[str] = field(default_factory=list)  # file keys never read (unused lm_heads, ...)
+    assumed: list[str] = field(default_factory=list)  # what no file said (printed as warnings)
+    orbax: Any = None  # (OrbaxParams, recipes) for the openpi_orbax layout
 
 
 def _open(path: Path):
@@ -211,10 +249,65 @@ def _open(path: Path):
         ) from e
 
 
-def inspect_checkpoint(path_or_repo_id: str | os.PathLike) -> CheckpointInfo:
-    """Read headers only (no tensor data): layout, config, tensor map. Raises CheckpointError."""
+def inspect_checkpoint(path_or_repo_id: str | os.PathLike, *, action_horizon: int | None = None) -> CheckpointInfo:
+    """Read headers only (no tensor data): layout, config, tensor map. Raises CheckpointError.
+    action_horizon: override the horizon (openpi's DROID / LIBERO fine-tunes use 10 or 15), which no
+    weight shape tells and only a config.json records."""
     files = resolve(path_or_repo_id)
     meta = read_config_json(files.config_json) if files.config_json else {}
+    info = _inspect_orbax(files, meta) if _is_orbax(files) else _inspect_safetensors(files, meta)
+    if action_horizon is not None:
+        if action_horizon < 1:
+            raise CheckpointError(f"action_horizon must be >= 1, got {action_horizon}")
+        info.config = dataclasses.replace(info.config, action_horizon=int(action_horizon))
+        info.assumed = [a for a in info.assumed if not a.startswith("action_horizon")]
+    for note in info.assumed:
+        warnings.warn(f"{info.files.root}: {note}", stacklevel=2)
+    return info
+
+
+def _is_orbax(files: CheckpointFiles) -> bool:
+    return len(files.shards) == 1 and files.shards[0].is_dir()
+
+
+def _assumptions(config: Pi0Config, meta: dict[str, Any]) -> list[str]:
+    """What infer_config took from openpi's defaults because no config.json said it."""
+    out = []
+    if not any(meta.get(k) for k in ("action_horizon", "chunk_size")) and not (meta.get("pi0") or {}).get("action_horizon"):
+        out.append(f"action_horizon {config.action_horizon} assumed (openpi's default; no config.json records it): "
+                   "pass action_horizon= / --action-horizon for fine-tunes with another (DROID, LIBERO: 10 or 15)")
+    if not any(meta.get(k) for k in ("max_token_len", "tokenizer_max_length")) and not (meta.get("pi0") or {}).get("max_token_len"):
+        out.append(f"max_token_len {config.max_token_len} assumed (openpi's default for {config.kind})")
+    return out
+
+
+def _inspect_orbax(files: CheckpointFiles, meta: dict[str, Any]) -> CheckpointInfo:
+    from pi0 import orbax
+
+    params_dir = files.shards[0]
+    try:
+        params = orbax.OrbaxParams(params_dir)
+        rec = orbax.recipes(params.leaves, str(params_dir))
+        shapes = orbax.shapes(params.leaves, rec)
+        # the JAX shapes tell the head counts the converted safetensors cannot
+        ours = {**orbax.head_counts(params.leaves), **(meta.get("pi0") or {})}
+        config = infer_config(shapes, {**meta, "pi0": ours})
+    except OrbaxError as e:
+        raise CheckpointError(str(e)) from None
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{params_dir} (openpi_orbax layout): {e}") from None
+    dtypes: dict[str, int] = {}
+    for leaf in params.leaves.values():
+        dtypes[leaf.dtype] = dtypes.get(leaf.dtype, 0) + 1
+    info = CheckpointInfo(
+        files, "openpi_orbax", config, meta, len(params.leaves), sum(math.prod(x.shape) for x in params.leaves.values()),
+        dtypes, {c: (params_dir, params.leaves[leaf].key) for c, (leaf, _) in rec.items()}, shapes,
+        assumed=_assumptions(config, meta), orbax=(params, rec))
+    _check_against_config(info, params_dir)
+    return info
+
+
+def _inspect_safetensors(files: CheckpointFiles, meta: dict[str, Any]) -> CheckpointInfo:
     where: dict[str, Path] = {}
     file_shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, int] = {}
@@ -272,7 +365,8 @@ def inspect_checkpoint(path_or_repo_id: str | os.PathLike) -> CheckpointInfo:
     except ValueError as e:
         raise CheckpointError(f"{source} ({layout} layout): {e}") from None
     n_params = sum(math.prod(s) for s in file_shapes.values())
-    info = CheckpointInfo(files, layout, config, meta, len(where), n_params, dtypes, canonical, shapes, sorted(dropped))
+    info = CheckpointInfo(files, layout, config, meta, len(where), n_params, dtypes, canonical, shapes, sorted(dropped),
+                          _assumptions(config, meta))
     _check_against_config(info, source)
     return info
 
@@ -349,9 +443,19 @@ def _read_shard(path: Path, items: list[tuple[str, str]], dtype: torch.dtype) ->
     return out
 
 
-def load_state_dict(info: CheckpointInfo, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict(info: CheckpointInfo, dtype: torch.dtype, device: str | torch.device = "cpu",
+                    progress: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
     """Canonical tensors read from the shards straight into `dtype` (no fp32 detour for a bf16 file, one
-    copy per tensor), then moved to `device`; the unused lm_heads are never read."""
+    copy per tensor), then moved to `device`; the unused lm_heads are never read. progress: called with
+    the fraction read so far (Orbax checkpoints)."""
+    if info.orbax is not None:
+        from pi0 import orbax
+
+        try:
+            state = orbax.load(*info.orbax, dtype, progress)
+        except OrbaxError as e:
+            raise CheckpointError(str(e)) from None
+        return state if torch.device(device).type == "cpu" else {k: v.to(device) for k, v in state.items()}
     by_shard: dict[Path, list[tuple[str, str]]] = {}
     for c, (shard, fk) in info.canonical.items():
         by_shard.setdefault(shard, []).append((c, fk))
@@ -413,17 +517,40 @@ def file_tensors(state_dict: dict[str, torch.Tensor], config: Pi0Config, layout:
     return out
 
 
-def save_checkpoint(state_dict: dict[str, torch.Tensor], config: Pi0Config, directory: str | os.PathLike,
-                    layout: str = "openpi", max_shard_bytes: int | None = None) -> Path:
-    """Write `directory/model.safetensors` (or shards + index) and config.json in `layout`."""
-    from safetensors.torch import save_file
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """The safetensors format written tensor by tensor (safetensors' own save_file first serialises the
+    whole file in memory: twice the model's size at peak); written to a temporary name, then renamed."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    tmp.replace(path)
+
+
+def save_checkpoint(state_dict: dict[str, torch.Tensor], config: Pi0Config, directory: str | os.PathLike,
+                    layout: str = "openpi", max_shard_bytes: int | None = None,
+                    extra_config: dict[str, Any] | None = None) -> Path:
+    """Write `directory/model.safetensors` (or shards + index) and config.json in `layout`.
+    extra_config: fields kept in config.json beside ours (a LeRobot checkpoint's features, say)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = file_tensors(state_dict, config, layout)
-    (d / "config.json").write_text(json.dumps(_config_json(config, layout), indent=2))
+    (d / "config.json").write_text(json.dumps({**(extra_config or {}), **_config_json(config, layout)}, indent=2))
     if max_shard_bytes is None:
-        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(d / "model.safetensors", tensors, {"format": "pt"})
         return d
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -437,7 +564,49 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], config: Pi0Config, dire
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(d / name), metadata={"format": "pt"})
+        write_safetensors(d / name, shard, {"format": "pt"})
         weight_map.update({k: name for k in shard})
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     return d
+
+
+_FLOAT_NAMES = {"F32": torch.float32, "float32": torch.float32, "BF16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                "F16": torch.float16, "float16": torch.float16}
+# what a checkpoint directory carries beside the weights, kept by `convert_checkpoint`
+SIDE_FILES = ("assets", "*.model", "*normalizer*.safetensors", "stats.safetensors", "policy_*processor*.json")
+
+
+def stored_dtype(info: CheckpointInfo) -> torch.dtype:
+    """The checkpoint's float dtype when all its tensors share one (bf16 or fp32), else fp32."""
+    found = {_FLOAT_NAMES.get(k) for k in info.file_dtypes}
+    return found.pop() if len(found) == 1 and None not in found and torch.float16 not in found else torch.float32
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, layout: str = "openpi",
+                       dtype: torch.dtype | None = None, action_horizon: int | None = None,
+                       progress: Callable[[float], None] | None = None) -> Path:
+    """Any readable checkpoint -> `layout` (openpi / lerobot / lerobot_legacy) in `dtype` (default: the
+    source's), with config.json (the source's fields kept), assets/, the tokenizer and LeRobot's stats and
+    processor files copied alongside. For openpi_orbax -> openpi the tensors are those openpi's
+    convert_jax_model_to_pytorch.py writes (o_proj in the form right for every width)."""
+    import shutil
+
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"cannot write layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    info = inspect_checkpoint(src, action_horizon=action_horizon)
+    out = Path(dst).expanduser()
+    if out.exists() and out.resolve() == info.files.root.resolve():
+        raise CheckpointError(f"{out} is the source checkpoint's own directory: convert into another one")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty: convert into a new or empty directory")
+    state = load_state_dict(info, dtype or stored_dtype(info), "cpu", progress)
+    extra = {k: v for k, v in info.meta.items() if k != "pi0"}
+    save_checkpoint(state, info.config, out, layout, extra_config=extra)
+    del state
+    for pattern in SIDE_FILES:
+        for f in info.files.root.glob(pattern):
+            if f.is_dir():
+                shutil.copytree(f, out / f.name, dirs_exist_ok=True)
+            elif f.is_file():
+                shutil.copy2(f, out / f.name)
+    return out

@@ -1,4 +1,4 @@
-"""`pi0 inspect | demo | bench | serve | infer` — the command line."""
+"""`pi0 inspect | demo | bench | serve | infer | convert` — the command line."""
 
 from __future__ import annotations
 
@@ -31,8 +31,23 @@ def _sizes(cfg: pi0.Pi0Config) -> str:
     ])
 
 
+def _asset_widths(path) -> dict:
+    """Each openpi asset id's norm stats: the width of its state and action vectors."""
+    d = json.loads(path.read_text())
+    d = d.get("norm_stats", d)
+    return {k: len(v.get("mean") or v.get("q01") or []) for k, v in d.items() if isinstance(v, dict)}
+
+
 def inspect_report(info: CheckpointInfo) -> dict:
+    from pi0.checkpoint import find_asset_stats
+
     used = sum(torch.Size(s).numel() for s in info.shapes.values())
+    extra = {}
+    if info.orbax is not None:
+        leaves = info.orbax[0].leaves.values()
+        extra["chunking"] = {"arrays": len(leaves), "several_chunks": sum(x.num_chunks > 1 for x in leaves),
+                             "max_chunks": max(x.num_chunks for x in leaves),
+                             "training_layout": info.orbax[0].training_layout}
     return {
         "path": str(info.files.root),
         "files": [str(p) for p in info.files.shards],
@@ -44,12 +59,15 @@ def inspect_report(info: CheckpointInfo) -> dict:
         "num_used_params": used,
         "dtypes": info.file_dtypes,
         "dropped": info.dropped,
+        **extra,
+        "assets": {k: _asset_widths(p) for k, p in find_asset_stats(info.files.root).items()},
+        "assumed": info.assumed,
         "config": info.config.to_dict(),
     }
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = pi0.inspect_checkpoint(args.path)
+    info = pi0.inspect_checkpoint(args.path, action_horizon=args.action_horizon)
     rep = inspect_report(info)
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -57,7 +75,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{rep['path']}: {rep['model']} checkpoint, {rep['layout']} layout, {len(rep['files'])} file(s)")
     print(f"  tensors {rep['num_tensors']} ({rep['num_used_tensors']} used), params {rep['num_params']:,} "
           f"({rep['num_used_params']:,} used), dtypes {rep['dtypes']}")
+    if "chunking" in rep:
+        c = rep["chunking"]
+        print(f"  orbax   {c['arrays']} arrays, {c['several_chunks']} stored in several chunks (at most {c['max_chunks']})"
+              + (", training layout (leaves end in 'value')" if c["training_layout"] else ""))
     print(_sizes(info.config))
+    for asset, widths in rep["assets"].items():
+        print(f"  assets  {asset}: norm stats " + ", ".join(f"{k} {n}" for k, n in widths.items()))
     if rep["dropped"]:
         print(f"  dropped (never used by the policy): {', '.join(rep['dropped'])}")
     return 0
@@ -104,7 +128,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.checkpoint:
         print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
-        model = pi0.load_model(args.checkpoint, backend=args.backend, dtype=dtype, device=device)
+        show = Progress()
+        model = pi0.load_model(args.checkpoint, backend=args.backend, dtype=dtype, device=device,
+                               action_horizon=args.action_horizon, progress=lambda f: show("  reading", f))
         source = str(args.checkpoint)
     else:
         cfg = pi0.preset(args.size)
@@ -152,6 +178,11 @@ def _param_shapes(cfg: pi0.Pi0Config):
     return [torch.Size(s) for s in canonical_shapes(cfg).values()]
 
 
+CHECKPOINT_HELP = ("checkpoint directory, .safetensors file, openpi Orbax checkpoint (directory, training step "
+                   "or params/), gs://openpi-assets/... in openpi's download cache, or hub repo id")
+HORIZON_HELP = "actions per chunk, overriding the checkpoint's config.json (openpi Orbax checkpoints record none: 50)"
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="engine", choices=BACKENDS)
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 where this machine runs it natively, else "
@@ -160,7 +191,8 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory, .safetensors file or hub repo id")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)
     p.add_argument("--preset", default=None, help="robot preset: libero, aloha, droid or generic "
                    "(default: generic, from the checkpoint's LeRobot features)")
     add_device_args(p)
@@ -178,9 +210,11 @@ def _policy(args: argparse.Namespace):
     from pi0.policy import Policy
 
     device, dtype = device_and_dtype(args)
+    show = Progress()
     return Policy(args.checkpoint, preset=args.preset, backend=args.backend, dtype=dtype, device=device,
                   tokenizer=args.tokenizer, asset_id=args.asset_id, num_steps=args.steps, seed=args.seed,
-                  default_prompt=args.default_prompt,
+                  default_prompt=args.default_prompt, action_horizon=args.action_horizon,
+                  progress=lambda f: show("  reading", f),
                   state_in_prompt=False if args.no_state_in_prompt else None)
 
 
@@ -198,6 +232,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.run()
     except KeyboardInterrupt:
         print("pi0 serve: stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pi0.checkpoint import convert_checkpoint, inspect_checkpoint
+
+    dtype = None if args.dtype is None else resolve_dtype(args.dtype, "cpu")[0]
+    show = Progress()
+    t0 = time.perf_counter()
+    out = convert_checkpoint(args.src, args.dst, layout=args.layout, dtype=dtype, action_horizon=args.action_horizon,
+                             progress=lambda f: show("  reading", f))
+    info = inspect_checkpoint(out)
+    print(f"{out}: {info.config.kind} checkpoint, {info.layout} layout, {info.num_file_tensors} tensors, "
+          f"dtypes {info.file_dtypes}, in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -247,14 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("inspect", help="report a checkpoint's layout, model kind, sizes and tensors")
-    p.add_argument("path", help="checkpoint directory, .safetensors file or hub repo id")
+    p.add_argument("path", help=CHECKPOINT_HELP)
+    p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="run the whole model on a built-in sample observation and plot the actions")
     p.add_argument("--size", default="pi0", choices=["pi0", "pi05", "tiny", "tiny-pi05"],
                    help="architecture with seeded random weights (default: full-size pi0)")
-    p.add_argument("--checkpoint", help="real weights instead of random ones")
+    p.add_argument("--checkpoint", help="real weights instead of random ones: " + CHECKPOINT_HELP)
+    p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)
     add_device_args(p)
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's, 10)")
     p.add_argument("--tokens", type=int, default=12, help="valid prompt tokens in the sample observation")
@@ -275,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="refuse clients without 'Authorization: Api-Key <key>'")
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("convert", help="write a checkpoint in another layout (e.g. openpi Orbax -> safetensors)")
+    p.add_argument("src", help=CHECKPOINT_HELP)
+    p.add_argument("dst", help="a new (or empty) directory")
+    p.add_argument("--layout", default="openpi", choices=["openpi", "lerobot", "lerobot_legacy"],
+                   help="openpi: what openpi's convert_jax_model_to_pytorch.py writes (default)")
+    p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: the source's)")
+    p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("infer", help="one action chunk from a saved observation (.npz or .json)")
     _add_policy_args(p)

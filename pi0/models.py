@@ -89,17 +89,21 @@ def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0,
 
 
 def load_model(path_or_repo_id: str | os.PathLike, *, backend: str = "reference", device: str | torch.device = "cpu",
-               dtype: str | torch.dtype = "float32"):
-    """Load a checkpoint in any known layout (directory, .safetensors file, sharded, or hub id).
-    dtype and device may be "auto" (pi0.hardware)."""
-    return load_from_info(inspect_checkpoint(path_or_repo_id), backend=backend, dtype=dtype, device=device)
+               dtype: str | torch.dtype = "float32", action_horizon: int | None = None,
+               progress: Callable[[float], None] | None = None):
+    """Load a checkpoint in any known layout (directory, .safetensors file, sharded, hub id, openpi Orbax
+    directory or gs:// name in openpi's cache). dtype and device may be "auto" (pi0.hardware).
+    action_horizon: override what config.json says (or openpi's default, 50, where there is none)."""
+    info = inspect_checkpoint(path_or_repo_id, action_horizon=action_horizon)
+    return load_from_info(info, backend=backend, dtype=dtype, device=device, progress=progress)
 
 
-def load_from_info(info: CheckpointInfo, *, backend: str, dtype: str | torch.dtype, device: str | torch.device = "cpu"):
+def load_from_info(info: CheckpointInfo, *, backend: str, dtype: str | torch.dtype, device: str | torch.device = "cpu",
+                   progress: Callable[[float], None] | None = None):
     """The model of an already inspected checkpoint."""
     _check_backend(backend)
     device = resolve_device(device)
-    state = load_state_dict(info, resolve_dtype(dtype, device)[0], device)
+    state = load_state_dict(info, resolve_dtype(dtype, device)[0], device, progress)
     model = _from_state_dict(info.config, state, backend)
     model.checkpoint_info = info
     return model

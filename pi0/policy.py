@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,13 +28,15 @@ class Policy:
     gives the same noise every call (reproducible answers). state_in_prompt: pi0.5 only; False is the
     `pi05_libero` choice of leaving the discretised state out of the prompt. dtype / device: "auto" picks
     bf16 where this machine runs it natively (else fp32) and a CUDA GPU when there is one
-    (`self.dtype_reason` says why)."""
+    (`self.dtype_reason` says why). action_horizon: override the checkpoint's (openpi Orbax checkpoints
+    record none: 50 is assumed). progress: called with the fraction of the weights read (Orbax)."""
 
     def __init__(self, checkpoint: str | os.PathLike, *, preset: str | None = None, backend: str = "engine",
                  dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", tokenizer: str | os.PathLike | None = None,
                  asset_id: str | None = None, state_in_prompt: bool | None = None, num_steps: int | None = None,
-                 default_prompt: str | None = None, seed: int | None = None):
-        self.info = inspect_checkpoint(checkpoint)
+                 default_prompt: str | None = None, seed: int | None = None, action_horizon: int | None = None,
+                 progress: Callable[[float], None] | None = None):
+        self.info = inspect_checkpoint(checkpoint, action_horizon=action_horizon)
         cfg = self.info.config
         self.config = cfg
         root = self.info.files.root
@@ -55,7 +57,7 @@ class Policy:
         self.device = resolve_device(device)
         torch_dtype, self.dtype_reason = resolve_dtype(dtype, self.device)
         self.backend, self.dtype = backend, str(torch_dtype).replace("torch.", "")
-        self.model = load_from_info(self.info, backend=backend, dtype=torch_dtype, device=self.device)
+        self.model = load_from_info(self.info, backend=backend, dtype=torch_dtype, device=self.device, progress=progress)
         stats_dim = None
         if self.normalizer is not None and self.normalizer.actions is not None:
             st = self.normalizer.actions

@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pi0.checkpoint import find_asset_stats
+
 log = logging.getLogger("pi0")
 
 # ---------------------------------------------------------------------------------------------
@@ -208,13 +210,14 @@ def load_norm_stats(checkpoint_dir: Path, asset_id: str | None, state_mode: str,
     `stats.safetensors` with `observation.state.mean`-style keys) stored beside the weights.
     Returns (normalizer or None, where the stats came from)."""
     assets = checkpoint_dir / "assets"
-    files = sorted(assets.glob("*/norm_stats.json")) if assets.is_dir() else []
+    found = find_asset_stats(checkpoint_dir)
     if asset_id is not None:
-        files = [f for f in files if f.parent.name == asset_id]
-        if not files:
-            raise FileNotFoundError(f"no {assets}/{asset_id}/norm_stats.json")
+        if asset_id.strip("/") not in found:
+            raise FileNotFoundError(f"no {assets}/{asset_id}/norm_stats.json (asset ids there: {sorted(found) or 'none'})")
+        found = {asset_id: found[asset_id.strip("/")]}
+    files = list(found.values())
     if len(files) > 1:
-        raise ValueError(f"{assets} holds stats for several robots {[f.parent.name for f in files]}: pass --asset-id")
+        raise ValueError(f"{assets} holds stats for several robots {sorted(found)}: pass --asset-id (asset_id=)")
     if files:
         d = json.loads(files[0].read_text())
         d = d.get("norm_stats", d)
