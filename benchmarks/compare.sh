@@ -3,7 +3,8 @@
 # own process, one after the other (never concurrently: 2 cores), all in the same dtype.
 #   bash benchmarks/compare.sh [pi0|pi05] [bfloat16|float32] > results.jsonl
 # BACKENDS="engine" skips the reference. Environment variables reach every process, e.g. to compare on
-# AVX2 kernels only on an AVX-512 machine: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 bash ...
+# AVX2 kernels only on an AVX-512 machine:
+#   ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 bash ...
 # Needs the oracle venv: bash ../shared/oracles/lerobot/setup.sh /tmp/lerobot-oracle
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -62,8 +62,8 @@ def parity(size: str, device: str, seeds: int) -> dict:
 def bench_workloads(size: str, device: str, dtype: str, repeats: int) -> dict:
     out = {}
     for name, w in WORKLOADS.items():
-        args = SimpleNamespace(size=size, checkpoint=None, backend="engine", dtype=dtype, device=device, steps=None,
-                               batch=1, repeats=repeats, json=True, **w)
+        args = SimpleNamespace(size=size, checkpoint=None, action_horizon=None, backend="engine", dtype=dtype,
+                               device=device, steps=None, batch=1, repeats=repeats, json=True, rtc_delay=None, **w)
         rep = bench.run(args)
         out[name] = {k: rep[k] for k in ("latency_s", "first_call_s", "stages_s", "efficiency", "gemm_gflops", "dtype",
                                          "kernels")}

@@ -21,6 +21,7 @@ import pi0
 from pi0.config import Pi0Config
 from pi0.engine import ops
 from pi0.hardware import resolve_device, resolve_dtype
+from pi0.rtc import RTC
 from pi0.timing import Progress
 
 
@@ -119,10 +120,16 @@ def run(args) -> dict[str, Any]:
     gemm = gemm_gflops(dtype, device, kernels["packed_weights"])
     flops = model_flops(cfg, [args.cameras - args.masked_cameras] * args.batch, [valid] * args.batch, steps)
 
+    rtc = None
+    if args.rtc_delay is not None:  # a previous chunk's unexecuted half, guided over all of it
+        half = cfg.action_horizon // 2
+        prev = torch.randn(args.batch, half, cfg.action_dim, generator=torch.Generator().manual_seed(1))
+        rtc = RTC(prev, inference_delay=args.rtc_delay, execution_horizon=half)
+
     def call() -> tuple[float, dict[str, float]]:
         stages: dict[str, float] = {}
         t = time.perf_counter()
-        model.sample_actions(obs, noise=noise, num_steps=steps, stages=stages)
+        model.sample_actions(obs, noise=noise, num_steps=steps, stages=stages, rtc=rtc)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t, stages
@@ -158,7 +165,7 @@ def run(args) -> dict[str, Any]:
             "model": cfg.kind, "size": None if args.checkpoint else args.size, "checkpoint": args.checkpoint,
             "backend": args.backend, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
             "cameras": args.cameras, "masked_cameras": args.masked_cameras, "tokens": tokens,
-            "valid_tokens": valid, "steps": steps, "batch": args.batch, "repeats": args.repeats,
+            "valid_tokens": valid, "steps": steps, "batch": args.batch, "repeats": args.repeats, "rtc_delay": args.rtc_delay,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
         },
         "times_s": times,
@@ -179,6 +186,8 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rtc-delay", type=int, default=None, help="time real-time chunking too: a previous chunk of "
+                   "half the horizon, guided with this inference delay")
     p.add_argument("--json", action="store_true")
 
 

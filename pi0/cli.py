@@ -144,6 +144,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     cfg = model.config
     obs = pi0.sample_observation(cfg, batch_size=1, num_valid_tokens=min(args.tokens, cfg.max_token_len), seed=args.seed)
+    if args.rtc:
+        return _demo_rtc(model, obs, args, source)
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(args.seed))
     print(f"sampling {args.steps or cfg.num_steps} Euler steps on {len(obs.images)} cameras, "
           f"{int(obs.token_masks.sum())} prompt tokens ...", file=sys.stderr, flush=True)
@@ -168,6 +170,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("first step, dims 0-7: " + " ".join(f"{x:+.3f}" for x in actions[0, :8].tolist()))
     out = Path(args.out)
     save_action_plot(actions, out, f"{cfg.kind} action chunk ({source})")
+    print(f"plot      {out}")
+    return 0
+
+
+def _demo_rtc(model, obs, args: argparse.Namespace, source: str) -> int:
+    from pi0 import demo_rtc
+
+    out = Path(args.out)
+    model.sample_actions(obs)  # one-time kernel compilation stays out of the measured latency
+    print("running a simulated robot loop with and without real-time chunking ...", file=sys.stderr, flush=True)
+    r = demo_rtc.run(model, obs, out, seed=args.seed)
+    print(f"model     {model.config.kind} ({source}), backend {model.backend}")
+    print(f"policy    {r['latency_s'] * 1000:.0f} ms per chunk; simulated robot at {r['control_hz']:.1f} Hz "
+          f"(8 ticks per inference), next chunk requested at {r['refill_at']} actions left")
+    for key, name in (("plain", "without RTC"), ("rtc", "with RTC   ")):
+        print(f"{name}  at chunk switches: gap to the old chunk's plan {r[key + '_gap_to_old_plan']:.3f}, "
+              f"jump {r[key + '_boundary_jump']:.3f} (steps inside chunks {r[key + '_step_inside_chunks']:.3f}); "
+              f"starved ticks {r[key + '_starved_ticks']}")
     print(f"plot      {out}")
     return 0
 
@@ -207,14 +227,16 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 
 
 def _policy(args: argparse.Namespace):
-    from pi0.policy import Policy
+    from pi0.policy import Policy, RTCDefaults
 
     device, dtype = device_and_dtype(args)
     show = Progress()
+    rtc = RTCDefaults(getattr(args, "rtc_horizon", 10), getattr(args, "rtc_schedule", "linear"),
+                      getattr(args, "rtc_max_guidance", 10.0))
     return Policy(args.checkpoint, preset=args.preset, backend=args.backend, dtype=dtype, device=device,
                   tokenizer=args.tokenizer, asset_id=args.asset_id, num_steps=args.steps, seed=args.seed,
                   default_prompt=args.default_prompt, action_horizon=args.action_horizon,
-                  progress=lambda f: show("  reading", f),
+                  progress=lambda f: show("  reading", f), rtc_defaults=rtc,
                   state_in_prompt=False if args.no_state_in_prompt else None)
 
 
@@ -310,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=12, help="valid prompt tokens in the sample observation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="pi0_demo_actions.png", help="where to save the plot")
+    p.add_argument("--rtc", action="store_true", help="simulate a robot loop fed by the (slow) policy and plot "
+                   "consecutive chunks stitched with and without real-time chunking")
     p.set_defaults(func=cmd_demo)
 
     from pi0 import bench
@@ -324,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="refuse clients without 'Authorization: Api-Key <key>'")
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted")
+    p.add_argument("--rtc-horizon", type=int, default=10, help="real-time chunking: execution horizon for requests "
+                   "whose 'rtc' leaves it out")
+    p.add_argument("--rtc-schedule", default="linear", choices=["linear", "exp", "ones", "zeros"],
+                   help="real-time chunking: prefix weight schedule for requests that leave it out")
+    p.add_argument("--rtc-max-guidance", type=float, default=10.0, help="real-time chunking: guidance cap for "
+                   "requests that leave it out")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="write a checkpoint in another layout (e.g. openpi Orbax -> safetensors)")

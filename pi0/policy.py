@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -13,10 +16,20 @@ from pi0.checkpoint import inspect_checkpoint
 from pi0.hardware import resolve_device, resolve_dtype
 from pi0.models import load_from_info
 from pi0.observation import Observation, sample_observation
+from pi0.rtc import RTC
 from pi0.processing import (
     PRESETS, PromptTokenizer, RobotPreset, finite_vector, find_tokenizer, generic_preset, image_to_model,
     load_norm_stats, lookup, to_uint8_hwc,
 )
+
+
+@dataclass(frozen=True)
+class RTCDefaults:
+    """What a request's "rtc" map may leave out (`pi0 serve --rtc-horizon --rtc-schedule --rtc-max-guidance`)."""
+
+    execution_horizon: int = 10
+    schedule: str = "linear"
+    max_guidance_weight: float = 10.0
 
 
 class Policy:
@@ -35,7 +48,7 @@ class Policy:
                  dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", tokenizer: str | os.PathLike | None = None,
                  asset_id: str | None = None, state_in_prompt: bool | None = None, num_steps: int | None = None,
                  default_prompt: str | None = None, seed: int | None = None, action_horizon: int | None = None,
-                 progress: Callable[[float], None] | None = None):
+                 progress: Callable[[float], None] | None = None, rtc_defaults: RTCDefaults | None = None):
         self.info = inspect_checkpoint(checkpoint, action_horizon=action_horizon)
         cfg = self.info.config
         self.config = cfg
@@ -54,6 +67,7 @@ class Policy:
         self.num_steps = num_steps
         self.default_prompt = default_prompt
         self.seed = seed
+        self.rtc_defaults = rtc_defaults or RTCDefaults()
         self.device = resolve_device(device)
         torch_dtype, self.dtype_reason = resolve_dtype(dtype, self.device)
         self.backend, self.dtype = backend, str(torch_dtype).replace("torch.", "")
@@ -89,6 +103,7 @@ class Policy:
             "action_dim": self.action_dim, "cameras": [c for c, _ in self.preset.cameras],
             "state_keys": self.preset.state_keys, "backend": self.backend, "dtype": self.dtype, "device": str(self.device),
             "norm_stats": self.stats_source, "state_in_prompt": self.state_in_prompt,
+            "rtc_defaults": dataclasses.asdict(self.rtc_defaults),
         }
 
     # -- input side ---------------------------------------------------------------------------
@@ -166,14 +181,57 @@ class Policy:
         self.model.sample_actions(obs, num_steps=self.num_steps)
         return time.perf_counter() - t0
 
-    def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
+    def rtc_from_request(self, request: Any) -> RTC:
+        """A request's "rtc" map -> pi0.RTC, with this policy's defaults for the optional fields.
+        Raises ValueError naming the field that is wrong."""
+        if not isinstance(request, dict):
+            raise ValueError(f"'rtc' must be a map with prev_actions and inference_delay, got {type(request).__name__}")
+        request = {k.decode() if isinstance(k, bytes) else k: v for k, v in request.items()}
+        unknown = set(request) - {"prev_actions", "inference_delay", "execution_horizon", "schedule", "max_guidance_weight"}
+        if unknown:
+            raise ValueError(f"'rtc' has unknown fields {sorted(unknown)}: it takes prev_actions, inference_delay, "
+                             "execution_horizon, schedule, max_guidance_weight")
+        for key in ("prev_actions", "inference_delay"):
+            if key not in request:
+                raise ValueError(f"'rtc' needs '{key}'")
+        prev = np.asarray(request["prev_actions"])
+        if prev.dtype.kind not in "fiu":
+            raise ValueError(f"rtc prev_actions must be a numeric array [T_prev, D_prev], got dtype {prev.dtype}")
+        if prev.ndim != 2:
+            raise ValueError(f"rtc prev_actions must be [T_prev, D_prev] (rows of an earlier reply's model_actions), "
+                             f"got shape {list(prev.shape)}")
+
+        def integer(key: str, value: Any) -> int:
+            if isinstance(value, (np.integer, int)) and not isinstance(value, (bool, np.bool_)):
+                return int(value)
+            raise ValueError(f"rtc {key} must be an integer, got {value!r}")
+
+        d = self.rtc_defaults
+        rtc = RTC(prev_actions=torch.from_numpy(prev.astype(np.float32))[None],
+                  inference_delay=integer("inference_delay", request["inference_delay"]),
+                  execution_horizon=integer("execution_horizon", request.get("execution_horizon", d.execution_horizon)),
+                  schedule=str(request.get("schedule", d.schedule)),
+                  max_guidance_weight=float(request.get("max_guidance_weight", d.max_guidance_weight)))
+        rtc.validate(1, self.config.action_horizon, self.config.action_dim)
+        return rtc
+
+    def infer(self, obs: dict[str, Any], *, noise: np.ndarray | torch.Tensor | None = None) -> dict[str, Any]:
+        """One action chunk: {"actions": [H, robot_dim] in robot units, "model_actions": [H, action_dim]
+        (model space, before unnormalisation: hand its unexecuted rows back as rtc prev_actions),
+        "policy_timing"}. obs may carry "rtc" (see rtc_from_request). noise: [H, action_dim] (or
+        [1, H, action_dim]) float32 for a reproducible answer; else the policy's seed, else fresh noise."""
         t0 = time.perf_counter()
+        rtc = self.rtc_from_request(obs["rtc"]) if isinstance(obs, dict) and "rtc" in obs else None
         inputs = self.prepare(obs)
         cfg = self.config
-        noise = None
-        if self.seed is not None:
-            g = torch.Generator().manual_seed(self.seed)
-            noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=g)
-        actions = self.model.sample_actions(inputs, noise=noise, num_steps=self.num_steps)[0].cpu().numpy()
-        return {"actions": self.postprocess(actions),
+        shape = (1, cfg.action_horizon, cfg.action_dim)
+        if noise is not None:
+            noise = torch.as_tensor(np.asarray(noise, dtype=np.float32))
+            if noise.numel() != math.prod(shape) or noise.shape[-2:] != shape[1:]:
+                raise ValueError(f"noise must be [{cfg.action_horizon}, {cfg.action_dim}], got {list(noise.shape)}")
+            noise = noise.reshape(shape)
+        elif self.seed is not None:
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.seed))
+        actions = self.model.sample_actions(inputs, noise=noise, num_steps=self.num_steps, rtc=rtc)[0].cpu().numpy()
+        return {"actions": self.postprocess(actions), "model_actions": actions.astype(np.float32),
                 "policy_timing": {"infer_ms": (time.perf_counter() - t0) * 1000.0}}

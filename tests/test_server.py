@@ -284,3 +284,29 @@ def test_pi0_serve_command(tmp_path, tokenizer_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_robot_loop_through_the_server_gets_a_continuous_rtc_stream(server):
+    """openpi's client + pi0.ActionStream at 25 Hz against `pi0 serve`: chunks keep coming in the background,
+    the leftover goes back as rtc, and the robot never waits after the first chunk."""
+    from pi0.stream import ActionStream
+
+    client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=server.port)
+    assert client.infer(libero_obs(0))["model_actions"].shape == (50, 32)
+    stream = ActionStream(client, control_hz=25, refill_at=25)
+    sent = []
+    real_infer = client.infer
+
+    def spy(obs):
+        sent.append("rtc" in obs)
+        return real_infer(obs)
+
+    client.infer = spy
+    try:
+        for _ in range(90):
+            assert stream.next_action(libero_obs(0)).shape == (7,)
+            time.sleep(1 / 25)
+    finally:
+        stream.close()
+    assert stream.chunks >= 3 and stream.starved == 0
+    assert sent[0] is False and all(sent[1:])  # every request after the first carries the leftover

@@ -26,6 +26,7 @@ from pi0.config import Pi0Config
 from pi0.engine import ops
 from pi0.functional import interpolate_position_embedding, posemb
 from pi0.observation import Observation, sampling_inputs
+from pi0.rtc import RTC, make_guide
 from pi0.timing import StageClock
 
 
@@ -309,12 +310,17 @@ class Pi0Engine:
 
     @torch.no_grad()
     def sample_actions(self, obs: Observation, *, noise: Tensor | None = None, num_steps: int | None = None,
-                       stages: dict[str, float] | None = None) -> Tensor:
-        """Same contract as the reference: actions [B, H, action_dim] fp32."""
+                       stages: dict[str, float] | None = None, rtc: RTC | None = None) -> Tensor:
+        """Same contract as the reference: actions [B, H, action_dim] fp32. rtc: real-time chunking
+        (LeRobot's identity-Jacobian guidance: elementwise work only)."""
         cfg = self.config
         num_steps, x_t = sampling_inputs(cfg, obs, noise, num_steps, self.device)
         obs = obs.to(self.device, torch.float32)
         b, horizon = obs.batch_size, cfg.action_horizon
+        guide = make_guide(rtc, b, horizon, cfg.action_dim, self.device)
+        if guide is not None and guide.exact:
+            raise ValueError("rtc jacobian='exact' (a backward pass through the expert) runs on the reference "
+                             "backend only; the engine computes LeRobot's identity-Jacobian guidance")
         sched = self._schedule(num_steps)
         clock = StageClock(stages)
 
@@ -352,6 +358,8 @@ class Pi0Engine:
                 out = self._expert_pass(a, act_start, rope, key_mask, k_buf, v_buf, None)
                 out = ops.rms_norm(out, self.final_norm, g.rms_norm_eps)
             v_t = ops.linear(out, self.action_out_w, self.action_out_b)  # fp32
+            if guide is not None:
+                v_t = guide.velocity(x_t, v_t, 1.0 + step * dt)
             x_t = x_t + dt * v_t
         clock.lap("denoise")
         return x_t

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from pi0.config import GemmaConfig, Pi0Config, SiglipConfig
 from pi0.functional import MASK_VALUE, interpolate_position_embedding, posemb, rope_inv_freq
 from pi0.observation import Observation, sampling_inputs
+from pi0.rtc import RTC, Guide, make_guide
 from pi0.timing import StageClock
 
 # ---------------------------------------------------------------------------------------------
@@ -379,13 +380,15 @@ class Pi0Reference(nn.Module):
 
     @torch.no_grad()
     def sample_actions(self, obs: Observation, *, noise: Tensor | None = None, num_steps: int | None = None,
-                       stages: dict[str, float] | None = None) -> Tensor:
+                       stages: dict[str, float] | None = None, rtc: RTC | None = None) -> Tensor:
         """Flow matching with Euler steps from t=1 (noise) to t=0. Returns actions [B, H, action_dim] fp32.
-        stages: if given, filled with seconds spent in vision, prefix (KV cache) and denoise."""
+        stages: if given, filled with seconds spent in vision, prefix (KV cache) and denoise.
+        rtc: real-time chunking guidance toward a previous chunk (pi0.rtc); None is plain sampling."""
         cfg = self.config
         num_steps, x_t = sampling_inputs(cfg, obs, noise, num_steps, self.device)
         obs = obs.to(self.device, self.dtype)
         b = obs.batch_size
+        guide = make_guide(rtc, b, cfg.action_horizon, cfg.action_dim, self.device)
         clock = StageClock(stages)
         image_embs = [self.embed_image(image) for image in obs.images]
         clock.lap("vision")
@@ -394,8 +397,26 @@ class Pi0Reference(nn.Module):
         clock.lap("prefix")
         dt = -1.0 / num_steps
         for step in range(num_steps):
-            t = torch.full((b,), 1.0 + step * dt, dtype=torch.float32, device=self.device)
-            v_t = self.denoise_step(obs.state, prefix_mask, prefix_ar, kv_cache, x_t, t)
+            time = 1.0 + step * dt
+            t = torch.full((b,), time, dtype=torch.float32, device=self.device)
+            if guide is not None and guide.exact:
+                v_t = self._exact_guided_velocity(guide, obs.state, prefix_mask, prefix_ar, kv_cache, x_t, t, time)
+            else:
+                v_t = self.denoise_step(obs.state, prefix_mask, prefix_ar, kv_cache, x_t, t)
+                if guide is not None:
+                    v_t = guide.velocity(x_t, v_t, time)
             x_t = x_t + dt * v_t
         clock.lap("denoise")
         return x_t
+
+    def _exact_guided_velocity(self, guide: Guide, state: Tensor, prefix_mask: Tensor, prefix_ar: Tensor,
+                               kv_cache: list[tuple[Tensor, Tensor]], x_t: Tensor, t: Tensor, time: float) -> Tensor:
+        """The paper's RTC correction: the vector-Jacobian product of x1_hat = x_t - time * v_t(x_t) with
+        the weighted error, one backward pass through the action expert (the prefix cache is a constant)."""
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            v_t = self.denoise_step(state, prefix_mask, prefix_ar, kv_cache, x, t)
+            x1_hat = x - time * v_t
+            err = guide.error(x1_hat).detach()
+            (correction,) = torch.autograd.grad(x1_hat, x, grad_outputs=err)
+        return guide.velocity(x_t, v_t.detach(), time, correction)
