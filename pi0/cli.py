@@ -40,6 +40,7 @@ def _asset_widths(path) -> dict:
 
 def inspect_report(info: CheckpointInfo) -> dict:
     from pi0.checkpoint import find_asset_stats
+    from pi0.lerobot_pipeline import describe as describe_pipeline
 
     used = sum(torch.Size(s).numel() for s in info.shapes.values())
     extra = {}
@@ -61,6 +62,7 @@ def inspect_report(info: CheckpointInfo) -> dict:
         "dropped": info.dropped,
         **extra,
         "assets": {k: _asset_widths(p) for k, p in find_asset_stats(info.files.root).items()},
+        "pipeline": describe_pipeline(info.files.root),
         "assumed": info.assumed,
         "config": info.config.to_dict(),
     }
@@ -80,6 +82,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  orbax   {c['arrays']} arrays, {c['several_chunks']} stored in several chunks (at most {c['max_chunks']})"
               + (", training layout (leaves end in 'value')" if c["training_layout"] else ""))
     print(_sizes(info.config))
+    pipe = rep["pipeline"]
+    if pipe["convention"] == "lerobot":
+        print(f"  pipeline LeRobot's own: {' -> '.join(pipe['preprocessor'])} | model | {' -> '.join(pipe['postprocessor'])}")
+        print(f"           normalisation {pipe['normalization']}")
+    else:
+        print(f"  pipeline {pipe['steps']}")
     for asset, widths in rep["assets"].items():
         print(f"  assets  {asset}: norm stats " + ", ".join(f"{k} {n}" for k, n in widths.items()))
     if rep["dropped"]:

@@ -14,6 +14,7 @@ import torch
 
 from pi0.checkpoint import inspect_checkpoint
 from pi0.hardware import resolve_device, resolve_dtype
+from pi0.lerobot_pipeline import LeRobotPipeline, is_lerobot_pipeline
 from pi0.models import load_from_info
 from pi0.observation import Observation, sample_observation
 from pi0.rtc import RTC
@@ -53,14 +54,20 @@ class Policy:
         cfg = self.info.config
         self.config = cfg
         root = self.info.files.root
-        self.preset = self._resolve_preset(preset)
-        self.tokenizer = PromptTokenizer(find_tokenizer(tokenizer, root), cfg.max_token_len)
-        # pi0: z-score, pi0.5: quantiles, unless a LeRobot config.json says otherwise (normalization_mapping)
-        default = "QUANTILES" if cfg.pi05 else "MEAN_STD"
-        mapping = self.info.meta.get("normalization_mapping")
-        mapping = {str(k).upper(): str(v).upper() for k, v in mapping.items()} if isinstance(mapping, dict) else {}
-        self.normalizer, self.stats_source = load_norm_stats(
-            root, asset_id, mapping.get("STATE", default), mapping.get("ACTION", default))
+        self.pipeline: LeRobotPipeline | None = None
+        if preset is None and is_lerobot_pipeline(root):
+            # a LeRobot checkpoint runs its own processors, exactly (openpi checkpoints: openpi's conventions)
+            self.pipeline = LeRobotPipeline(root, cfg, self.info.meta, find_tokenizer(tokenizer, root))
+            self.preset, self.normalizer, self.stats_source = None, None, "the checkpoint's LeRobot processors"
+        else:
+            self.preset = self._resolve_preset(preset)
+            self.tokenizer = PromptTokenizer(find_tokenizer(tokenizer, root), cfg.max_token_len)
+            # pi0: z-score, pi0.5: quantiles, unless a LeRobot config.json says otherwise (normalization_mapping)
+            default = "QUANTILES" if cfg.pi05 else "MEAN_STD"
+            mapping = self.info.meta.get("normalization_mapping")
+            mapping = {str(k).upper(): str(v).upper() for k, v in mapping.items()} if isinstance(mapping, dict) else {}
+            self.normalizer, self.stats_source = load_norm_stats(
+                root, asset_id, mapping.get("STATE", default), mapping.get("ACTION", default))
         if state_in_prompt is None:
             state_in_prompt = bool(self.info.meta.get("discrete_state_input", True))
         self.state_in_prompt = cfg.pi05 and state_in_prompt
@@ -72,6 +79,9 @@ class Policy:
         torch_dtype, self.dtype_reason = resolve_dtype(dtype, self.device)
         self.backend, self.dtype = backend, str(torch_dtype).replace("torch.", "")
         self.model = load_from_info(self.info, backend=backend, dtype=torch_dtype, device=self.device, progress=progress)
+        if self.pipeline is not None:
+            self.action_dim = self.pipeline.action_dim
+            return
         stats_dim = None
         if self.normalizer is not None and self.normalizer.actions is not None:
             st = self.normalizer.actions
@@ -98,6 +108,14 @@ class Policy:
     @property
     def metadata(self) -> dict[str, Any]:
         cfg = self.config
+        if self.pipeline is not None:
+            return {
+                "model": cfg.kind, "preset": "lerobot", "action_horizon": cfg.action_horizon,
+                "action_dim": self.action_dim, "cameras": self.pipeline.cameras, "state_keys": [self.pipeline.state_key],
+                "expected_keys": self.pipeline.expected_keys, "pipeline": self.pipeline.steps, "backend": self.backend,
+                "dtype": self.dtype, "device": str(self.device), "norm_stats": self.stats_source,
+                "rtc_defaults": dataclasses.asdict(self.rtc_defaults),
+            }
         return {
             "model": cfg.kind, "preset": self.preset.name, "action_horizon": cfg.action_horizon,
             "action_dim": self.action_dim, "cameras": [c for c, _ in self.preset.cameras],
@@ -121,6 +139,8 @@ class Policy:
     def prepare(self, obs: dict[str, Any]) -> Observation:
         """A robot observation dict -> model-level Observation (batch 1). Raises KeyError / ValueError
         naming the offending key."""
+        if self.pipeline is not None:
+            return self.pipeline.prepare(obs)
         if not isinstance(obs, dict):
             raise ValueError(f"an observation must be a dict, got {type(obs).__name__}")
         cfg = self.config
@@ -167,6 +187,8 @@ class Policy:
 
     def postprocess(self, actions: np.ndarray) -> np.ndarray:
         """Model actions [H, action_dim] -> robot actions [H, robot_dim] in robot units."""
+        if self.pipeline is not None:
+            return self.pipeline.postprocess(actions)
         a = np.asarray(actions, dtype=np.float32)[:, : self.action_dim]
         if self.normalizer is not None:
             a = self.normalizer.actions_out(a)
@@ -177,7 +199,8 @@ class Policy:
         prompt length), so that one-time costs (compiling kernels) are paid before the first robot asks.
         Returns its seconds."""
         t0 = time.perf_counter()
-        obs = sample_observation(self.config, num_cameras=len(self.preset.cameras), num_valid_tokens=self.config.max_token_len)
+        cams = len(self.pipeline.cameras) if self.pipeline is not None else len(self.preset.cameras)
+        obs = sample_observation(self.config, num_cameras=cams, num_valid_tokens=self.config.max_token_len)
         self.model.sample_actions(obs, num_steps=self.num_steps)
         return time.perf_counter() - t0
 

@@ -310,3 +310,20 @@ def test_a_robot_loop_through_the_server_gets_a_continuous_rtc_stream(server):
         stream.close()
     assert stream.chunks >= 3 and stream.starved == 0
     assert sent[0] is False and all(sent[1:])  # every request after the first carries the leftover
+
+
+def test_a_lerobot_checkpoint_is_served_with_lerobots_keys():
+    """`pi0 serve` on a LeRobot-saved checkpoint: the robot sends LeRobot's dict (observation.images.<cam>,
+    observation.state, task) and gets exactly LeRobot's actions; the metadata lists the expected keys."""
+    from tests.test_lerobot_pipeline import ROOT, TOKENIZER, cases
+
+    pol = Policy(ROOT / "pi05_default", dtype="float32", tokenizer=TOKENIZER, seed=0)
+    s = Running(pol)
+    try:
+        client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=s.port)
+        md = client.get_server_metadata()
+        assert md["preset"] == "lerobot" and "observation.state" in md["expected_keys"]
+        _, obs, _, _, _ = next(cases("pi05_default"))
+        assert np.array_equal(client.infer(obs)["actions"], pol.infer(obs)["actions"])
+    finally:
+        s.close()
