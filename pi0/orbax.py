@@ -272,7 +272,8 @@ def load(params: OrbaxParams, rec: dict[str, tuple[str, Transform]], dtype: torc
                 out[c] = a  # the whole leaf as it is (the embedding, 1-D leaves)
             else:
                 out[c] = torch.empty(view.shape, dtype=dtype).copy_(view)
-        del a
+        del a, view  # the last slice would keep the whole leaf alive
+
         done += math.prod(leaf.shape)
         if progress is not None:
             progress(done / total)
