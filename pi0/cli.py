@@ -248,16 +248,46 @@ def _policy(args: argparse.Namespace):
                   state_in_prompt=False if args.no_state_in_prompt else None)
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key-file, else $PI0_API_KEY, else --api-key (which `ps` shows: a warning says so)."""
+    import os
+
+    if args.api_key_file:
+        key = Path(args.api_key_file).expanduser().read_text().strip()
+        if not key:
+            raise ValueError(f"{args.api_key_file} is empty: put the API key in it")
+        return key
+    if os.environ.get("PI0_API_KEY"):
+        return os.environ["PI0_API_KEY"]
+    if args.api_key:
+        print("pi0 serve: warning: --api-key is visible to every user in `ps`; prefer --api-key-file or PI0_API_KEY",
+              file=sys.stderr)
+    return args.api_key
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
     import logging
 
     from pi0.serving.server import PolicyServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    key = api_key(args)
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and key is None:
+        print(f"pi0 serve: warning: listening on {args.host} without an API key: anyone who reaches this port "
+              "can drive the policy (--api-key-file or PI0_API_KEY)", file=sys.stderr)
+    if args.replicas is not None:
+        from pi0.serving import ray_serve
+
+        return ray_serve.run(args, key)
     policy = _policy(args)
     print(f"policy: {policy.metadata}", file=sys.stderr, flush=True)
-    server = PolicyServer(policy, args.host, args.port, api_key=args.api_key,
-                          max_message_bytes=int(args.max_message_mb * (1 << 20)))
+    server = PolicyServer(policy, args.host, args.port, api_key=key, max_message_bytes=int(args.max_message_mb * (1 << 20)),
+                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_connections=args.max_connections)
     try:
         server.run()
     except KeyboardInterrupt:
@@ -354,8 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="refuse clients without 'Authorization: Api-Key <key>'")
+    p.add_argument("--api-key", default=None, help="refuse clients without 'Authorization: Api-Key <key>' "
+                   "(visible in `ps`: prefer --api-key-file or the PI0_API_KEY environment variable)")
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file")
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted")
+    p.add_argument("--max-batch", type=int, default=8, help="requests answered by one forward at most (1: no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to share "
+                   "its forward")
+    p.add_argument("--max-connections", type=int, default=256, help="connections beyond this are refused (HTTP 503)")
+    p.add_argument("--replicas", type=int, default=None, help="serve from N Ray Serve replicas (pip install "
+                   "'pi0[ray]'), each loading the model once")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start Ray on this machine)")
     p.add_argument("--rtc-horizon", type=int, default=10, help="real-time chunking: execution horizon for requests "
                    "whose 'rtc' leaves it out")
     p.add_argument("--rtc-schedule", default="linear", choices=["linear", "exp", "ones", "zeros"],

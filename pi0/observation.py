@@ -83,6 +83,19 @@ class Observation:
         )
 
 
+def concat_observations(rows: list[Observation]) -> Observation:
+    """Observations of the same cameras and prompt length stacked along the batch."""
+    first = rows[0]
+    for i, r in enumerate(rows):
+        assert len(r.images) == len(first.images), f"row {i}: {len(r.images)} cameras != {len(first.images)}"
+        assert r.tokens.shape[1] == first.tokens.shape[1], f"row {i}: {r.tokens.shape[1]} tokens != {first.tokens.shape[1]}"
+    state = None if any(r.state is None for r in rows) else torch.cat([r.state for r in rows])
+    return Observation(
+        images=[torch.cat([r.images[c] for r in rows]) for c in range(len(first.images))],
+        image_masks=[torch.cat([r.image_masks[c] for r in rows]) for c in range(len(first.images))],
+        tokens=torch.cat([r.tokens for r in rows]), token_masks=torch.cat([r.token_masks for r in rows]), state=state)
+
+
 def _as_bool(m, name: str) -> torch.Tensor:
     m = torch.as_tensor(m)
     if m.dtype == torch.bool:

@@ -16,7 +16,7 @@ from pi0.checkpoint import inspect_checkpoint
 from pi0.hardware import resolve_device, resolve_dtype
 from pi0.lerobot_pipeline import LeRobotPipeline, is_lerobot_pipeline
 from pi0.models import load_from_info
-from pi0.observation import Observation, sample_observation
+from pi0.observation import Observation, concat_observations, sample_observation
 from pi0.rtc import RTC
 from pi0.processing import (
     PRESETS, PromptTokenizer, RobotPreset, finite_vector, find_tokenizer, generic_preset, image_to_model,
@@ -241,20 +241,38 @@ class Policy:
     def infer(self, obs: dict[str, Any], *, noise: np.ndarray | torch.Tensor | None = None) -> dict[str, Any]:
         """One action chunk: {"actions": [H, robot_dim] in robot units, "model_actions": [H, action_dim]
         (model space, before unnormalisation: hand its unexecuted rows back as rtc prev_actions),
-        "policy_timing"}. obs may carry "rtc" (see rtc_from_request). noise: [H, action_dim] (or
-        [1, H, action_dim]) float32 for a reproducible answer; else the policy's seed, else fresh noise."""
+        "policy_timing"}. obs may carry "rtc" (see rtc_from_request). noise: [H, action_dim] float32 for a
+        reproducible answer; else the policy's seed, else fresh noise."""
+        return self.infer_batch([obs], noise=None if noise is None else [noise])[0]
+
+    def infer_batch(self, observations: list[dict[str, Any]], *,
+                    noise: list[np.ndarray | torch.Tensor | None] | None = None) -> list[dict[str, Any]]:
+        """Several observations (robots, environments) in one forward with a batch dimension: rows may have
+        different prompt lengths, masked cameras and their own "rtc"; each row's answer equals the same
+        observation answered alone (to fp32 rounding). noise: one [H, action_dim] per row (None: the seed's,
+        else fresh)."""
         t0 = time.perf_counter()
-        rtc = self.rtc_from_request(obs["rtc"]) if isinstance(obs, dict) and "rtc" in obs else None
-        inputs = self.prepare(obs)
+        if not isinstance(observations, (list, tuple)) or not observations:
+            raise ValueError("infer_batch needs a non-empty list of observations")
+        rtc = [self.rtc_from_request(o["rtc"]) if isinstance(o, dict) and "rtc" in o else None for o in observations]
+        inputs = concat_observations([self.prepare(o) for o in observations])
         cfg = self.config
-        shape = (1, cfg.action_horizon, cfg.action_dim)
-        if noise is not None:
-            noise = torch.as_tensor(np.asarray(noise, dtype=np.float32))
-            if noise.numel() != math.prod(shape) or noise.shape[-2:] != shape[1:]:
-                raise ValueError(f"noise must be [{cfg.action_horizon}, {cfg.action_dim}], got {list(noise.shape)}")
-            noise = noise.reshape(shape)
-        elif self.seed is not None:
-            noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.seed))
-        actions = self.model.sample_actions(inputs, noise=noise, num_steps=self.num_steps, rtc=rtc)[0].cpu().numpy()
-        return {"actions": self.postprocess(actions), "model_actions": actions.astype(np.float32),
-                "policy_timing": {"infer_ms": (time.perf_counter() - t0) * 1000.0}}
+        shape = (cfg.action_horizon, cfg.action_dim)
+        rows = []
+        for i in range(len(observations)):
+            n = None if noise is None else noise[i]
+            if n is not None:
+                n = torch.as_tensor(np.asarray(n, dtype=np.float32))
+                if n.numel() != math.prod(shape) or n.shape[-2:] != shape:
+                    raise ValueError(f"noise must be [{cfg.action_horizon}, {cfg.action_dim}], got {list(n.shape)}")
+                n = n.reshape(shape)
+            elif self.seed is not None:
+                n = torch.randn((1, *shape), generator=torch.Generator().manual_seed(self.seed))[0]
+            else:
+                n = torch.randn(shape)
+            rows.append(n)
+        actions = self.model.sample_actions(inputs, noise=torch.stack(rows), num_steps=self.num_steps, rtc=rtc)
+        actions = actions.cpu().numpy()
+        ms = (time.perf_counter() - t0) * 1000.0
+        return [{"actions": self.postprocess(a), "model_actions": a.astype(np.float32),
+                 "policy_timing": {"infer_ms": ms, "batch_size": len(observations)}} for a in actions]

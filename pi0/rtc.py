@@ -104,17 +104,27 @@ def guidance_weight(time: float, max_guidance_weight: float) -> Tensor:
 
 
 class Guide:
-    """One sampling call's guidance: the zero-padded previous chunk and the prefix weights."""
+    """One sampling call's guidance: per row, the zero-padded previous chunk, the prefix weights and the
+    guidance cap. Rows without RTC get weight 0, so their velocity is unchanged."""
 
-    def __init__(self, rtc: RTC, batch: int, horizon: int, action_dim: int, device: torch.device | str):
-        rtc.validate(batch, horizon, action_dim)
-        y = rtc.prev_actions
+    def __init__(self, rows: list[RTC | None], horizon: int, action_dim: int, device: torch.device | str):
+        batch = len(rows)
         self.target = torch.zeros(batch, horizon, action_dim, dtype=torch.float32, device=device)
-        self.target[:, : y.shape[1], : y.shape[2]] = y.to(device=device, dtype=torch.float32)
-        s = min(rtc.execution_horizon, y.shape[1])  # nothing to merge past the previous chunk's end
-        self.weights = prefix_weights(rtc.inference_delay, s, horizon, rtc.schedule).to(device)[None, :, None]
-        self.beta = rtc.max_guidance_weight
-        self.exact = rtc.jacobian == "exact"
+        self.weights = torch.zeros(batch, horizon, 1, dtype=torch.float32, device=device)
+        self.betas = [1.0] * batch
+        jacobians = {r.jacobian for r in rows if r is not None}
+        if len(jacobians) > 1:
+            raise ValueError("rtc rows of one batch must share one jacobian ('identity' or 'exact')")
+        self.exact = jacobians == {"exact"}
+        for i, rtc in enumerate(rows):
+            if rtc is None:
+                continue
+            rtc.validate(1, horizon, action_dim)
+            y = rtc.prev_actions
+            self.target[i, : y.shape[1], : y.shape[2]] = y[0].to(device=device, dtype=torch.float32)
+            s = min(rtc.execution_horizon, y.shape[1])  # nothing to merge past the previous chunk's end
+            self.weights[i, :, 0] = prefix_weights(rtc.inference_delay, s, horizon, rtc.schedule).to(device)
+            self.betas[i] = rtc.max_guidance_weight
 
     def error(self, x1_hat: Tensor) -> Tensor:
         """(previous chunk - clean-action estimate) x prefix weights."""
@@ -125,8 +135,22 @@ class Guide:
         x1_hat = x_t - time * v_t (LeRobot's identity Jacobian)."""
         if correction is None:
             correction = self.error(x_t - time * v_t)
-        return v_t - guidance_weight(time, self.beta).to(v_t.device) * correction
+        g = torch.stack([guidance_weight(time, b) for b in self.betas]).to(v_t.device)[:, None, None]
+        return v_t - g * correction
 
 
-def make_guide(rtc: RTC | None, batch: int, horizon: int, action_dim: int, device) -> Guide | None:
-    return None if rtc is None else Guide(rtc, batch, horizon, action_dim, device)
+def make_guide(rtc: RTC | list[RTC | None] | None, batch: int, horizon: int, action_dim: int, device) -> Guide | None:
+    """rtc: one RTC for the whole batch (prev_actions [B, T_prev, D_prev]), or one RTC (or None) per row."""
+    if rtc is None:
+        return None
+    if isinstance(rtc, RTC):
+        rtc.validate(batch, horizon, action_dim)
+        rows = [RTC(rtc.prev_actions[i: i + 1], rtc.inference_delay, rtc.execution_horizon, rtc.schedule,
+                    rtc.max_guidance_weight, rtc.jacobian) for i in range(batch)]
+    else:
+        rows = list(rtc)
+        if len(rows) != batch:
+            raise ValueError(f"rtc has {len(rows)} rows for a batch of {batch}: give one RTC (or None) per row")
+        if all(r is None for r in rows):
+            return None
+    return Guide(rows, horizon, action_dim, device)

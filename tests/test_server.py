@@ -92,14 +92,14 @@ def test_two_clients_at_once_get_their_own_answers(server, policy):
         c = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=server.port)
         for _ in range(3):
             got[i] = c.infer(libero_obs(i, prompts[i]))["actions"]
-            assert np.array_equal(got[i], want[i])
+            assert np.abs(got[i] - want[i]).max() <= 1e-5  # alone or sharing a batch: the same answer
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert all(np.abs(g - w).max() <= 1e-5 for g, w in zip(got, want))
     assert not np.allclose(want[0], want[1])
 
 
@@ -158,9 +158,9 @@ class SlowPolicy:
     def __init__(self, policy, delay):
         self.policy, self.delay, self.metadata = policy, delay, policy.metadata
 
-    def infer(self, obs):
+    def infer_batch(self, observations):
         time.sleep(self.delay)
-        return self.policy.infer(obs)
+        return self.policy.infer_batch(observations)
 
     def warmup(self):
         time.sleep(self.delay)

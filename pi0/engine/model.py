@@ -310,7 +310,7 @@ class Pi0Engine:
 
     @torch.no_grad()
     def sample_actions(self, obs: Observation, *, noise: Tensor | None = None, num_steps: int | None = None,
-                       stages: dict[str, float] | None = None, rtc: RTC | None = None) -> Tensor:
+                       stages: dict[str, float] | None = None, rtc: RTC | list[RTC | None] | None = None) -> Tensor:
         """Same contract as the reference: actions [B, H, action_dim] fp32. rtc: real-time chunking
         (LeRobot's identity-Jacobian guidance: elementwise work only)."""
         cfg = self.config

@@ -380,7 +380,7 @@ class Pi0Reference(nn.Module):
 
     @torch.no_grad()
     def sample_actions(self, obs: Observation, *, noise: Tensor | None = None, num_steps: int | None = None,
-                       stages: dict[str, float] | None = None, rtc: RTC | None = None) -> Tensor:
+                       stages: dict[str, float] | None = None, rtc: RTC | list[RTC | None] | None = None) -> Tensor:
         """Flow matching with Euler steps from t=1 (noise) to t=0. Returns actions [B, H, action_dim] fp32.
         stages: if given, filled with seconds spent in vision, prefix (KV cache) and denoise.
         rtc: real-time chunking guidance toward a previous chunk (pi0.rtc); None is plain sampling."""

@@ -2,12 +2,21 @@
 
 Wire protocol as openpi's: on connect one binary frame with msgpack(metadata); then per request
 msgpack(observation) -> msgpack(result) with `policy_timing` and `server_timing`; `GET /healthz` -> 200 OK.
-Unlike openpi's server, inference runs in a worker thread (requests from all clients queue there in
-arrival order), so health checks and other clients are never blocked by a slow call; a bad request gets a
-text frame naming the problem (openpi's client raises it as RuntimeError) and the connection stays open;
-with an API key, clients without `Authorization: Api-Key <key>` are refused at the handshake. Before it
-reports ready the server warms the policy up with one full call (kernel compilation), so the first robot
-request costs what every other one costs; until then `/healthz` and new connections get 503.
+Beyond openpi's server:
+- dynamic batching: requests from all connections go to one queue; a worker thread takes up to
+  `max_batch` waiting requests (waiting at most `batch_wait_ms` for more) and answers them with one
+  forward (`server_timing.batch_size`, `queue_ms`); `{"batch": [obs, ...]}` is answered
+  `{"batch": [reply, ...], "server_timing": ...}` with one forward of its own;
+- inference and msgpack decoding run off the event loop, so health checks and other clients are never
+  blocked; a bad request gets a text frame naming the problem (openpi's client raises it as RuntimeError)
+  and the connection stays open; a bad row never spoils the other rows of its batch;
+- bounded memory per connection: one request in flight per connection (its next message is not read before
+  the reply), websockets' incoming queue held to `MAX_QUEUED_FRAMES` frames of at most 4x the message
+  limit; a disconnected client's queued requests are dropped; pings reap dead connections;
+  `max_connections` refuses extra connections (HTTP 503 with the reason) at the handshake;
+- with an API key, clients without `Authorization: Api-Key <key>` are refused at the handshake;
+- the policy is warmed up with one full call before the server reports ready: until then `/healthz`
+  and new connections get 503.
 """
 
 from __future__ import annotations
@@ -16,9 +25,12 @@ import asyncio
 import hmac
 import http
 import logging
+import queue
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -29,26 +41,55 @@ from pi0.serving import msgpack_numpy
 from pi0.serving.msgpack_numpy import BadMessage
 
 log = logging.getLogger("pi0.serve")
+MAX_QUEUED_FRAMES = 2  # websockets' per-connection incoming queue (its default is 16)
+BAD_INPUT = (BadMessage, KeyError, ValueError, TypeError)
 
 
 class InferPolicy(Protocol):
     metadata: dict[str, Any]
 
-    def infer(self, obs: dict[str, Any]) -> dict[str, Any]: ...
+    def infer_batch(self, observations: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
 
     def warmup(self) -> float: ...
 
 
+@dataclass
+class Job:
+    """Observations waiting for the model, and where their answer goes."""
+
+    observations: list[dict[str, Any]]
+    explicit_batch: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # its connection went away: never computed
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, BAD_INPUT):
+        return "bad request: " + (e.args[0] if isinstance(e, KeyError) and e.args else str(e))
+    return "inference failed:\n" + "".join(traceback.format_exception(e))
+
+
 class PolicyServer:
     def __init__(self, policy: InferPolicy, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                 max_message_bytes: int = 64 << 20):
+                 max_message_bytes: int = 64 << 20, max_batch: int = 8, batch_wait_ms: float = 5.0,
+                 max_connections: int = 256, ping_interval_s: float | None = 20.0, name: str | None = None):
         self.policy = policy
         self.host, self.port = host, port
         self.api_key = api_key
         self.max_message_bytes = max_message_bytes
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pi0-infer")  # one model, FIFO queue
+        self.max_batch, self.batch_wait_s = max(1, max_batch), max(0.0, batch_wait_ms) / 1000.0
+        self.max_connections = max_connections
+        self.ping_interval_s = ping_interval_s
+        self.name = name  # reported as server_timing.replica when set
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pi0-decode")
+        self.worker = threading.Thread(target=self._work, name="pi0-infer", daemon=True)
         self.bound_port: int | None = None
         self.ready = False  # set once the warm-up call is done
+        self.connections = 0
+        self.served = 0  # requests answered
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -62,45 +103,136 @@ class PolicyServer:
             if not hmac.compare_digest(got.encode(), f"Api-Key {self.api_key}".encode()):
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED,
                                           "missing or wrong 'Authorization: Api-Key <key>' header\n")
+        if self.connections >= self.max_connections:
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                      f"server is at its connection limit ({self.max_connections}; "
+                                      "pi0 serve --max-connections)\n")
         return None
+
+    # -- the model worker -----------------------------------------------------------------------
+
+    def _take_batch(self) -> list[Job] | None:
+        """The next job, plus up to max_batch - 1 single requests that arrive within batch_wait."""
+        first = self.jobs.get()
+        if first is None:
+            return None
+        batch = [first]
+        if first.explicit_batch:
+            return batch
+        deadline = time.perf_counter() + self.batch_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                job = self.jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if job is None:
+                self.jobs.put(None)
+                break
+            if job.explicit_batch:  # it runs on its own, next
+                self.jobs.put(job)
+                break
+            batch.append(job)
+        return batch
+
+    def _work(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            batch = [j for j in batch if not j.cancelled]
+            if not batch:
+                continue
+            started = time.perf_counter()
+            observations = [o for j in batch for o in j.observations]
+            try:
+                results: list[Any] = self.policy.infer_batch(observations)
+            except Exception as e:  # noqa: BLE001 - find the bad rows, answer the good ones
+                if len(observations) == 1:
+                    results = [e]
+                else:
+                    results = []
+                    for o in observations:
+                        try:
+                            results.append(self.policy.infer_batch([o])[0])
+                        except Exception as row_error:  # noqa: BLE001
+                            results.append(row_error)
+            infer_ms = (time.perf_counter() - started) * 1000.0
+            at = 0
+            for job in batch:
+                rows = results[at: at + len(job.observations)]
+                at += len(job.observations)
+                timing = {"infer_ms": infer_ms, "queue_ms": (started - job.enqueued) * 1000.0,
+                          "batch_size": len(observations)}
+                if self.name is not None:
+                    timing["replica"] = self.name
+                job.loop.call_soon_threadsafe(self._finish, job, rows, timing)
+
+    @staticmethod
+    def _finish(job: Job, rows: list[Any], timing: dict[str, Any]) -> None:
+        if not job.future.done():
+            job.future.set_result((rows, timing))
 
     # -- per connection -------------------------------------------------------------------------
 
     async def handler(self, ws: ServerConnection) -> None:
         peer = ws.remote_address
-        log.info("connection from %s", peer)
-        await ws.send(msgpack_numpy.packb(self.policy.metadata))
+        self.connections += 1
+        log.info("connection from %s (%d open)", peer, self.connections)
+        try:
+            await ws.send(msgpack_numpy.packb(self.policy.metadata))
+            await self._serve_connection(ws)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.connections -= 1
+            log.info("connection from %s closed", peer)
+
+    async def _serve_connection(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
         prev_total_ms: float | None = None
-        while True:
-            try:
+        closed = asyncio.ensure_future(ws.wait_closed())
+        try:
+            while True:
                 message = await ws.recv()
-            except ConnectionClosed:
-                log.info("connection from %s closed", peer)
-                return
-            t0 = time.perf_counter()
-            try:
-                obs = self._decode(message)
-                t_infer = time.perf_counter()
-                result = await loop.run_in_executor(self.executor, self.policy.infer, obs)
-                infer_ms = (time.perf_counter() - t_infer) * 1000.0
-                result = dict(result)
-                result["server_timing"] = {"infer_ms": infer_ms}
-                if prev_total_ms is not None:
-                    result["server_timing"]["prev_total_ms"] = prev_total_ms
-                reply: bytes | str = msgpack_numpy.packb(result)
-            except (BadMessage, KeyError, ValueError, TypeError) as e:
-                text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-                log.warning("bad request from %s: %s", peer, text)
-                reply = f"bad request: {text}"
-            except Exception:  # noqa: BLE001 - report, keep serving
-                log.exception("inference failed for %s", peer)
-                reply = "inference failed:\n" + traceback.format_exc()
-            try:
+                t0 = time.perf_counter()
+                try:
+                    request = await loop.run_in_executor(self.decoder, self._decode, message)
+                    explicit = "batch" in request
+                    observations = self._batch_of(request) if explicit else [request]
+                    job = Job(observations, explicit, loop, loop.create_future())
+                    self.jobs.put(job)
+                    done, _ = await asyncio.wait({job.future, closed}, return_when=asyncio.FIRST_COMPLETED)
+                    if job.future not in done:  # the client went away: its request is dropped
+                        job.cancelled = True
+                        return
+                    rows, timing = job.future.result()
+                    reply: bytes | str = self._reply(rows, timing, explicit, prev_total_ms)
+                except BAD_INPUT as e:
+                    log.warning("bad request from %s: %s", ws.remote_address, e)
+                    reply = _error_text(e)
                 await ws.send(reply)
-            except ConnectionClosed:
-                return
-            prev_total_ms = (time.perf_counter() - t0) * 1000.0
+                self.served += 1
+                prev_total_ms = (time.perf_counter() - t0) * 1000.0
+        finally:
+            closed.cancel()
+
+    @staticmethod
+    def _batch_of(request: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = request["batch"]
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+            raise BadMessage("'batch' must be a non-empty list of observation maps")
+        return [{k.decode() if isinstance(k, bytes) else k: v for k, v in r.items()} for r in rows]
+
+    @staticmethod
+    def _reply(rows: list[Any], timing: dict[str, Any], explicit: bool, prev_total_ms: float | None) -> bytes | str:
+        timing = dict(timing)
+        if prev_total_ms is not None:
+            timing["prev_total_ms"] = prev_total_ms
+        if not explicit:
+            if isinstance(rows[0], BaseException):
+                log.warning("request failed: %s", rows[0])
+                return _error_text(rows[0])
+            return msgpack_numpy.packb({**rows[0], "server_timing": timing})
+        # explicit batch: a failed row is answered as {"error": text}, the others as usual
+        out = [{"error": _error_text(r)} if isinstance(r, BaseException) else r for r in rows]
+        return msgpack_numpy.packb({"batch": out, "server_timing": timing})
 
     def _decode(self, message: bytes | str) -> dict[str, Any]:
         if isinstance(message, str):
@@ -116,18 +248,26 @@ class PolicyServer:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def serve(self, started: asyncio.Event | None = None, stop: asyncio.Future | None = None) -> None:
-        async with serve(self.handler, self.host, self.port, process_request=self.process_request,
-                         compression=None, max_size=4 * self.max_message_bytes + (1 << 20),
-                         ping_interval=None) as server:
-            self.bound_port = server.sockets[0].getsockname()[1] if server.sockets else self.port
-            log.info("serving %s on ws://%s:%d (healthz: http://%s:%d/healthz)", self.policy.metadata.get("model", "policy"),
-                     self.host, self.bound_port, self.host, self.bound_port)
-            if started is not None:
-                started.set()
-            seconds = await asyncio.get_running_loop().run_in_executor(self.executor, self.policy.warmup)
-            self.ready = True
-            log.info("warm-up call took %.2f s; ready", seconds)
-            await (stop if stop is not None else asyncio.get_running_loop().create_future())
+        self.worker.start()
+        try:
+            async with serve(self.handler, self.host, self.port, process_request=self.process_request,
+                             compression=None, max_size=4 * self.max_message_bytes + (1 << 20),
+                             max_queue=MAX_QUEUED_FRAMES, ping_interval=self.ping_interval_s,
+                             ping_timeout=self.ping_interval_s) as server:
+                self.bound_port = server.sockets[0].getsockname()[1] if server.sockets else self.port
+                log.info("serving %s on ws://%s:%d (healthz: http://%s:%d/healthz)",
+                         self.policy.metadata.get("model", "policy"), self.host, self.bound_port, self.host,
+                         self.bound_port)
+                if started is not None:
+                    started.set()
+                seconds = await asyncio.get_running_loop().run_in_executor(None, self.policy.warmup)
+                self.ready = True
+                log.info("warm-up call took %.2f s; ready", seconds)
+                await (stop if stop is not None else asyncio.get_running_loop().create_future())
+        finally:
+            self.jobs.put(None)
+            self.worker.join(timeout=60)
+            self.decoder.shutdown(wait=False)
 
     def run(self) -> None:
         asyncio.run(self.serve())
