@@ -317,8 +317,9 @@ def read_observation(path: str) -> dict:
     if p.suffix == ".npz":
         with np.load(p, allow_pickle=False) as z:
             obs = {k: z[k] for k in z.files}
-        if "prompt" in obs:
-            obs["prompt"] = str(obs["prompt"])
+        for key in ("prompt", "task"):  # openpi's and LeRobot's name for the instruction
+            if key in obs:
+                obs[key] = str(obs[key])
         return obs
     if p.suffix == ".json":
         def arrays(x):

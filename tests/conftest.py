@@ -76,3 +76,29 @@ def write_policy_checkpoint(directory, preset_name: str, tokenizer: str, layout:
         (d / "assets" / "robot" / "norm_stats.json").write_text(
             json.dumps({"norm_stats": {"state": st(robot_dim), "actions": st(action_dim)}}))
     return d
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc, port: int, timeout_s: float) -> None:
+    """Until GET /healthz answers 200 (the server process must stay alive meanwhile)."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "the server did not come up"
+        time.sleep(0.5)

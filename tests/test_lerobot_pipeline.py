@@ -91,3 +91,17 @@ def test_inspect_shows_the_pipeline():
     assert rep["pipeline"]["convention"] == "lerobot"
     assert "pi05_prepare_state_tokenizer_processor_step" in rep["pipeline"]["preprocessor"]
     assert rep["pipeline"]["normalization"]["preprocessor"] == {"VISUAL": "IDENTITY", "STATE": "QUANTILES", "ACTION": "QUANTILES"}
+
+
+def test_pi0_infer_takes_a_lerobot_observation_file(tmp_path):
+    import subprocess
+    import sys
+
+    _, obs, _, _, _ = next(cases("pi05_default"))
+    np.savez(tmp_path / "obs.npz", **obs)
+    r = subprocess.run([sys.executable, "-m", "pi0.cli", "infer", "--checkpoint", str(ROOT / "pi05_default"),
+                        "--obs", str(tmp_path / "obs.npz"), "--tokenizer", str(TOKENIZER), "--dtype", "float32",
+                        "--seed", "0", "--out", str(tmp_path / "a.npy")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    want = pi0.Policy(ROOT / "pi05_default", dtype="float32", tokenizer=TOKENIZER, seed=0).infer(obs)["actions"]
+    assert np.array_equal(np.load(tmp_path / "a.npy"), want)

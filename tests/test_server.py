@@ -19,7 +19,7 @@ from websockets.sync.client import connect  # noqa: E402
 from pi0.policy import Policy  # noqa: E402
 from pi0.serving import msgpack_numpy  # noqa: E402
 from pi0.serving.server import PolicyServer  # noqa: E402
-from tests.conftest import write_policy_checkpoint  # noqa: E402
+from tests.conftest import free_port, wait_healthy, write_policy_checkpoint  # noqa: E402
 from tests.test_policy import libero_obs  # noqa: E402
 
 
@@ -255,28 +255,16 @@ def test_pi05_policy_over_the_wire(tmp_path, tokenizer_path):
 
 def test_pi0_serve_command(tmp_path, tokenizer_path):
     """`pi0 serve` as a user starts it, reached by openpi's client; stopped with SIGINT/terminate."""
-    import socket
     import subprocess
     import sys
 
     ck = write_policy_checkpoint(tmp_path / "ck", "tiny", tokenizer_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", str(ck), "--preset", "libero",
                              "--port", str(port), "--seed", "0", "--dtype", "float32"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    assert r.status == 200
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read()
-                assert time.time() < deadline, "server did not come up"
-                time.sleep(0.3)
+        wait_healthy(proc, port, 120)
         client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=port)
         assert client.get_server_metadata()["preset"] == "libero"
         want = Policy(ck, preset="libero", dtype="float32", seed=0).infer(libero_obs(0))["actions"]

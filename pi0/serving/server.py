@@ -65,6 +65,23 @@ class Job:
     cancelled: bool = False  # its connection went away: never computed
 
 
+def infer_rows(policy: InferPolicy, observations: list[dict[str, Any]]) -> list[Any]:
+    """policy.infer_batch over all rows; if that fails, row by row, so that a bad row spoils no other:
+    each entry is a result or the exception of its row."""
+    try:
+        return list(policy.infer_batch(observations))
+    except Exception as e:  # noqa: BLE001 - reported per row
+        if len(observations) == 1:
+            return [e]
+    rows: list[Any] = []
+    for o in observations:
+        try:
+            rows.append(policy.infer_batch([o])[0])
+        except Exception as e:  # noqa: BLE001
+            rows.append(e)
+    return rows
+
+
 def _error_text(e: BaseException) -> str:
     if isinstance(e, BAD_INPUT):
         return "bad request: " + (e.args[0] if isinstance(e, KeyError) and e.args else str(e))
@@ -141,18 +158,7 @@ class PolicyServer:
                 continue
             started = time.perf_counter()
             observations = [o for j in batch for o in j.observations]
-            try:
-                results: list[Any] = self.policy.infer_batch(observations)
-            except Exception as e:  # noqa: BLE001 - find the bad rows, answer the good ones
-                if len(observations) == 1:
-                    results = [e]
-                else:
-                    results = []
-                    for o in observations:
-                        try:
-                            results.append(self.policy.infer_batch([o])[0])
-                        except Exception as row_error:  # noqa: BLE001
-                            results.append(row_error)
+            results = infer_rows(self.policy, observations)
             infer_ms = (time.perf_counter() - started) * 1000.0
             at = 0
             for job in batch:
