@@ -92,6 +92,7 @@ def throughput(port: int, robots: int, seconds: float) -> dict:
 
 
 def flood_rss(proc: subprocess.Popen, port: int, seconds: float) -> dict:
+    from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
     from pi0.serving import msgpack_numpy
@@ -108,7 +109,7 @@ def flood_rss(proc: subprocess.Popen, port: int, seconds: float) -> dict:
             try:
                 ws.send(msg)
                 sent += 1
-            except (TimeoutError, OSError):
+            except (TimeoutError, OSError, ConnectionClosed):
                 break  # the server stopped reading: backpressure reached the socket
             peak = max(peak, rss_mb(proc.pid))
         time.sleep(1.0)
@@ -124,7 +125,7 @@ def main() -> None:
     ap.add_argument("--preset", default="libero")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--robots", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--robots", type=int, nargs="*", default=[1, 4, 8], help="none: only the flood")
     args = ap.parse_args()
     ckpt, tokenizer = args.checkpoint, args.tokenizer
     if args.size == "tiny":
@@ -133,7 +134,7 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp())
         tokenizer = train_tokenizer(tmp / "sp")
         ckpt = str(write_policy_checkpoint(tmp / "ck", "tiny", tokenizer))
-    for max_batch in (1, 8):
+    for max_batch in (1, 8) if args.robots else (8,):
         proc, port = start_server(ckpt, args.preset, max_batch, tokenizer)
         try:
             for robots in args.robots:

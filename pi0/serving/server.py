@@ -137,7 +137,9 @@ class PolicyServer:
         if first.explicit_batch:
             return batch
         deadline = time.perf_counter() + self.batch_wait_s
-        while len(batch) < self.max_batch:
+        # each connection has at most one request in flight: once every open connection is in the batch,
+        # nobody else can join it, so there is nothing to wait for (a lone robot never waits)
+        while len(batch) < min(self.max_batch, self.connections):
             try:
                 job = self.jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
             except queue.Empty:
