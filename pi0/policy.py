@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,11 +17,11 @@ from pi0.hardware import resolve_device, resolve_dtype
 from pi0.lerobot_pipeline import LeRobotPipeline, is_lerobot_pipeline
 from pi0.models import load_from_info
 from pi0.observation import Observation, concat_observations, sample_observation
-from pi0.rtc import RTC
 from pi0.processing import (
     PRESETS, PromptTokenizer, RobotPreset, finite_vector, find_tokenizer, generic_preset, image_to_model,
     load_norm_stats, lookup, to_uint8_hwc,
 )
+from pi0.rtc import RTC
 
 
 @dataclass(frozen=True)
@@ -108,21 +108,17 @@ class Policy:
     @property
     def metadata(self) -> dict[str, Any]:
         cfg = self.config
-        if self.pipeline is not None:
-            return {
-                "model": cfg.kind, "preset": "lerobot", "action_horizon": cfg.action_horizon,
-                "action_dim": self.action_dim, "cameras": self.pipeline.cameras, "state_keys": [self.pipeline.state_key],
-                "expected_keys": self.pipeline.expected_keys, "pipeline": self.pipeline.steps, "backend": self.backend,
-                "dtype": self.dtype, "device": str(self.device), "norm_stats": self.stats_source,
-                "rtc_defaults": dataclasses.asdict(self.rtc_defaults),
-            }
-        return {
-            "model": cfg.kind, "preset": self.preset.name, "action_horizon": cfg.action_horizon,
-            "action_dim": self.action_dim, "cameras": [c for c, _ in self.preset.cameras],
-            "state_keys": self.preset.state_keys, "backend": self.backend, "dtype": self.dtype, "device": str(self.device),
-            "norm_stats": self.stats_source, "state_in_prompt": self.state_in_prompt,
+        common = {
+            "model": cfg.kind, "action_horizon": cfg.action_horizon, "action_dim": self.action_dim,
+            "backend": self.backend, "dtype": self.dtype, "device": str(self.device), "norm_stats": self.stats_source,
             "rtc_defaults": dataclasses.asdict(self.rtc_defaults),
         }
+        if self.pipeline is not None:
+            return {**common, "preset": "lerobot", "cameras": self.pipeline.cameras,
+                    "state_keys": [self.pipeline.state_key], "expected_keys": self.pipeline.expected_keys,
+                    "pipeline": self.pipeline.steps}
+        return {**common, "preset": self.preset.name, "cameras": [c for c, _ in self.preset.cameras],
+                "state_keys": self.preset.state_keys, "state_in_prompt": self.state_in_prompt}
 
     # -- input side ---------------------------------------------------------------------------
 

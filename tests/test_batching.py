@@ -2,13 +2,10 @@
 connections (and explicit batch requests), keeps fixed-seed answers reproducible, and holds under a flooding
 client, a vanished client, idle connections and a connection limit."""
 
-import asyncio
-import os
 import threading
 import time
 from argparse import Namespace
 
-import msgpack
 import numpy as np
 import pytest
 
