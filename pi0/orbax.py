@@ -225,6 +225,10 @@ def recipes(leaves: dict[str, Leaf], source: str) -> dict[str, tuple[str, Transf
         add(h + ".bias", h + "/bias", lambda a: a)
     used = {leaf for leaf, _ in out.values()}
     unknown = sorted(set(leaves) - used)
+    lora = [n for n in unknown if "lora" in n.rsplit("/", 1)[-1]]
+    if lora:
+        raise OrbaxError(f"{source} is a LoRA fine-tune whose adapters are stored apart ({len(lora)} leaves such as "
+                         f"{lora[0]}); pi0 does not merge LoRA adapters yet: merge them into the weights first")
     if unknown:
         raise OrbaxError(f"{source} has {len(unknown)} leaves that are no part of pi0 / pi0.5: {unknown[:5]}")
     return out

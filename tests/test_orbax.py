@@ -211,6 +211,10 @@ def test_bad_orbax_checkpoints_get_one_clear_error_each(tmp_path):
     with pytest.raises(CheckpointError, match="pi0-FAST is not supported yet"):
         pi0.inspect_checkpoint(fresh("fast", fast))
 
+    lora = {**leaves, "PaliGemma/llm/layers/attn/q_einsum/lora_a": torch.zeros(2, 8, 64, 16)}
+    with pytest.raises(CheckpointError, match="LoRA fine-tune"):
+        pi0.inspect_checkpoint(fresh("lora", lora))
+
     alien = {**leaves, "PaliGemma/llm/extra/kernel": torch.zeros(2, 2)}
     with pytest.raises(CheckpointError, match="no part of pi0"):
         pi0.inspect_checkpoint(fresh("alien", alien))
