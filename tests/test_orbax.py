@@ -165,6 +165,15 @@ def test_policy_over_an_orbax_checkpoint_with_a_nested_asset_id(tmp_path, tokeni
     want = pi0.Policy(st, preset="libero", dtype="float32", seed=0).infer(libero_obs(0))["actions"]
     assert np.array_equal(pol.infer(libero_obs(0))["actions"], want)
     assert pol.metadata["norm_stats"].endswith("org/robot/norm_stats.json")
+    openpi_client = pytest.importorskip("openpi_client.websocket_client_policy")
+    from tests.test_server import Running
+
+    s = Running(pol)  # served over openpi's protocol, no JAX anywhere
+    try:
+        client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=s.port)
+        assert np.array_equal(client.infer(libero_obs(0))["actions"], want)
+    finally:
+        s.close()
     shutil.copytree(src / "assets" / "org", src / "assets" / "other")
     with pytest.raises(ValueError, match="other/robot.*org/robot|org/robot.*other/robot"):
         pi0.Policy(src, preset="libero", tokenizer=tokenizer_path)
