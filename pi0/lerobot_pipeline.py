@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from pi0.config import Pi0Config
 from pi0.observation import Observation
+from pi0.processing import checked_image
 
 PRE_STEPS = ("rename_observations_processor", "to_batch_processor", "pi0_new_line_processor", "tokenizer_processor",
              "device_processor", "relative_actions_processor", "normalizer_processor",
@@ -85,24 +86,11 @@ def resize_with_pad(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def to_float_chw(image: Any, name: str) -> torch.Tensor:
-    """CHW float in [0, 1] as LeRobot takes it, or HWC / CHW uint8 (x / 255) -> float32 [3, H, W]."""
-    a = np.asarray(image)
-    if a.ndim != 3 or 3 not in (a.shape[0], a.shape[-1]):
-        raise ValueError(f"{name} must be [3, H, W] (or [H, W, 3]), got shape {list(a.shape)}")
-    if a.dtype.kind not in "uif":
-        raise ValueError(f"{name} must be a float or uint8 array, got dtype {a.dtype}")
-    if a.shape[0] != 3:
-        a = np.transpose(a, (2, 0, 1))
+    """CHW float in [0, 1] as LeRobot takes it (no uint8 step), or HWC / CHW integers (x / 255) -> float32 [3, H, W]."""
+    a = np.ascontiguousarray(np.transpose(checked_image(image, name, prefer_chw=True), (2, 0, 1)))
     if a.dtype.kind in "ui":
-        if a.size and (a.min() < 0 or a.max() > 255):
-            raise ValueError(f"{name}: integer pixels must lie in [0, 255], got [{a.min()}, {a.max()}]")
-        return torch.from_numpy(np.ascontiguousarray(a)).float() / 255
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} holds NaN or infinite values")
-    if t.numel() and (t.min() < 0 or t.max() > 1):
-        raise ValueError(f"{name}: float images must be in [0, 1], got [{float(t.min()):.3g}, {float(t.max()):.3g}]")
-    return t
+        return torch.from_numpy(a).float() / 255
+    return torch.from_numpy(a.astype(np.float32, copy=False))
 
 
 def _read_stats(path: Path) -> dict[str, torch.Tensor]:

@@ -20,28 +20,35 @@ log = logging.getLogger("pi0")
 # Images
 
 
-def to_uint8_hwc(image: Any, name: str = "image") -> np.ndarray:
-    """uint8 (or other integers in [0, 255]), or float in [0, 1] (x255, truncated as openpi does); HWC or CHW
-    -> uint8 HWC, 3 channels."""
+def checked_image(image: Any, name: str = "image", prefer_chw: bool = False) -> np.ndarray:
+    """A robot's 3-channel image, HWC or CHW (`prefer_chw` decides a 3 x H x 3 tie), validated: integers
+    in [0, 255] or finite floats in [0, 1]. Returns it HWC, as given otherwise."""
     a = np.asarray(image)
     if a.dtype.kind not in "uif":
         raise ValueError(f"{name} must be a uint8 or float array, got dtype {a.dtype}")
-    if a.ndim != 3:
+    if a.ndim != 3 or 3 not in (a.shape[0], a.shape[-1]):
         raise ValueError(f"{name} must be HWC or CHW with 3 channels, got shape {list(a.shape)}")
-    if a.shape[-1] != 3 and a.shape[0] == 3:
+    if a.shape[0] == 3 and (prefer_chw or a.shape[-1] != 3):
         a = np.transpose(a, (1, 2, 0))
-    if a.shape[-1] != 3 or a.shape[0] < 1 or a.shape[1] < 1:
+    if a.shape[0] < 1 or a.shape[1] < 1:
         raise ValueError(f"{name} must be HWC or CHW with 3 channels, got shape {list(a.shape)}")
-    if a.dtype == np.uint8:
-        return np.ascontiguousarray(a)
-    if a.dtype.kind in "ui":  # e.g. pixel lists from JSON
+    if a.dtype.kind in "ui":  # uint8, or e.g. pixel lists from JSON
         if a.size and (a.min() < 0 or a.max() > 255):
             raise ValueError(f"{name}: integer pixels must lie in [0, 255], got [{a.min()}, {a.max()}]")
-        return np.ascontiguousarray(a.astype(np.uint8))
+        return a
     if not np.isfinite(a).all():
         raise ValueError(f"{name} holds NaN or infinite values")
-    if a.min() < 0.0 or a.max() > 1.0:
+    if a.size and (a.min() < 0.0 or a.max() > 1.0):
         raise ValueError(f"{name}: float images must be in [0, 1], got [{a.min():.3g}, {a.max():.3g}]")
+    return a
+
+
+def to_uint8_hwc(image: Any, name: str = "image") -> np.ndarray:
+    """uint8 (or other integers in [0, 255]), or float in [0, 1] (x255, truncated as openpi does); HWC or CHW
+    -> uint8 HWC, 3 channels."""
+    a = checked_image(image, name)
+    if a.dtype.kind in "ui":
+        return np.ascontiguousarray(a.astype(np.uint8, copy=False))
     return np.ascontiguousarray((255 * a).astype(np.uint8))
 
 
