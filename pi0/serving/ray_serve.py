@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from pi0.serving import msgpack_numpy
-from pi0.serving.server import BAD_INPUT, PolicyServer, _error_text, infer_rows
+from pi0.serving.server import BAD_INPUT, error_text, batch_rows, decode_request, encode_reply, infer_rows
 
 log = logging.getLogger("pi0.serve")
 APP_NAME = "pi0"
@@ -63,7 +63,6 @@ def build_app(policy_args: dict[str, Any], api_key: str | None, max_message_byte
             self.name = str(getattr(ctx, "replica_tag", None) or getattr(ctx, "replica_id", "replica"))
             self.batched.set_max_batch_size(max(1, max_batch))
             self.batched.set_batch_wait_timeout_s(max(0.0, batch_wait_ms) / 1000.0)
-            self.decoder = PolicyServer(self.policy, max_message_bytes=max_message_bytes)  # its checks, not its loop
 
         @app.get("/healthz")
         def healthz(self) -> PlainTextResponse:
@@ -100,18 +99,17 @@ def build_app(policy_args: dict[str, Any], api_key: str | None, max_message_byte
                     t0 = time.perf_counter()
                     data = message.get("bytes") if message.get("bytes") is not None else message.get("text")
                     try:
-                        obs = await asyncio.to_thread(self.decoder._decode, data)
+                        obs = await asyncio.to_thread(decode_request, data, max_message_bytes)
                         if "batch" in obs:
-                            observations = PolicyServer._batch_of(obs)
-                            rows = await self.forward(observations)  # an explicit batch: its own forward
-                            reply = PolicyServer._reply([r for r, _ in rows], rows[0][1], True, prev_total_ms)
+                            rows = await self.forward(batch_rows(obs))  # an explicit batch: its own forward
+                            reply = encode_reply([r for r, _ in rows], rows[0][1], True, prev_total_ms)
                         else:
                             row, timing = await self.batched(obs)
                             timing = {**timing, "queue_ms": max(0.0, (time.perf_counter() - t0) * 1000.0
                                                                - timing["infer_ms"])}
-                            reply = PolicyServer._reply([row], timing, False, prev_total_ms)
+                            reply = encode_reply([row], timing, False, prev_total_ms)
                     except BAD_INPUT as e:
-                        reply = _error_text(e)
+                        reply = error_text(e)
                     if isinstance(reply, str):
                         await ws.send_text(reply)
                     else:

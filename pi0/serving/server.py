@@ -82,10 +82,46 @@ def infer_rows(policy: InferPolicy, observations: list[dict[str, Any]]) -> list[
     return rows
 
 
-def _error_text(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
     if isinstance(e, BAD_INPUT):
         return "bad request: " + (e.args[0] if isinstance(e, KeyError) and e.args else str(e))
     return "inference failed:\n" + "".join(traceback.format_exception(e))
+
+
+def decode_request(message: bytes | str, max_message_bytes: int) -> dict[str, Any]:
+    """A request frame -> its map (string keys). Raises BadMessage naming what is wrong."""
+    if isinstance(message, str):
+        raise BadMessage("expected a binary msgpack frame, got a text frame")
+    if len(message) > max_message_bytes:
+        raise BadMessage(f"message of {len(message)} bytes exceeds the server's limit of "
+                         f"{max_message_bytes} bytes (pi0 serve --max-message-mb)")
+    obs = msgpack_numpy.unpackb(message)
+    if not isinstance(obs, dict):
+        raise BadMessage(f"an observation must be a msgpack map, got {type(obs).__name__}")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obs.items()}
+
+
+def batch_rows(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The observations of an explicit {"batch": [...]} request."""
+    rows = request["batch"]
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise BadMessage("'batch' must be a non-empty list of observation maps")
+    return [{k.decode() if isinstance(k, bytes) else k: v for k, v in r.items()} for r in rows]
+
+
+def encode_reply(rows: list[Any], timing: dict[str, Any], explicit: bool, prev_total_ms: float | None) -> bytes | str:
+    """Results (or a row's exception) -> the reply frame: msgpack, or a text frame for a failed single request."""
+    timing = dict(timing)
+    if prev_total_ms is not None:
+        timing["prev_total_ms"] = prev_total_ms
+    if not explicit:
+        if isinstance(rows[0], BaseException):
+            log.warning("request failed: %s", rows[0])
+            return error_text(rows[0])
+        return msgpack_numpy.packb({**rows[0], "server_timing": timing})
+    # explicit batch: a failed row is answered as {"error": text}, the others as usual
+    out = [{"error": error_text(r)} if isinstance(r, BaseException) else r for r in rows]
+    return msgpack_numpy.packb({"batch": out, "server_timing": timing})
 
 
 class PolicyServer:
@@ -106,7 +142,6 @@ class PolicyServer:
         self.bound_port: int | None = None
         self.ready = False  # set once the warm-up call is done
         self.connections = 0
-        self.served = 0  # requests answered
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -201,9 +236,9 @@ class PolicyServer:
                 message = await ws.recv()
                 t0 = time.perf_counter()
                 try:
-                    request = await loop.run_in_executor(self.decoder, self._decode, message)
+                    request = await loop.run_in_executor(self.decoder, decode_request, message, self.max_message_bytes)
                     explicit = "batch" in request
-                    observations = self._batch_of(request) if explicit else [request]
+                    observations = batch_rows(request) if explicit else [request]
                     job = Job(observations, explicit, loop, loop.create_future())
                     self.jobs.put(job)
                     done, _ = await asyncio.wait({job.future, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -211,47 +246,14 @@ class PolicyServer:
                         job.cancelled = True
                         return
                     rows, timing = job.future.result()
-                    reply: bytes | str = self._reply(rows, timing, explicit, prev_total_ms)
+                    reply: bytes | str = encode_reply(rows, timing, explicit, prev_total_ms)
                 except BAD_INPUT as e:
                     log.warning("bad request from %s: %s", ws.remote_address, e)
-                    reply = _error_text(e)
+                    reply = error_text(e)
                 await ws.send(reply)
-                self.served += 1
                 prev_total_ms = (time.perf_counter() - t0) * 1000.0
         finally:
             closed.cancel()
-
-    @staticmethod
-    def _batch_of(request: dict[str, Any]) -> list[dict[str, Any]]:
-        rows = request["batch"]
-        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-            raise BadMessage("'batch' must be a non-empty list of observation maps")
-        return [{k.decode() if isinstance(k, bytes) else k: v for k, v in r.items()} for r in rows]
-
-    @staticmethod
-    def _reply(rows: list[Any], timing: dict[str, Any], explicit: bool, prev_total_ms: float | None) -> bytes | str:
-        timing = dict(timing)
-        if prev_total_ms is not None:
-            timing["prev_total_ms"] = prev_total_ms
-        if not explicit:
-            if isinstance(rows[0], BaseException):
-                log.warning("request failed: %s", rows[0])
-                return _error_text(rows[0])
-            return msgpack_numpy.packb({**rows[0], "server_timing": timing})
-        # explicit batch: a failed row is answered as {"error": text}, the others as usual
-        out = [{"error": _error_text(r)} if isinstance(r, BaseException) else r for r in rows]
-        return msgpack_numpy.packb({"batch": out, "server_timing": timing})
-
-    def _decode(self, message: bytes | str) -> dict[str, Any]:
-        if isinstance(message, str):
-            raise BadMessage("expected a binary msgpack frame, got a text frame")
-        if len(message) > self.max_message_bytes:
-            raise BadMessage(f"message of {len(message)} bytes exceeds the server's limit of "
-                             f"{self.max_message_bytes} bytes (pi0 serve --max-message-mb)")
-        obs = msgpack_numpy.unpackb(message)
-        if not isinstance(obs, dict):
-            raise BadMessage(f"an observation must be a msgpack map, got {type(obs).__name__}")
-        return {k.decode() if isinstance(k, bytes) else k: v for k, v in obs.items()}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
