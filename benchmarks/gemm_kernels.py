@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pi0.engine import ops  # noqa: E402
+from pi0.timing import best_seconds  # noqa: E402
 
 SHAPES = {  # name: (rows, in, out)
     "vlm_gate_up (W1 prefix)": (816, 2048, 32768),
@@ -29,14 +29,8 @@ SHAPES = {  # name: (rows, in, out)
 }
 
 
-def rate(fn, work: float, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return work / best / 1e9
+def rate(fn, work: float) -> float:
+    return work / best_seconds(fn) / 1e9
 
 
 def int8_eager(x: torch.Tensor, q_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -20,9 +19,8 @@ import torch
 import pi0
 from pi0.config import Pi0Config
 from pi0.engine import ops
-from pi0.hardware import resolve_device, resolve_dtype
 from pi0.rtc import RTC
-from pi0.timing import Progress
+from pi0.timing import Progress, best_seconds
 
 
 def _gemma_layer_flops(n_q: int, n_k: int, width: int, cfg, attn: bool = True) -> float:
@@ -68,19 +66,7 @@ def gemm_gflops(dtype: torch.dtype, device: torch.device, packed: bool, m: int =
     b = torch.randn(n, k, device=device).to(dtype)
 
     def best_rate(fn) -> float:
-        fn()  # warm-up
-        sync()
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            sync()
-            best = min(best, time.perf_counter() - t)
-        return 2 * m * k * n / best / 1e9
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        return 2 * m * k * n / best_seconds(fn, repeats, device) / 1e9
 
     rate = best_rate(lambda: torch.nn.functional.linear(a, b))
     if packed:
@@ -94,10 +80,9 @@ def peak_rss_gib() -> float:
 
 
 def run(args) -> dict[str, Any]:
-    device = resolve_device(args.device)
-    dtype, dtype_reason = resolve_dtype(args.dtype, device)
-    if not args.json:
-        print(f"pi0 bench: device {device}, {dtype_reason}", file=sys.stderr, flush=True)
+    from pi0.cli import device_and_dtype
+
+    device, dtype, dtype_reason = device_and_dtype(args)  # its one line goes to stderr, out of the JSON
     torch.manual_seed(0)
     progress = None if args.json else Progress()
     t0 = time.perf_counter()

@@ -121,17 +121,18 @@ def save_action_plot(actions: torch.Tensor, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    """--device / --dtype resolved ("auto" included), with the choice and its reason printed in one line."""
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str]:
+    """--device / --dtype resolved ("auto" included), with the choice and its reason printed in one line
+    (stderr). Returns the device, the dtype and the reason."""
     device = resolve_device(args.device)
     dtype, why = resolve_dtype(args.dtype, device)
-    print(f"pi0 {args.cmd}: device {device}, {why}", file=sys.stderr, flush=True)
-    return device, dtype
+    print(f"pi0 {getattr(args, 'cmd', 'bench')}: device {device}, {why}", file=sys.stderr, flush=True)
+    return device, dtype, why
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
-    device, dtype = device_and_dtype(args)
+    device, dtype, _ = device_and_dtype(args)
     dtype_name = str(dtype).replace("torch.", "")
     t0 = time.perf_counter()
     if args.checkpoint:
@@ -234,18 +235,25 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    "(the pi05_libero choice)")
 
 
-def _policy(args: argparse.Namespace):
-    from pi0.policy import Policy, RTCDefaults
+def policy_kwargs(args: argparse.Namespace) -> dict:
+    """pi0.Policy's arguments from the command line (plain values: they also travel to Ray replicas)."""
+    from pi0.policy import RTCDefaults
 
-    device, dtype = device_and_dtype(args)
+    return dict(checkpoint=args.checkpoint, preset=args.preset, backend=args.backend, dtype=args.dtype,
+                device=args.device, tokenizer=args.tokenizer, asset_id=args.asset_id, num_steps=args.steps,
+                seed=args.seed, default_prompt=args.default_prompt, action_horizon=args.action_horizon,
+                state_in_prompt=False if args.no_state_in_prompt else None,
+                rtc_defaults=RTCDefaults(getattr(args, "rtc_horizon", 10), getattr(args, "rtc_schedule", "linear"),
+                                         getattr(args, "rtc_max_guidance", 10.0)))
+
+
+def _policy(args: argparse.Namespace):
+    from pi0.policy import Policy
+
+    device, dtype, _ = device_and_dtype(args)
     show = Progress()
-    rtc = RTCDefaults(getattr(args, "rtc_horizon", 10), getattr(args, "rtc_schedule", "linear"),
-                      getattr(args, "rtc_max_guidance", 10.0))
-    return Policy(args.checkpoint, preset=args.preset, backend=args.backend, dtype=dtype, device=device,
-                  tokenizer=args.tokenizer, asset_id=args.asset_id, num_steps=args.steps, seed=args.seed,
-                  default_prompt=args.default_prompt, action_horizon=args.action_horizon,
-                  progress=lambda f: show("  reading", f), rtc_defaults=rtc,
-                  state_in_prompt=False if args.no_state_in_prompt else None)
+    return Policy(**{**policy_kwargs(args), "dtype": dtype, "device": device},
+                  progress=lambda f: show("  reading", f))
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -283,7 +291,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.replicas is not None:
         from pi0.serving import ray_serve
 
-        return ray_serve.run(args, key)
+        return ray_serve.run(args, key, policy_kwargs(args))
     policy = _policy(args)
     print(f"policy: {policy.metadata}", file=sys.stderr, flush=True)
     server = PolicyServer(policy, args.host, args.port, api_key=key, max_message_bytes=int(args.max_message_mb * (1 << 20)),

@@ -26,6 +26,21 @@ class StageClock:
         self.t = now
 
 
+def best_seconds(fn, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    """The fastest of `repeats` timed calls of fn() after one warm-up call (CUDA work synchronised)."""
+    cuda = torch.device(device).type == "cuda"
+
+    def timed() -> float:
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    timed()
+    return min(timed() for _ in range(repeats))
+
+
 class Progress:
     """One stderr line that rewrites itself: `progress(label, fraction)`; prints only when the shown
     percentage (or the label) changes, and ends the line at 100%."""

@@ -30,17 +30,6 @@ log = logging.getLogger("pi0.serve")
 APP_NAME = "pi0"
 
 
-def policy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """What each replica needs to build its own pi0.Policy (plain values: they travel to the replicas)."""
-    from pi0.policy import RTCDefaults
-
-    return dict(checkpoint=args.checkpoint, preset=args.preset, backend=args.backend, dtype=args.dtype,
-                device=args.device, tokenizer=args.tokenizer, asset_id=args.asset_id, num_steps=args.steps,
-                seed=args.seed, default_prompt=args.default_prompt, action_horizon=args.action_horizon,
-                state_in_prompt=False if args.no_state_in_prompt else None,
-                rtc_defaults=RTCDefaults(args.rtc_horizon, args.rtc_schedule, args.rtc_max_guidance))
-
-
 def build_app(policy_args: dict[str, Any], api_key: str | None, max_message_bytes: int, max_batch: int,
               batch_wait_ms: float, num_replicas: int, num_cpus: float | None = None):
     """The Ray Serve application: a FastAPI ingress (websocket at /, GET /healthz) over N replicas."""
@@ -122,8 +111,9 @@ def build_app(policy_args: dict[str, Any], api_key: str | None, max_message_byte
     return PolicyReplica.bind()
 
 
-def run(args: argparse.Namespace, api_key: str | None) -> int:
-    """Deploy on Ray Serve, block until Ctrl-C / SIGTERM, then tear down what was started."""
+def run(args: argparse.Namespace, api_key: str | None, policy_args: dict[str, Any]) -> int:
+    """Deploy on Ray Serve, block until Ctrl-C / SIGTERM, then tear down what was started. policy_args: what
+    each replica passes to pi0.Policy (dtype and device stay "auto" where asked: each replica decides for its node)."""
     try:
         import ray
         from ray import serve
@@ -141,7 +131,7 @@ def run(args: argparse.Namespace, api_key: str | None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        app = build_app(policy_kwargs(args), api_key, int(args.max_message_mb * (1 << 20)), args.max_batch,
+        app = build_app(policy_args, api_key, int(args.max_message_mb * (1 << 20)), args.max_batch,
                         args.batch_wait_ms, args.replicas, num_cpus=1 if started_ray else None)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         print(f"pi0 serve: {args.replicas} Ray Serve replica(s) on ws://{args.host}:{args.port} "
