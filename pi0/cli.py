@@ -33,9 +33,9 @@ def _sizes(cfg: pi0.Pi0Config) -> str:
 
 def _asset_widths(path) -> dict:
     """Each openpi asset id's norm stats: the width of its state and action vectors."""
-    d = json.loads(path.read_text())
-    d = d.get("norm_stats", d)
-    return {k: len(v.get("mean") or v.get("q01") or []) for k, v in d.items() if isinstance(v, dict)}
+    from pi0.processing import read_norm_stats
+
+    return {k: st.width for k, st in read_norm_stats(path).items()}
 
 
 def inspect_report(info: CheckpointInfo) -> dict:

@@ -84,8 +84,7 @@ class Policy:
             return
         stats_dim = None
         if self.normalizer is not None and self.normalizer.actions is not None:
-            st = self.normalizer.actions
-            stats_dim = len(st.mean if st.mean is not None else st.q01)
+            stats_dim = self.normalizer.actions.width
         self.action_dim = min(self.preset.action_dim or stats_dim or cfg.action_dim, cfg.action_dim)
 
     def _resolve_preset(self, name: str | None) -> RobotPreset:

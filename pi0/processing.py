@@ -152,6 +152,12 @@ class Stats:
     q01: np.ndarray | None = None
     q99: np.ndarray | None = None
 
+    @property
+    def width(self) -> int:
+        """How many dims the stats cover."""
+        v = next((x for x in (self.mean, self.q01, self.std, self.q99) if x is not None), None)
+        return 0 if v is None else len(v)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Stats":
         def arr(k):
@@ -211,6 +217,13 @@ class Normalizer:
         return self._apply(x, self.actions, self.action_mode, True, "actions")
 
 
+def read_norm_stats(path: Path) -> dict[str, Stats]:
+    """openpi's norm_stats.json: {"norm_stats": {"state": {...}, "actions": {...}}} -> Stats per key."""
+    d = json.loads(Path(path).read_text())
+    d = d.get("norm_stats", d)
+    return {k: Stats.from_dict(v) for k, v in d.items() if isinstance(v, dict)}
+
+
 def load_norm_stats(checkpoint_dir: Path, asset_id: str | None, state_mode: str,
                     action_mode: str) -> tuple[Normalizer | None, str]:
     """openpi `assets/<asset_id>/norm_stats.json`, or LeRobot stats (`*normalizer*.safetensors` /
@@ -226,11 +239,8 @@ def load_norm_stats(checkpoint_dir: Path, asset_id: str | None, state_mode: str,
     if len(files) > 1:
         raise ValueError(f"{assets} holds stats for several robots {sorted(found)}: pass --asset-id (asset_id=)")
     if files:
-        d = json.loads(files[0].read_text())
-        d = d.get("norm_stats", d)
-        st = Stats.from_dict(d["state"]) if "state" in d else None
-        ac = Stats.from_dict(d["actions"]) if "actions" in d else None
-        return Normalizer(st, ac, state_mode, action_mode), str(files[0])
+        stats = read_norm_stats(files[0])
+        return Normalizer(stats.get("state"), stats.get("actions"), state_mode, action_mode), str(files[0])
     # LeRobot: policy_preprocessor_*_normalizer_processor.safetensors (state and action stats) and
     # policy_postprocessor_*_unnormalizer_processor.safetensors (action stats), keys 'feature.stat'
     lerobot = sorted(checkpoint_dir.glob("*normalizer*.safetensors"), key=lambda f: ("unnormalizer" in f.name, f.name))
