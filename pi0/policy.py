@@ -249,6 +249,8 @@ class Policy:
         t0 = time.perf_counter()
         if not isinstance(observations, (list, tuple)) or not observations:
             raise ValueError("infer_batch needs a non-empty list of observations")
+        if noise is not None and len(noise) != len(observations):
+            raise ValueError(f"{len(noise)} noise arrays for {len(observations)} observations: give one per row (or None)")
         rtc = [self.rtc_from_request(o["rtc"]) if isinstance(o, dict) and "rtc" in o else None for o in observations]
         inputs = concat_observations([self.prepare(o) for o in observations])
         cfg = self.config
