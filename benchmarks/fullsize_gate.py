@@ -1,49 +1,108 @@
-"""The bf16 accuracy gate at full size (run by hand; ~19 GB peak RSS, ~5 min):
-engine bf16 vs reference fp32 on the same seeded random weights, PCC of the flattened actions per seed,
-once with SigLIP in bf16 (the engine's default) and once with SigLIP in fp32 (LeRobot's choice).
+"""The accuracy gates at full size (run by hand; ~19 GB peak RSS): the engine vs the reference in fp32 on the
+same seeded random weights, PCC of the flattened actions per seed (odd seeds mask a camera).
 
-    .venv/bin/python benchmarks/fullsize_gate.py [pi0|pi05] [seeds]
+    .venv/bin/python benchmarks/fullsize_gate.py [pi0|pi05] [seeds] [--dtype bfloat16|int8]
 
-Prints one JSON line per seed and a summary line (mean and min PCC, max-abs).
+bfloat16 (~5 min): SigLIP in bf16 (the engine's default) and in fp32 (LeRobot's choice); gate mean PCC >= 0.999,
+min >= 0.995. int8 (~15 min): every int8 stage, then each stage alone (the others in the float dtype), with the
+per-stage error of one unmasked case: SigLIP + projector features, the prefix's k, v (every VLM layer) and the
+actions; gate mean PCC >= 0.99, min >= 0.98. Prints one JSON line per seed and a summary line per variant.
 """
 
+import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
 
 import pi0
-from pi0.engine.model import Pi0Engine
+from pi0.engine.model import INT8_STAGES, Pi0Engine, int8_quantizer
+from pi0.hardware import compute_dtype
+
+GATES = {"bfloat16": (0.999, 0.995), "int8": (0.99, 0.98)}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def stage_errors(ref, eng: Pi0Engine, obs) -> dict[str, float]:
+    """Relative L2 error of the vision features, of the prefix k, v (all VLM layers) and nothing else, for
+    one observation with every camera and token valid."""
+    with torch.no_grad():
+        images = torch.cat(obs.images)
+        feats = rel_err(eng.embed_images(images).float(), ref.embed_image(images))
+        prefix, mask, ar = ref.embed_prefix(obs)
+        cache, _ = ref.fill_kv_cache(prefix, mask, ar)
+        e_prefix, _, _ = eng.embed_prefix(obs)
+        b, lp, g = 1, e_prefix.shape[1], eng.config.expert
+        k_buf = [torch.zeros(b, g.num_kv_heads, lp, g.head_dim, dtype=eng.dtype) for _ in eng.expert_layers]
+        v_buf = [torch.zeros_like(k) for k in k_buf]
+        eng.fill_kv_cache(e_prefix, None, k_buf, v_buf)
+        # the reference's k, v are [B, L, K, D]; the engine's [B, K, L, D]
+        want = torch.cat([torch.cat([k.transpose(1, 2).flatten(), v.transpose(1, 2).flatten()]) for k, v in cache])
+        got = torch.cat([torch.cat([k.flatten(), v.flatten()]) for k, v in zip(k_buf, v_buf)])
+        return {"vision_features_rel_err": feats, "prefix_kv_rel_err": rel_err(got, want)}
 
 
 def main() -> None:
-    kind = sys.argv[1] if len(sys.argv) > 1 else "pi0"
-    seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 10
-    cfg = pi0.preset(kind)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", nargs="?", default="pi0")
+    ap.add_argument("seeds", nargs="?", type=int, default=10)
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(GATES))
+    args = ap.parse_args()
+    cfg = pi0.preset(args.kind)
     t0 = time.perf_counter()
     ref = pi0.build_model(cfg, seed=0, dtype="float32")
     print(json.dumps({"built_s": time.perf_counter() - t0}), flush=True)
     cases = []
-    for s in range(seeds):
+    for s in range(args.seeds):
         obs = pi0.sample_observation(cfg, 1, 12 + 3 * s, seed=s, masked_cameras=s % 2, token_len=48)
         noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(s))
         cases.append((obs, noise, ref.sample_actions(obs, noise=noise)))
-    # the engine gets the bf16 rounding of the very same weights; SigLIP in bf16 (default) or fp32 (as LeRobot)
-    for vision in ("bfloat16", "float32"):
-        state = {k: v.to(torch.bfloat16) if not (vision == "float32" and (k.startswith("vision.") or k.startswith("projector.")))
-                 else v.clone() for k, v in ref.state_dict().items()}
-        eng = Pi0Engine(cfg, state, vision_dtype=getattr(torch, vision))
+    full = pi0.sample_observation(cfg, 1, 48, seed=99, token_len=48)
+    mean_gate, min_gate = GATES[args.dtype]
+
+    if args.dtype == "bfloat16":
+        # the engine gets the bf16 rounding of the very same weights; SigLIP in bf16 (default) or fp32 (as LeRobot)
+        variants = {}
+        for vision in ("bfloat16", "float32"):
+            keep = vision == "float32"
+            variants[f"vision {vision}"] = lambda keep=keep, vision=vision: Pi0Engine(cfg, {
+                k: v.clone() if keep and k.startswith(("vision.", "projector.")) else v.to(torch.bfloat16)
+                for k, v in ref.state_dict().items()}, vision_dtype=getattr(torch, vision))
+    else:
+        # int8 from the fp32 weights, the other tensors in the float dtype int8 computes in here
+        dt = compute_dtype(torch.int8)
+        variants = {}
+        for stages in [INT8_STAGES] + [(s,) for s in INT8_STAGES]:
+            def make(stages=stages) -> Pi0Engine:
+                quantize = int8_quantizer(dt, stages)
+
+                def convert(k: str, v: torch.Tensor):
+                    out = quantize(k, v)
+                    return out if out is not v else v.to(dt)
+
+                return Pi0Engine(cfg, {k: convert(k, v) for k, v in ref.state_dict().items()})
+            variants["int8 " + "+".join(stages)] = make
+
+    for name, make in variants.items():
+        eng = make()
         pccs, errs = [], []
         for s, (obs, noise, a) in enumerate(cases):
             b = eng.sample_actions(obs, noise=noise)
             pccs.append(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item())
             errs.append((a - b).abs().max().item())
-            print(json.dumps({"vision": vision, "seed": s, "pcc": pccs[-1], "max_abs": errs[-1], "masked_cameras": s % 2}), flush=True)
-        print(json.dumps({"model": kind, "engine": "bfloat16", "vision": vision, "seeds": seeds,
-                          "mean_pcc": statistics.mean(pccs), "min_pcc": min(pccs), "max_abs": max(errs)}), flush=True)
-        del eng, state
+            print(json.dumps({"variant": name, "seed": s, "pcc": pccs[-1], "max_abs": errs[-1], "masked_cameras": s % 2}),
+                  flush=True)
+        summary = {"model": args.kind, "engine": args.dtype, "variant": name, "seeds": args.seeds,
+                   "mean_pcc": statistics.mean(pccs), "min_pcc": min(pccs), "max_abs": max(errs),
+                   "pass": statistics.mean(pccs) >= mean_gate and min(pccs) >= min_gate,
+                   "kernels": eng.kernels.get("why")}
+        summary.update(stage_errors(ref, eng, full))
+        print(json.dumps(summary), flush=True)
+        del eng
 
 
 if __name__ == "__main__":

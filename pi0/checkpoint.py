@@ -31,6 +31,8 @@ import torch
 from pi0.config import Pi0Config, canonical_shapes, infer_config, read_config_json
 from pi0.orbax import OrbaxError, find_params_dir
 
+Transform = Callable[[str, torch.Tensor], Any]  # (canonical name, tensor) -> what the state dict keeps
+
 LAYOUTS = ("openpi", "lerobot", "lerobot_legacy")
 HEADS = ("state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out",
          "time_mlp_in", "time_mlp_out")
@@ -411,10 +413,12 @@ def _readinto(f, buf: torch.Tensor, path: Path, name: str) -> None:
         got += n
 
 
-def _read_shard(path: Path, items: list[tuple[str, str]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_shard(path: Path, items: list[tuple[str, str]], dtype: torch.dtype,
+                transform: Transform | None = None) -> dict[str, Any]:
     """Read tensors with plain file reads (no mmap, so the file never counts towards the process's memory)
-    straight into tensors of `dtype`: same-dtype tensors in one read, others through a 64 MiB staging buffer."""
-    out: dict[str, torch.Tensor] = {}
+    straight into tensors of `dtype`: same-dtype tensors in one read, others through a 64 MiB staging buffer.
+    transform(name, tensor), if given, is applied to each tensor as soon as it is read."""
+    out: dict[str, Any] = {}
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -439,7 +443,8 @@ def _read_shard(path: Path, items: list[tuple[str, str]], dtype: torch.dtype) ->
                     k = min(step, flat.numel() - i)
                     _readinto(f, stage[:k], path, fk)
                     flat[i:i + k].copy_(stage[:k])
-            out[c] = t
+            out[c] = t if transform is None else transform(c, t)
+            del t
     return out
 
 
@@ -457,16 +462,20 @@ def _fixed_mmap_threshold() -> None:
 
 
 def load_state_dict(info: CheckpointInfo, dtype: torch.dtype, device: str | torch.device = "cpu",
-                    progress: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
+                    progress: Callable[[float], None] | None = None,
+                    transform: Transform | None = None) -> dict[str, Any]:
     """Canonical tensors read from the shards straight into `dtype` (no fp32 detour for a bf16 file, one
     copy per tensor), then moved to `device`; the unused lm_heads are never read. progress: called with
-    the fraction read so far (Orbax checkpoints)."""
+    the fraction read so far (Orbax checkpoints). transform(name, tensor): applied to each tensor on the
+    CPU as soon as it is read (the caller's compression at load: only one uncompressed tensor at a time)."""
+    if transform is not None and torch.device(device).type != "cpu":
+        raise ValueError("load_state_dict: a transform runs on CPU tensors only")
     _fixed_mmap_threshold()
     if info.orbax is not None:
         from pi0 import orbax
 
         try:
-            state = orbax.load(*info.orbax, dtype, progress)
+            state = orbax.load(*info.orbax, dtype, progress, transform)
         except OrbaxError as e:
             raise CheckpointError(str(e)) from None
         return state if torch.device(device).type == "cpu" else {k: v.to(device) for k, v in state.items()}
@@ -475,7 +484,7 @@ def load_state_dict(info: CheckpointInfo, dtype: torch.dtype, device: str | torc
         by_shard.setdefault(shard, []).append((c, fk))
     out: dict[str, torch.Tensor] = {}
     for shard, items in by_shard.items():
-        for c, t in _read_shard(shard, items, dtype).items():
+        for c, t in _read_shard(shard, items, dtype, transform).items():
             out[c] = t if torch.device(device).type == "cpu" else t.to(device)
     return out
 

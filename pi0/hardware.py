@@ -7,6 +7,9 @@ kernel reports (/proc/cpuinfo: avx512_bf16, amx_bf16, ARM's bf16) together with 
 where no flags can be read, from timing small bf16 and fp32 GEMMs (~0.1 s once). Never from CPU model
 names. `PI0_NATIVE_BF16=0|1` overrides the probe.
 
+`dtype="int8"` (CPU, engine): int8 weights (per output channel, made at load) and int8 activations (per
+token, at each product), with the "auto" float dtype between them; `compute_dtype` says which.
+
 fp16 is refused: Gemma's residual stream and MLP outputs exceed fp16's range (65504) with real weights,
 and an fp16 pi0.5 silently produces garbage (it is known to score 0% on LIBERO).
 """
@@ -24,8 +27,8 @@ NATIVE_BF16_MIN_SPEEDUP = 1.0  # timing fallback: bf16 counts as native where it
 # (native bf16 runs 2-6x faster than fp32 here, emulated bf16 5-8x slower: the threshold sits between)
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86; ARM reports "bf16" among its Features
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-DTYPE_CHOICES = ("auto", "bfloat16", "float32")
+           "float16": torch.float16, "fp16": torch.float16, "int8": torch.int8}
+DTYPE_CHOICES = ("auto", "bfloat16", "float32", "int8")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -110,6 +113,12 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
     if dtype == torch.float16:
         raise ValueError("float16 is not supported: Gemma's activations exceed fp16's range (65504) with real "
                          "weights, which gives wrong actions without an error. Use bfloat16 (or auto) or float32.")
+    if dtype == torch.int8:
+        if dev.type != "cpu":
+            raise ValueError(f"int8 runs on CPUs (dynamic W8A8 through oneDNN / torch._int_mm); on {dev.type} use "
+                             "bfloat16 or auto")
+        compute, why = resolve_dtype("auto", dev)
+        return dtype, f"dtype int8 -> int8 weights and activations, {_name(compute)} between them ({why})"
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype {dtype} is not supported: choose one of {', '.join(DTYPE_CHOICES)}")
     if dtype == torch.bfloat16:
@@ -117,6 +126,11 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
         if not ok:
             return dtype, f"dtype bfloat16 as asked, but this {dev.type} has no native bf16 ({why}): expect it to be slow here"
     return dtype, f"dtype {_name(dtype)} as asked"
+
+
+def compute_dtype(dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """The float dtype a model of (resolved) `dtype` computes in: itself, or for int8 the "auto" float dtype."""
+    return resolve_dtype("auto", device)[0] if dtype == torch.int8 else dtype
 
 
 def _name(dtype: torch.dtype) -> str:

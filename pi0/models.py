@@ -9,9 +9,9 @@ from typing import Callable
 
 import torch
 
-from pi0.checkpoint import CheckpointInfo, inspect_checkpoint, load_state_dict
+from pi0.checkpoint import CheckpointInfo, Transform, inspect_checkpoint, load_state_dict
 from pi0.config import Pi0Config, canonical_shapes
-from pi0.hardware import resolve_device, resolve_dtype
+from pi0.hardware import compute_dtype, resolve_device, resolve_dtype
 from pi0.reference.model import Pi0Reference
 
 BACKENDS = ("reference", "engine")
@@ -46,33 +46,33 @@ def _init_rule(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
 
 
 def random_state_dict(config: Pi0Config, seed: int, dtype: torch.dtype, device: str | torch.device = "cpu",
-                      progress: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
-    """Seeded random canonical weights, written directly into `dtype`. Each block of rows has its own
-    generator (seeded by seed, tensor index, block index), so the values do not depend on the thread
-    count, and the blocks are filled on all cores. Values are drawn in fp32 and rounded to `dtype`, so a
-    bf16 build holds the bf16-rounded weights of the fp32 build with the same seed."""
-    shapes = canonical_shapes(config)
-    out = {k: torch.empty(s, dtype=dtype, device=device) for k, s in sorted(shapes.items())}
-    jobs = []
-    for i, (name, t) in enumerate(out.items()):
-        per_row = max(1, math.prod(t.shape[1:]))
-        step = max(1, _BLOCK // per_row)
-        for j, r0 in enumerate(range(0, t.shape[0], step)):
-            jobs.append((name, r0, min(t.shape[0], r0 + step), seed * 2**40 + i * 2**20 + j))
-    total = sum(t.numel() for t in out.values())
+                      progress: Callable[[float], None] | None = None,
+                      transform: Transform | None = None) -> dict[str, torch.Tensor]:
+    """Seeded random canonical weights, written directly into `dtype`, one tensor at a time (transform(name,
+    tensor), if given, is applied to each as soon as it is filled). Each block of rows has its own generator
+    (seeded by seed, tensor index, block index), so the values do not depend on the thread count, and the
+    blocks are filled on all cores. Values are drawn in fp32 and rounded to `dtype`, so a bf16 build holds
+    the bf16-rounded weights of the fp32 build with the same seed."""
+    shapes = sorted(canonical_shapes(config).items())
+    total = sum(math.prod(s) for _, s in shapes)
     done = 0
-
-    def fill(job) -> int:
-        name, r0, r1, s = job
-        mean, std = _init_rule(name, tuple(out[name].shape))
-        block = torch.empty((r1 - r0, *out[name].shape[1:]), dtype=torch.float32)
-        block.normal_(mean, std, generator=torch.Generator().manual_seed(s))
-        out[name][r0:r1].copy_(block)
-        return block.numel()
-
+    out = {}
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        for n in pool.map(fill, jobs):
-            done += n
+        for i, (name, shape) in enumerate(shapes):
+            t = torch.empty(shape, dtype=dtype, device=device)
+            mean, std = _init_rule(name, tuple(shape))
+            step = max(1, _BLOCK // max(1, math.prod(shape[1:])))
+
+            def fill(j: int, t=t, mean=mean, std=std, step=step, i=i) -> None:
+                r0 = j * step
+                block = torch.empty((min(t.shape[0], r0 + step) - r0, *t.shape[1:]), dtype=torch.float32)
+                block.normal_(mean, std, generator=torch.Generator().manual_seed(seed * 2**40 + i * 2**20 + j))
+                t[r0:r0 + len(block)].copy_(block)
+
+            list(pool.map(fill, range(math.ceil(shape[0] / step))))
+            out[name] = t if transform is None else transform(name, t)
+            del t
+            done += math.prod(shape)
             if progress is not None:
                 progress(done / total)
     return out
@@ -84,7 +84,8 @@ def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0,
     be "auto" (pi0.hardware). progress: called with the fraction of parameters filled so far."""
     _check_backend(backend)
     device = resolve_device(device)
-    state = random_state_dict(config, seed, resolve_dtype(dtype, device)[0], device, progress)
+    dtype, transform = _precision(dtype, device, backend)
+    state = random_state_dict(config, seed, compute_dtype(dtype, device), device, progress, transform)
     return _from_state_dict(config, state, backend)
 
 
@@ -103,10 +104,25 @@ def load_from_info(info: CheckpointInfo, *, backend: str, dtype: str | torch.dty
     """The model of an already inspected checkpoint."""
     _check_backend(backend)
     device = resolve_device(device)
-    state = load_state_dict(info, resolve_dtype(dtype, device)[0], device, progress)
+    dtype, transform = _precision(dtype, device, backend)
+    state = load_state_dict(info, compute_dtype(dtype, device), device, progress, transform)
     model = _from_state_dict(info.config, state, backend)
     model.checkpoint_info = info
     return model
+
+
+def _precision(dtype: str | torch.dtype, device: torch.device, backend: str) -> tuple[torch.dtype, Transform | None]:
+    """The resolved dtype and, for int8, the engine's quantiser applied to each tensor as it is loaded (so
+    only one float tensor is ever held)."""
+    dtype = resolve_dtype(dtype, device)[0]
+    if dtype != torch.int8:
+        return dtype, None
+    if backend != "engine":
+        raise ValueError("int8 is an engine dtype: the reference backend is the fp32 specification (use "
+                         "backend='engine', or float32 / bfloat16 for the reference)")
+    from pi0.engine.model import int8_quantizer
+
+    return dtype, int8_quantizer(compute_dtype(dtype, device))
 
 
 def _from_state_dict(config: Pi0Config, state: dict[str, torch.Tensor], backend: str):

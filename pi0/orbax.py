@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -256,17 +256,18 @@ def head_counts(leaves: dict[str, Leaf]) -> dict:
 
 
 def load(params: OrbaxParams, rec: dict[str, tuple[str, Transform]], dtype: torch.dtype,
-         progress: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
+         progress: Callable[[float], None] | None = None,
+         transform: Callable[[str, torch.Tensor], Any] | None = None) -> dict[str, Any]:
     """Every canonical tensor in `dtype`. Leaves are read one at a time, largest first (so the one
     transient leaf coincides with a small state), each sliced straight into its target tensors (one copy)
-    and then freed."""
+    and then freed. transform(name, tensor), if given, is applied to each tensor as soon as it is made."""
     by_leaf: dict[str, list[tuple[str, Transform]]] = {}
     for c, (leaf, fn) in rec.items():
         by_leaf.setdefault(leaf, []).append((c, fn))
     order = sorted(by_leaf, key=lambda n: -math.prod(params.leaves[n].shape))
     total = sum(math.prod(params.leaves[n].shape) for n in order)
     done = 0
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for name in order:
         leaf = params.leaves[name]
         a = params.read(leaf)
@@ -276,6 +277,8 @@ def load(params: OrbaxParams, rec: dict[str, tuple[str, Transform]], dtype: torc
                 out[c] = a  # the whole leaf as it is (the embedding, 1-D leaves)
             else:
                 out[c] = torch.empty(view.shape, dtype=dtype).copy_(view)
+            if transform is not None:
+                out[c] = transform(c, out[c])
         del a, view  # the last slice would keep the whole leaf alive
 
         done += math.prod(leaf.shape)

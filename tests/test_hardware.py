@@ -92,7 +92,7 @@ def test_probed_packing_gives_the_same_products():
 
 def test_a_failing_compiler_means_eager_kernels(monkeypatch):
     """No C++ compiler (or a miscompiling one): the engine picks eager ops once, at load, and still answers."""
-    def broken():
+    def broken(name):
         raise RuntimeError("no working C++ compiler")
 
     monkeypatch.setattr(ops, "_compiled", broken)

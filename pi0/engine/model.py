@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -28,6 +30,29 @@ from pi0.functional import interpolate_position_embedding, posemb
 from pi0.observation import Observation, sampling_inputs
 from pi0.rtc import RTC, make_guide
 from pi0.timing import StageClock
+
+
+INT8_STAGES = ("vision", "prefix", "expert", "embedding")
+_INT8_NAMES = {  # the linear weights of each stage that int8 covers; norms, biases, the time path and heads stay
+    "vision": r"vision\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])\.weight|projector\.weight",
+    "prefix": r"vlm\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight",
+    "expert": r"expert\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight",
+    "embedding": r"vlm\.embed_tokens\.weight",  # one scale per token row; looked up, never multiplied
+}
+
+
+def int8_quantizer(dtype: torch.dtype, stages: tuple[str, ...] = INT8_STAGES) -> Callable[[str, Tensor], Tensor | ops.Int8Weight]:
+    """(name, tensor) -> an Int8Weight for the big linear weights of `stages`, else the tensor as it is. Applied
+    by the loader to each tensor as it is read, so a full-size int8 model never holds its float weights."""
+    unknown = set(stages) - set(INT8_STAGES)
+    if unknown:
+        raise ValueError(f"unknown int8 stages {sorted(unknown)}: choose from {INT8_STAGES}")
+    pattern = re.compile("|".join(f"(?:{_INT8_NAMES[s]})" for s in stages)) if stages else None
+
+    def quantize(name: str, t: Tensor) -> Tensor | ops.Int8Weight:
+        return ops.quantize_weight(t, dtype) if pattern is not None and pattern.fullmatch(name) else t
+
+    return quantize
 
 
 @dataclass
@@ -69,8 +94,8 @@ class Pi0Engine:
         pack / fuse: allow oneDNN-packed weights / torch.compile'd kernels where they work on this machine
         (probed once; PI0_PACK=0 / PI0_COMPILE=0 turn them off too). `self.kernels` says what was chosen."""
         self.config = config
-        self.dtype = state["vlm.embed_tokens.weight"].dtype
-        self.device = state["vlm.embed_tokens.weight"].device
+        self.dtype = state["vlm.embed_tokens.weight"].dtype  # an Int8Weight's is the float dtype it computes in
+        self.device = state["projector.bias"].device
         self.vision_dtype = vision_dtype or self.dtype
         dt = self.dtype
         pack = pack and os.environ.get("PI0_PACK", "1") != "0"
@@ -80,9 +105,17 @@ class Pi0Engine:
                       for d in {dt, self.vision_dtype}}
         self.kernels = {"packed_weights": self._pack[dt][0], "fused_kernels": self.fused,
                         "why": "; ".join([self._pack[dt][1], why_fused])}
+        int8 = sorted(k for k, t in state.items() if isinstance(t, ops.Int8Weight))
+        self.int8_kernel = None
+        if int8:
+            self.int8_kernel, why_int8 = ops.int8_kernel(dt, self.device.type)
+            self.kernels.update(int8_kernel=self.int8_kernel, int8_tensors=len(int8),
+                                why=self.kernels["why"] + "; " + why_int8)
 
         def take(name: str, dtype: torch.dtype | None = dt) -> Tensor:
             t = state.pop(name)
+            if isinstance(t, ops.Int8Weight):
+                return t
             return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
         def f32(name: str) -> Tensor:
@@ -94,7 +127,9 @@ class Pi0Engine:
         self.pos_emb = take("vision.position_embedding.weight", vdt)
         img_rows = config.num_cameras * v.num_patches  # GEMM row-count hint for the packed layouts
 
-        def pack_as(w: Tensor, rows: int) -> Tensor:
+        def pack_as(w: Tensor | ops.Int8Weight, rows: int) -> Tensor | ops.Int8Weight:
+            if isinstance(w, ops.Int8Weight):
+                return ops.pack_int8(w, rows, self.int8_kernel, self.fused)
             return ops.pack(w, rows, self._pack[w.dtype][0])
 
         def packed(name: str, rows: int, dtype: torch.dtype = dt) -> Tensor:
@@ -105,7 +140,7 @@ class Pi0Engine:
             p = f"vision.layers.{i}."
             self.vision_layers.append(VisionLayer(
                 ln1_w=take(p + "layer_norm1.weight", vdt), ln1_b=take(p + "layer_norm1.bias", vdt),
-                qkv_w=pack_as(torch.cat([take(p + f"self_attn.{n}_proj.weight", vdt) for n in "qkv"]), img_rows),
+                qkv_w=pack_as(ops.cat_rows([take(p + f"self_attn.{n}_proj.weight", vdt) for n in "qkv"]), img_rows),
                 qkv_b=torch.cat([take(p + f"self_attn.{n}_proj.bias", vdt) for n in "qkv"]),
                 out_w=packed(p + "self_attn.out_proj.weight", img_rows, vdt), out_b=take(p + "self_attn.out_proj.bias", vdt),
                 ln2_w=take(p + "layer_norm2.weight", vdt), ln2_b=take(p + "layer_norm2.bias", vdt),
@@ -127,16 +162,16 @@ class Pi0Engine:
                     for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
                               "post_attention_layernorm"):
                         state.pop(p + n + ".weight")
-                    kv_w = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "kv"])
+                    kv_w = ops.cat_rows([take(p + f"self_attn.{n}_proj.weight") for n in "kv"])
                     layers.append(GemmaLayer(None, pack_as(kv_w, rows), None, None, None,
                                              1 + f32(p + "input_layernorm.weight"), None))
                     continue
-                q_w = take(p + "self_attn.q_proj.weight", torch.float32) * head_dim**-0.5  # scale folded into W_q
+                q_w = ops.scale_rows(take(p + "self_attn.q_proj.weight"), head_dim**-0.5)  # scale folded into W_q
                 layers.append(GemmaLayer(
-                    qkv_w=pack_as(torch.cat([q_w.to(dt)] + [take(p + f"self_attn.{n}_proj.weight") for n in "kv"]), rows),
+                    qkv_w=pack_as(ops.cat_rows([q_w] + [take(p + f"self_attn.{n}_proj.weight") for n in "kv"]), rows),
                     kv_w=None,
                     o_w=packed(p + "self_attn.o_proj.weight", rows),
-                    gate_up_w=pack_as(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]), rows),
+                    gate_up_w=pack_as(ops.cat_rows([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]), rows),
                     down_w=packed(p + "mlp.down_proj.weight", rows),
                     in_norm=None if adaptive else 1 + f32(p + "input_layernorm.weight"),
                     post_norm=None if adaptive else 1 + f32(p + "post_attention_layernorm.weight"),
@@ -223,7 +258,7 @@ class Pi0Engine:
         seqs = []
         for i in range(b):
             cams = [feats[feat_of[(c, i)]] for c in range(len(obs.images)) if (c, i) in feat_of]
-            lang = self.embed[obs.tokens[i][obs.token_masks[i]]] * scale
+            lang = ops.embedding(self.embed, obs.tokens[i][obs.token_masks[i]]) * scale
             seqs.append(torch.cat(cams + [lang]))
             want = len(cams) * (feats.shape[1] if pairs else 0) + len(lang)
             assert len(seqs[-1]) == want, f"row {i}: packed prefix {len(seqs[-1])} != {len(cams)} cameras + {len(lang)} tokens"
@@ -269,7 +304,7 @@ class Pi0Engine:
                 break
             x = x + ops.linear(ops.attention(q, k, v, key_mask), layer.o_w)
             h = ops.rms_norm(x, layer.post_norm, g.rms_norm_eps).to(self.dtype)
-            x = x + ops.linear(ops.gated_gelu(ops.linear(h, layer.gate_up_w), self.fused), layer.down_w)
+            x = x + ops.linear(ops.linear_gated_gelu(h, layer.gate_up_w, self.fused), layer.down_w)
 
     # -- suffix -----------------------------------------------------------------------------
 
@@ -304,7 +339,7 @@ class Pi0Engine:
                 h = ops.rms_norm(x, layer.post_norm, e.rms_norm_eps).to(self.dtype)
             else:
                 h = ops.ada_rms_norm(x, scale2, shift2, e.rms_norm_eps).to(self.dtype)
-            y = ops.linear(ops.gated_gelu(ops.linear(h, layer.gate_up_w), self.fused), layer.down_w)
+            y = ops.linear(ops.linear_gated_gelu(h, layer.gate_up_w, self.fused), layer.down_w)
             x = x + (y if mods is None else y * gate2.to(self.dtype))
         return x
 

@@ -4,8 +4,12 @@ in fp32."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import os
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +47,18 @@ def pack(w: Tensor, rows_hint: int, enabled: bool) -> Tensor:
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    if isinstance(w, Int8Weight):
+        return int8_linear(x, w, b)
     if w.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
+
+
+def embedding(table: Tensor | Int8Weight, ids: Tensor) -> Tensor:
+    """Rows `ids` of an embedding table (float, or int8 with one scale per row)."""
+    if isinstance(table, Int8Weight):
+        return (table.q[ids].float() * table.scale[ids, None]).to(table.dtype)
+    return table[ids]
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -67,6 +80,7 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 
 _GELU_C = 2 * math.sqrt(2 / math.pi)
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _gated_gelu_eager(gate_up: Tensor) -> Tensor:
@@ -74,43 +88,90 @@ def _gated_gelu_eager(gate_up: Tensor) -> Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-def _gated_gelu_fused(gate_up: Tensor) -> Tensor:
-    # gelu_tanh(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3)), in fp32, rounded once
+def _gated_gelu_fused(gate_up: Tensor, row_scale: Tensor | None = None) -> Tensor:
+    # gelu_tanh(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3)), in fp32, rounded once;
+    # row_scale [M, 1]: an int8 product's token scales, applied here instead of in a pass of their own
     gate, up = gate_up.chunk(2, dim=-1)
-    g = gate.float()
-    return (g * torch.sigmoid(_GELU_C * (g + 0.044715 * g * g * g)) * up.float()).to(gate_up.dtype)
+    g, u = gate.float(), up.float()
+    if row_scale is not None:
+        g, u = g * row_scale, u * row_scale
+    return (g * torch.sigmoid(_GELU_C * (g + 0.044715 * g * g * g)) * u).to(gate_up.dtype)
 
 
-_compiled_gated_gelu = None
+def _quantize_rows(x: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    """Per-token symmetric int8: x [M, K] -> round(x / s) + offset (int8 for offset 0, uint8 for 128) and
+    s = max|x_row| / 127, fp32 [M, 1]."""
+    xf = x.float()
+    s = (xf.abs().amax(dim=-1, keepdim=True) / 127).clamp_min(_TINY)
+    q = torch.round(xf / s).clamp(-127, 127) + offset
+    return q.to(torch.uint8 if offset else torch.int8), s
 
 
-def _compiled() -> object:
-    global _compiled_gated_gelu
-    if _compiled_gated_gelu is None:
-        _compiled_gated_gelu = torch.compile(_gated_gelu_fused, dynamic=True)
-    return _compiled_gated_gelu
+def _rescale(y: Tensor, row_scale: Tensor, col_scale: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """An int8 product's epilogue: y * row_scale [M, 1] (* col_scale [N]) (+ bias), in fp32, rounded to dtype."""
+    out = y.float() * row_scale
+    if col_scale is not None:
+        out = out * col_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(dtype)
+
+
+_FUSED = {"gated_gelu": _gated_gelu_fused, "quantize_rows": _quantize_rows, "rescale": _rescale}
+_compiled_fns: dict[str, object] = {}
+
+
+def _compiled(name: str) -> object:
+    """torch.compile of one of the `_FUSED` functions (one vectorised loop instead of a pass per op)."""
+    if name not in _compiled_fns:
+        _compiled_fns[name] = torch.compile(_FUSED[name], dynamic=True)
+    return _compiled_fns[name]
+
+
+def _run(name: str, fused: bool, *args):
+    return _compiled(name)(*args) if fused else _FUSED[name](*args)
 
 
 @functools.cache
 def fusion_works(dtype: torch.dtype, device_type: str) -> tuple[bool, str]:
-    """Does torch.compile build the fused gated gelu here (one vectorised loop instead of 3 passes over
-    the MLP activations; 3.3x)? Probed once per dtype and device type by compiling it and checking it
-    against eager ops; it fails without a C++ compiler (CPU) or Triton (GPU)."""
-    x = torch.randn(3, 7, 2 * 99, device=device_type).to(dtype)  # odd sizes: the vector loops' tails too
+    """Does torch.compile build the fused kernels here (the gated gelu: 3.3x; int8 quantisation and
+    rescaling)? Probed once per dtype and device type by compiling each and checking it against eager ops
+    on odd sizes (the vector loops' tails too); it fails without a C++ compiler (CPU) or Triton (GPU)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 2 * 99, generator=g).to(device_type).to(dtype)
+    x2 = torch.randn(37, 99, generator=g).to(device_type).to(dtype)
+    rs, cs = torch.rand(37, 1, generator=g).to(device_type), torch.rand(99, generator=g).to(device_type)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    checks = {
+        "gated_gelu": ((x,), lambda got: torch.allclose(got.float(), _gated_gelu_eager(x).float(), rtol=tol, atol=tol)),
+        "quantize_rows": ((x2, 128), lambda got: torch.allclose(got[1], _quantize_rows(x2, 128)[1], rtol=1e-6)
+                          and (got[0].int() - _quantize_rows(x2, 128)[0].int()).abs().max() <= 1),
+        "rescale": ((x2, rs, cs, cs, dtype), lambda got: torch.allclose(
+            got.float(), _rescale(x2, rs, cs, cs, dtype).float(), rtol=tol, atol=tol)),
+    }
     try:
-        got = _compiled()(x)
+        for name, (args, ok) in checks.items():
+            if not ok(_compiled(name)(*args)):
+                return False, f"the compiled {name.replace('_', ' ')} disagrees with eager ops here"
     except Exception as e:  # noqa: BLE001 - any compiler failure means eager ops
         return False, f"torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    if not torch.allclose(got.float(), _gated_gelu_eager(x).float(), rtol=tol, atol=tol):
-        return False, "the compiled gated gelu disagrees with eager ops here"
-    return True, "torch.compile'd gated gelu"
+    return True, "torch.compile'd gated gelu and int8 (de)quantisation"
 
 
 def gated_gelu(gate_up: Tensor, fused: bool) -> Tensor:
     """[.., 2M] fused gate|up projection -> gelu_tanh(gate) * up [.., M]; `fused`: the compiled kernel
     (decided once per engine by `fusion_works`), else eager ops."""
-    return _compiled()(gate_up) if fused else _gated_gelu_eager(gate_up)
+    return _compiled("gated_gelu")(gate_up) if fused else _gated_gelu_eager(gate_up)
+
+
+def linear_gated_gelu(x: Tensor, w: Tensor | Int8Weight, fused: bool) -> Tensor:
+    """gated_gelu(linear(x, w)) for the fused gate|up weight; an int8 product's token scales are applied inside
+    the gelu instead of in a pass over the (widest) activations of their own."""
+    if not isinstance(w, Int8Weight):
+        return gated_gelu(linear(x, w), fused)
+    lead = x.shape[:-1]
+    y, s = _int8_product(x.reshape(-1, x.shape[-1]), w)
+    return _run("gated_gelu", w.fused, y, s).view(*lead, y.shape[-1] // 2)
 
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -153,3 +214,137 @@ def mha(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     b, n, h, d = q.shape
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8: dynamic W8A8 linears (per-output-channel int8 weights, per-token int8 activations)
+
+INT8_KERNELS = ("onednn", "int_mm", "plain")
+
+
+@dataclass
+class Int8Weight:
+    """A linear weight w [out, in] as w ~ q * scale[:, None]: symmetric int8 with one fp32 scale per output
+    channel, made once at load. `dtype`: the float dtype the layer's inputs and outputs are in. After
+    `pack_int8`, `q` is in the layout of `kernel`: "onednn" (oneDNN's packed s8 weight), "int_mm"
+    ([in, out] view for torch._int_mm) or "plain" (int8 [out, in], dequantised at each call)."""
+
+    q: Tensor
+    scale: Tensor  # fp32 [out]
+    dtype: torch.dtype
+    kernel: str = "plain"
+    fused: bool = False  # quantise / rescale with the compiled kernels (`fusion_works`)
+
+
+def quantize_weight(w: Tensor, dtype: torch.dtype | None = None) -> Int8Weight:
+    """[out, in] float -> Int8Weight: scale = max|w_row| / 127 per output row, q = round(w / scale), in fp32,
+    a block of rows at a time (the embedding's 0.5 G values would otherwise need 2 GB per fp32 temporary)."""
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0], dtype=torch.float32)
+    step = max(1, (1 << 22) // max(1, w.shape[1]))
+    for r in range(0, w.shape[0], step):
+        q[r:r + step], s = _quantize_rows(w[r:r + step], 0)
+        scale[r:r + step] = s[:, 0]
+    return Int8Weight(q, scale, dtype or w.dtype)
+
+
+def cat_rows(ws: list) -> Tensor | Int8Weight:
+    """Weights stacked along their output rows (fused QKV, gate|up): per-row scales make quantising the parts
+    and then stacking them the same as quantising the stack."""
+    if all(isinstance(w, Tensor) for w in ws):
+        return torch.cat(ws)
+    if not all(isinstance(w, Int8Weight) and w.kernel == "plain" for w in ws):
+        raise TypeError("cat_rows: mixed float / int8 (or already packed) weights")
+    return Int8Weight(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]), ws[0].dtype)
+
+
+def scale_rows(w: Tensor | Int8Weight, c: float) -> Tensor | Int8Weight:
+    """c * w (the attention scale folded into W_q): for int8, into the per-row scales."""
+    if isinstance(w, Int8Weight):
+        return dataclasses.replace(w, scale=w.scale * c)
+    return (w.float() * c).to(w.dtype)
+
+
+def _int8_product(x: Tensor, w: Int8Weight) -> tuple[Tensor, Tensor]:
+    """x [M, K] float -> (y, s): y[m, n] = scale[n] * sum_k round(x[m, k] / s[m]) q[n, k] in w.dtype, and the token
+    scales s [M, 1] fp32 still to be applied (by `int8_linear` or inside the consumer, `linear_gated_gelu`)."""
+    if w.kernel == "onednn":  # u8 activations with zero point 128: oneDNN's JIT int8 kernels on AVX2 too
+        xq, s = _run("quantize_rows", w.fused, x, 128)
+        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, w.q, w.scale, _zero_points(w.scale.numel()), None,
+                                               1.0, 0, w.dtype, "none", [], "")
+        return y, s
+    xq, s = _run("quantize_rows", w.fused, x, 0)
+    if w.kernel == "int_mm":
+        return _run("rescale", w.fused, torch._int_mm(xq, w.q), torch.ones_like(s), w.scale, None, w.dtype), s
+    return (F.linear(xq.float(), w.q.float()) * w.scale).to(w.dtype), s
+
+
+@functools.cache
+def _zero_points(n: int) -> Tensor:
+    return torch.zeros(n, dtype=torch.long)
+
+
+def int8_linear(x: Tensor, w: Int8Weight, b: Tensor | None = None) -> Tensor:
+    """Dynamic W8A8: x [..., K] quantised per token, int32 accumulation in the kernel, the weight scales applied
+    in its epilogue and the token scales (and bias) after it. Returns [..., N] in w.dtype."""
+    lead = x.shape[:-1]
+    y, s = _int8_product(x.reshape(-1, x.shape[-1]), w)
+    return _run("rescale", w.fused, y, s, None, b, w.dtype).view(*lead, y.shape[-1])
+
+
+def pack_int8(w: Int8Weight, rows_hint: int, kernel: str, fused: bool = False) -> Int8Weight:
+    """The weight in `kernel`'s layout (decided once per engine by `int8_kernel`); `fused`: quantise and
+    rescale activations with the compiled kernels (decided by `fusion_works`)."""
+    if kernel == "onednn":
+        q = torch.ops.onednn.qlinear_prepack(w.q.contiguous(), [rows_hint, w.q.shape[1]])
+    elif kernel == "int_mm":
+        q = w.q.contiguous().t()
+    else:
+        q, kernel = w.q.contiguous(), "plain"
+    return dataclasses.replace(w, q=q, kernel=kernel, fused=fused)
+
+
+def _probe_int8(kernel: str, dtype: torch.dtype, m: int, k: int, n: int) -> tuple[float, str]:
+    """(seconds per product of [m, k] x [k, n], or inf, and why) for one kernel, after checking its answer on
+    a small product against the plain (dequantised fp32) one."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=g)
+    x = torch.randn(5, 40, generator=g).to(dtype)
+    wq = quantize_weight(w, dtype)
+    want = int8_linear(x, wq)
+    try:
+        got = int8_linear(x, pack_int8(wq, 5, kernel))
+    except (RuntimeError, NotImplementedError, AttributeError) as e:
+        return math.inf, f"{kernel}: {str(e).splitlines()[0][:120]}"
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item()):
+        return math.inf, f"{kernel}: wrong products here"
+    big = pack_int8(quantize_weight(torch.randn(n, k), dtype), m, kernel)
+    xb = torch.randn(m, k).to(dtype)
+    int8_linear(xb, big)
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        int8_linear(xb, big)
+        best = min(best, time.perf_counter() - t)
+    return best, f"{kernel}: {2 * m * k * n / best / 1e9:.0f} GOPS"
+
+
+@functools.cache
+def int8_kernel(dtype: torch.dtype, device_type: str) -> tuple[str, str]:
+    """The int8 kernel for this machine, decided once: each of oneDNN's qlinear and torch._int_mm is checked
+    against exact products and timed on one pi0-like shape (64 x 1024 -> 4096); the fastest wins ("plain",
+    dequantised fp32 math, where neither works). PI0_INT8_KERNEL=onednn|int_mm|plain forces one."""
+    forced = os.environ.get("PI0_INT8_KERNEL")
+    if forced:
+        if forced not in INT8_KERNELS:
+            raise ValueError(f"PI0_INT8_KERNEL={forced!r}: choose one of {', '.join(INT8_KERNELS)}")
+        return forced, f"PI0_INT8_KERNEL={forced}"
+    if device_type != "cpu":
+        return "plain", f"no int8 kernels on {device_type}"
+    results = {kn: _probe_int8(kn, dtype, 64, 1024, 4096) for kn in ("onednn", "int_mm")}
+    best = min(results, key=lambda kn: results[kn][0])
+    why = "; ".join(r[1] for r in results.values())
+    if math.isinf(results[best][0]):
+        return "plain", f"no int8 kernel works here ({why})"
+    return best, f"int8 {best} ({why})"

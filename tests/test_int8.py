@@ -1,0 +1,244 @@
+"""The int8 engine (dynamic W8A8): the accuracy gate at tiny size and the wrong scales it catches, every kernel
+and fallback, loading (int8 made as each tensor is read), errors and the CLI."""
+
+import dataclasses
+import json
+import re
+import statistics
+
+import pytest
+import torch
+
+import pi0
+from pi0.engine import ops
+from pi0.engine.model import Pi0Engine, int8_quantizer
+from pi0.hardware import compute_dtype, native_bf16, resolve_dtype
+from pi0.models import random_state_dict
+from pi0.reference.model import Pi0Reference
+from tests.conftest import make_noise, make_obs, write_policy_checkpoint
+from tests.test_cli import run
+
+# What int8 covers, written out here independently of the engine's own patterns
+LINEARS = re.compile(r"(vision\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])|projector"
+                     r"|(vlm|expert)\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj))\.weight")
+EMBED = "vlm.embed_tokens.weight"
+
+
+def spread_state(cfg: pi0.Pi0Config, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded fp32 weights whose linear rows differ in scale by up to e^4, as trained rows do (random rows
+    barely differ, so a per-tensor scale would look as good as per-channel ones)."""
+    state = random_state_dict(cfg, seed, torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    for k, v in state.items():
+        if LINEARS.fullmatch(k):
+            state[k] = v * torch.empty(v.shape[0], 1).uniform_(-2, 2, generator=g).exp()
+    return state
+
+
+def reference(cfg: pi0.Pi0Config, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Pi0Reference:
+    with torch.device("meta"):
+        model = Pi0Reference(cfg).eval().requires_grad_(False)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model
+
+
+def fake_int8(w: torch.Tensor) -> torch.Tensor:
+    """Per-row symmetric int8 rounding, in fp32: round(w / s) * s with s = max|row| / 127."""
+    wf = w.float()
+    s = wf.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(wf / s).clamp(-127, 127) * s).to(w.dtype)
+
+
+def emulated_int8(cfg: pi0.Pi0Config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Pi0Reference:
+    """The reference with W8A8 numerics emulated in `dtype`: every covered weight (and the embedding rows)
+    rounded per row, every covered layer's input rounded per token."""
+    model = reference(cfg, state, dtype)
+    for name, mod in model.named_modules():
+        if LINEARS.fullmatch(name + ".weight") or name + ".weight" == EMBED:
+            mod.weight = torch.nn.Parameter(fake_int8(mod.weight), requires_grad=False)
+        if LINEARS.fullmatch(name + ".weight"):
+            mod.register_forward_pre_hook(lambda m, args: (fake_int8(args[0]),))
+    return model
+
+
+def int8_engine(cfg: pi0.Pi0Config, state: dict[str, torch.Tensor]) -> Pi0Engine:
+    dt = compute_dtype(torch.int8)
+    quantize = int8_quantizer(dt)
+    return Pi0Engine(cfg, {k: quantize(k, v.to(dt)) for k, v in state.items()})
+
+
+def int8_gate(cfg, eng, ref, emu, seeds: int = 4) -> dict[str, list[float]]:
+    """Per seed (two rows, one with a masked camera and padding): PCC vs the fp32 reference, the mean-abs
+    error over the actions' std, and the same error of the emulated W8A8 reference (the floor int8 sets)."""
+    out = {"pcc": [], "err": [], "emu_err": []}
+    for seed in range(seeds):
+        obs, noise = make_obs(cfg, 2, (7, 12), ((1, 1),), seed=seed), make_noise(cfg, 2, seed=seed)
+        want = ref.sample_actions(obs, noise=noise)
+        got = eng.sample_actions(obs, noise=noise)
+        out["pcc"].append(torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1].item())
+        out["err"].append(((got - want).abs().mean() / want.std()).item())
+        out["emu_err"].append(((emu.sample_actions(obs, noise=noise).float() - want).abs().mean() / want.std()).item())
+    return out
+
+
+def assert_int8_gate(g: dict[str, list[float]]) -> None:
+    """The issue's PCC gate (mean >= 0.99, min >= 0.98) and no more error than W8A8 rounding explains: mean
+    <= 1.5x and max <= 2x the emulation's. PCC alone passes a per-tensor weight scale at tiny sizes."""
+    m = statistics.mean
+    assert m(g["pcc"]) >= 0.99 and min(g["pcc"]) >= 0.98, g["pcc"]
+    assert m(g["err"]) <= 1.5 * m(g["emu_err"]), (g["err"], g["emu_err"])
+    assert max(g["err"]) <= 2 * max(g["emu_err"]), (g["err"], g["emu_err"])
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-pi05"])
+def gate_case(request):
+    cfg = pi0.preset(request.param)
+    state = spread_state(cfg, 3)
+    return cfg, state, reference(cfg, state)
+
+
+_emulations: dict = {}
+
+
+def emulation(cfg, state, dtype):
+    """emulated_int8, built once per (weights, dtype)."""
+    key = (id(state), dtype)
+    if key not in _emulations:
+        _emulations[key] = emulated_int8(cfg, state, dtype)
+    return _emulations[key]
+
+
+@pytest.fixture
+def fresh_probes():
+    for probe in (ops.int8_kernel, ops.fusion_works, native_bf16):
+        probe.cache_clear()
+    yield
+    for probe in (ops.int8_kernel, ops.fusion_works, native_bf16):
+        probe.cache_clear()
+
+
+def kernel_works(kernel: str, dtype: torch.dtype) -> bool:
+    return ops._probe_int8(kernel, dtype, 8, 64, 64)[0] < float("inf")
+
+
+@pytest.mark.parametrize("native", ["1", "0"], ids=["bf16-between", "fp32-between"])
+@pytest.mark.parametrize("kernel", ops.INT8_KERNELS)
+def test_int8_gate(gate_case, kernel, native, monkeypatch, fresh_probes):
+    """Every kernel, with bf16 and with fp32 between the int8 products (PI0_NATIVE_BF16 forces either on any CPU)."""
+    cfg, state, ref = gate_case
+    monkeypatch.setenv("PI0_NATIVE_BF16", native)
+    dt = compute_dtype(torch.int8)
+    if not kernel_works(kernel, dt):
+        pytest.skip(f"the {kernel} int8 kernel does not run on this machine")
+    monkeypatch.setenv("PI0_INT8_KERNEL", kernel)
+    eng = int8_engine(cfg, state)
+    assert eng.kernels["int8_kernel"] == kernel and eng.dtype == dt
+    assert_int8_gate(int8_gate(cfg, eng, ref, emulation(cfg, state, dt)))
+
+
+def test_int8_gate_with_eager_ops(gate_case, monkeypatch):
+    """No compiled kernels (no compiler, or a miscompiling one): eager quantisation and rescaling."""
+    cfg, state, ref = gate_case
+    monkeypatch.setenv("PI0_COMPILE", "0")
+    eng = int8_engine(cfg, state)
+    assert not eng.kernels["fused_kernels"]
+    assert_int8_gate(int8_gate(cfg, eng, ref, emulation(cfg, state, eng.dtype)))
+
+
+def _per_tensor(w: torch.Tensor, dtype: torch.dtype | None = None) -> ops.Int8Weight:
+    wf = w.float()
+    s = wf.abs().max() / 127
+    return ops.Int8Weight(torch.round(wf / s).clamp(-127, 127).to(torch.int8), s.expand(w.shape[0]).clone(),
+                          dtype or w.dtype)
+
+
+@pytest.mark.parametrize("bug", ["per_tensor_scale", "flipped_scales"])
+def test_int8_gate_catches_a_wrong_scale(gate_case, bug, monkeypatch):
+    """One scale for the whole weight instead of one per output channel, or the per-channel scales in the wrong
+    order: the gate must fail."""
+    cfg, state, ref = gate_case
+    good = ops.quantize_weight
+    if bug == "per_tensor_scale":
+        monkeypatch.setattr(ops, "quantize_weight", _per_tensor)
+    else:
+        def flipped(w, dtype=None):
+            q = good(w, dtype)
+            return dataclasses.replace(q, scale=q.scale.flip(0))
+        monkeypatch.setattr(ops, "quantize_weight", flipped)
+    eng = int8_engine(cfg, state)
+    with pytest.raises(AssertionError):
+        assert_int8_gate(int8_gate(cfg, eng, ref, emulation(cfg, state, eng.dtype), seeds=3))
+
+
+def test_quantize_weight_is_per_output_channel_and_stacks():
+    w = torch.randn(300, 40) * torch.linspace(0.01, 10, 300)[:, None]
+    q = ops.quantize_weight(w, torch.float32)
+    assert q.q.dtype == torch.int8 and q.scale.shape == (300,)
+    assert torch.allclose(q.scale, w.abs().amax(1) / 127)
+    assert ((q.q.float() * q.scale[:, None] - w).abs() <= q.scale[:, None] / 2 + 1e-6).all()
+    a, b = ops.quantize_weight(w[:100], torch.float32), ops.quantize_weight(w[100:], torch.float32)
+    both = ops.cat_rows([a, b])
+    assert torch.equal(both.q, q.q) and torch.equal(both.scale, q.scale)
+    with pytest.raises(TypeError):
+        ops.cat_rows([a, w[100:]])
+
+
+def test_int8_linear_matches_the_dequantised_product():
+    """Per-token activation scales: a token 1000x larger than the others leaves the others' precision alone."""
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 96), torch.randn(5, 96)
+    x[2] *= 1000
+    q = ops.quantize_weight(w, torch.float32)
+    for kernel in ops.INT8_KERNELS:
+        if not kernel_works(kernel, torch.float32):
+            continue
+        got = ops.linear(x, ops.pack_int8(q, 5, kernel), torch.ones(64))
+        want = torch.nn.functional.linear(x, w) + 1
+        rel = ((got - want).norm(dim=1) / want.norm(dim=1))
+        assert (rel < 0.02).all(), (kernel, rel)
+
+
+def test_loaded_int8_equals_built_int8(tmp_path):
+    """load_model quantises each tensor as it is read: the same weights as build_model's, bit for bit."""
+    cfg = pi0.preset("tiny-pi05")
+    pi0.build_model(cfg, seed=2).save_pretrained(tmp_path / "ck", layout="lerobot")
+    loaded = pi0.load_model(tmp_path / "ck", backend="engine", dtype="int8")
+    built = pi0.build_model(cfg, seed=2, backend="engine", dtype="int8")
+    assert loaded.kernels["int8_tensors"] == built.kernels["int8_tensors"] == (2 * 6 + 1) + 2 * 7 + 2 * 7 + 1
+    obs, noise = make_obs(cfg, 2, (4, 9), ((0, 1),)), make_noise(cfg, 2)
+    assert torch.equal(loaded.sample_actions(obs, noise=noise), built.sample_actions(obs, noise=noise))
+
+
+def test_int8_errors(monkeypatch, fresh_probes):
+    with pytest.raises(ValueError, match="int8 is an engine dtype"):
+        pi0.build_model(pi0.preset("tiny"), dtype="int8")
+    with pytest.raises(ValueError, match="int8 runs on CPUs"):
+        resolve_dtype("int8", "meta")  # any device but a CPU (cuda is refused earlier where there is none)
+    monkeypatch.setenv("PI0_INT8_KERNEL", "fp4")
+    with pytest.raises(ValueError, match="PI0_INT8_KERNEL='fp4'"):
+        ops.int8_kernel(torch.float32, "cpu")
+
+
+def test_bench_and_demo_run_int8(tmp_path):
+    r = run("bench", "--size", "tiny", "--json", "--repeats", "2", "--dtype", "int8")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["dtype"] == "int8" and rep["kernels"]["int8_kernel"] in ops.INT8_KERNELS
+    assert "int8 weights and activations" in rep["dtype_reason"] and rep["efficiency"] > 0
+    r = run("demo", "--size", "tiny", "--dtype", "int8", "--out", str(tmp_path / "a.png"))
+    assert r.returncode == 0, r.stderr
+    assert "dtype int8 -> int8 weights and activations" in r.stderr
+
+
+def test_policy_int8(tmp_path, tokenizer_path):
+    """A robot's observation through Policy(dtype="int8"): the actions of the float policy, to int8 precision."""
+    import numpy as np
+
+    from tests.test_policy import libero_obs
+
+    ck = write_policy_checkpoint(tmp_path, "tiny", tokenizer_path)
+    want = pi0.Policy(ck, preset="libero", dtype="float32", seed=3).infer(libero_obs())["actions"]
+    pol = pi0.Policy(ck, preset="libero", dtype="int8", seed=3)
+    got = pol.infer(libero_obs())["actions"]
+    assert pol.dtype == "int8" and pol.model.kernels["int8_tensors"] > 0 and got.shape == want.shape == (50, 7)
+    assert np.corrcoef(got.flatten(), want.flatten())[0, 1] > 0.99
