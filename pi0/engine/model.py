@@ -26,7 +26,7 @@ from torch import Tensor
 
 from pi0.config import Pi0Config
 from pi0.engine import ops
-from pi0.functional import interpolate_position_embedding, posemb
+from pi0.functional import interpolate_position_embedding, patchify, posemb
 from pi0.observation import Observation, sampling_inputs
 from pi0.rtc import RTC, make_guide
 from pi0.timing import StageClock
@@ -123,9 +123,8 @@ class Pi0Engine:
 
         v = config.vision
         vdt = self.vision_dtype
-        self.patch_w, self.patch_b = take("vision.patch_embedding.weight", vdt), take("vision.patch_embedding.bias", vdt)
-        self.pos_emb = take("vision.position_embedding.weight", vdt)
         img_rows = config.num_cameras * v.num_patches  # GEMM row-count hint for the packed layouts
+        self.pos_emb = take("vision.position_embedding.weight", vdt)
 
         def pack_as(w: Tensor | ops.Int8Weight, rows: int) -> Tensor | ops.Int8Weight:
             if isinstance(w, ops.Int8Weight):
@@ -135,6 +134,11 @@ class Pi0Engine:
         def packed(name: str, rows: int, dtype: torch.dtype = dt) -> Tensor:
             return pack_as(take(name, dtype), rows)
 
+        def packed_2d(name: str, rows: int, dtype: torch.dtype) -> Tensor:
+            return pack_as(take(name, dtype).flatten(1), rows)
+
+        self.patch_w = packed_2d("vision.patch_embedding.weight", img_rows, vdt)  # the conv as a linear map
+        self.patch_b = take("vision.patch_embedding.bias", vdt)
         self.vision_layers = []
         for i in range(v.depth):
             p = f"vision.layers.{i}."
@@ -231,9 +235,8 @@ class Pi0Engine:
     def embed_images(self, images: Tensor) -> Tensor:
         """[N, 3, S, S] -> [N, (S//p)^2, VLM width] in the engine dtype."""
         v = self.config.vision
-        x = torch.nn.functional.conv2d(images.to(self.vision_dtype), self.patch_w, self.patch_b, stride=v.patch_size)
-        grid = x.shape[-1]
-        x = x.flatten(2).transpose(1, 2)
+        patches, grid = patchify(images.to(self.vision_dtype), v.patch_size)
+        x = ops.linear(patches, self.patch_w, self.patch_b)
         x = x + interpolate_position_embedding(self.pos_emb, grid)
         n, l, w = x.shape
         h = v.num_heads

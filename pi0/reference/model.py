@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pi0.config import GemmaConfig, Pi0Config, SiglipConfig
-from pi0.functional import MASK_VALUE, interpolate_position_embedding, posemb, rope_inv_freq
+from pi0.functional import MASK_VALUE, interpolate_position_embedding, patchify, posemb, rope_inv_freq
 from pi0.observation import Observation, sampling_inputs
 from pi0.rtc import RTC, Guide, make_guide
 from pi0.timing import StageClock
@@ -70,9 +70,9 @@ class SiglipVision(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
     def forward(self, images: Tensor) -> Tensor:  # [B, 3, S, S] in [-1, 1] -> [B, (S//p)^2, W]
-        x = self.patch_embedding(images)  # [B, W, g, g]
-        grid = x.shape[-1]
-        x = x.flatten(2).transpose(1, 2)  # row-major patches
+        # the stride-p convolution as one linear map of the flattened patches (functional.patchify says why)
+        patches, grid = patchify(images, self.patch_embedding.stride[0])  # [B, g*g, 3*p*p]
+        x = F.linear(patches, self.patch_embedding.weight.flatten(1), self.patch_embedding.bias)  # [B, g*g, W]
         x = x + interpolate_position_embedding(self.position_embedding.weight, grid)
         for layer in self.layers:
             x = layer(x)
