@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from pi0.checkpoint import CheckpointInfo, Transform, inspect_checkpoint, load_state_dict
+from pi0.checkpoint import CheckpointInfo, Transform, inspect_checkpoint, load_state_dict, weights_allocation
 from pi0.config import Pi0Config, canonical_shapes
 from pi0.hardware import compute_dtype, resolve_device, resolve_dtype
 from pi0.reference.model import Pi0Reference
@@ -85,8 +85,9 @@ def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0,
     _check_backend(backend)
     device = resolve_device(device)
     dtype, transform = _precision(dtype, device, backend)
-    state = random_state_dict(config, seed, compute_dtype(dtype, device), device, progress, transform)
-    return _from_state_dict(config, state, backend)
+    with weights_allocation():
+        state = random_state_dict(config, seed, compute_dtype(dtype, device), device, progress, transform)
+        return _from_state_dict(config, state, backend)
 
 
 def load_model(path_or_repo_id: str | os.PathLike, *, backend: str = "reference", device: str | torch.device = "cpu",
@@ -105,8 +106,9 @@ def load_from_info(info: CheckpointInfo, *, backend: str, dtype: str | torch.dty
     _check_backend(backend)
     device = resolve_device(device)
     dtype, transform = _precision(dtype, device, backend)
-    state = load_state_dict(info, compute_dtype(dtype, device), device, progress, transform)
-    model = _from_state_dict(info.config, state, backend)
+    with weights_allocation():
+        state = load_state_dict(info, compute_dtype(dtype, device), device, progress, transform)
+        model = _from_state_dict(info.config, state, backend)
     model.checkpoint_info = info
     return model
 
