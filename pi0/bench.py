@@ -70,7 +70,8 @@ def gemm_gflops(dtype: torch.dtype, device: torch.device, packed: bool, m: int =
         return 2 * m * k * n / best_seconds(fn, repeats, device) / 1e9
 
     if int8_kernel is not None:
-        w8 = ops.pack_int8(ops.quantize_weight(b), m, int8_kernel)
+        compiled = frozenset(n for n in ("quantize_rows", "rescale") if ops.fusion_works(dtype, device.type, n)[0])
+        w8 = ops.pack_int8(ops.quantize_weight(b, qmax=ops.int8_kernel(dtype, device.type)[1]), m, int8_kernel, compiled)
         return best_rate(lambda: ops.linear(a, w8))
     rate = best_rate(lambda: torch.nn.functional.linear(a, b))
     if packed:

@@ -41,16 +41,20 @@ _INT8_NAMES = {  # the linear weights of each stage that int8 covers; norms, bia
 }
 
 
-def int8_quantizer(dtype: torch.dtype, stages: tuple[str, ...] = INT8_STAGES) -> Callable[[str, Tensor], Tensor | ops.Int8Weight]:
+def int8_quantizer(dtype: torch.dtype, stages: tuple[str, ...] = INT8_STAGES,
+                   qmax: int | None = None) -> Callable[[str, Tensor], Tensor | ops.Int8Weight]:
     """(name, tensor) -> an Int8Weight for the big linear weights of `stages`, else the tensor as it is. Applied
-    by the loader to each tensor as it is read, so a full-size int8 model never holds its float weights."""
+    by the loader to each tensor as it is read, so a full-size int8 model never holds its float weights.
+    qmax: the weights' integer range; default: what this CPU's int8 kernel takes without overflow."""
+    if qmax is None:
+        qmax = ops.int8_kernel(dtype, "cpu")[1]
     unknown = set(stages) - set(INT8_STAGES)
     if unknown:
         raise ValueError(f"unknown int8 stages {sorted(unknown)}: choose from {INT8_STAGES}")
     pattern = re.compile("|".join(f"(?:{_INT8_NAMES[s]})" for s in stages)) if stages else None
 
     def quantize(name: str, t: Tensor) -> Tensor | ops.Int8Weight:
-        return ops.quantize_weight(t, dtype) if pattern is not None and pattern.fullmatch(name) else t
+        return ops.quantize_weight(t, dtype, qmax) if pattern is not None and pattern.fullmatch(name) else t
 
     return quantize
 
@@ -100,15 +104,18 @@ class Pi0Engine:
         dt = self.dtype
         pack = pack and os.environ.get("PI0_PACK", "1") != "0"
         fuse = fuse and os.environ.get("PI0_COMPILE", "1") != "0"
-        self.fused, why_fused = ops.fusion_works(dt, self.device.type) if fuse else (False, "compiled kernels off")
+        int8 = sorted(k for k, t in state.items() if isinstance(t, ops.Int8Weight))
+        names = ("gated_gelu", "quantize_rows", "rescale") if int8 else ("gated_gelu",)
+        probes = {n: ops.fusion_works(dt, self.device.type, n) if fuse else (False, "compiled kernels off") for n in names}
+        self.fused = probes["gated_gelu"][0]
+        self._compiled = frozenset(n for n, (ok, _) in probes.items() if ok)  # what the int8 products run compiled
         self._pack = {d: ops.packing_works(d, self.device.type) if pack else (False, "packing off")
                       for d in {dt, self.vision_dtype}}
         self.kernels = {"packed_weights": self._pack[dt][0], "fused_kernels": self.fused,
-                        "why": "; ".join([self._pack[dt][1], why_fused])}
-        int8 = sorted(k for k, t in state.items() if isinstance(t, ops.Int8Weight))
+                        "why": "; ".join([self._pack[dt][1]] + sorted({why for _, why in probes.values()}))}
         self.int8_kernel = None
         if int8:
-            self.int8_kernel, why_int8 = ops.int8_kernel(dt, self.device.type)
+            self.int8_kernel, _, why_int8 = ops.int8_kernel(dt, self.device.type)
             self.kernels.update(int8_kernel=self.int8_kernel, int8_tensors=len(int8),
                                 why=self.kernels["why"] + "; " + why_int8)
 
@@ -128,7 +135,7 @@ class Pi0Engine:
 
         def pack_as(w: Tensor | ops.Int8Weight, rows: int) -> Tensor | ops.Int8Weight:
             if isinstance(w, ops.Int8Weight):
-                return ops.pack_int8(w, rows, self.int8_kernel, self.fused)
+                return ops.pack_int8(w, rows, self.int8_kernel, self._compiled)
             return ops.pack(w, rows, self._pack[w.dtype][0])
 
         def packed(name: str, rows: int, dtype: torch.dtype = dt) -> Tensor:

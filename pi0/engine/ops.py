@@ -98,12 +98,12 @@ def _gated_gelu_fused(gate_up: Tensor, row_scale: Tensor | None = None) -> Tenso
     return (g * torch.sigmoid(_GELU_C * (g + 0.044715 * g * g * g)) * u).to(gate_up.dtype)
 
 
-def _quantize_rows(x: Tensor, offset: int) -> tuple[Tensor, Tensor]:
-    """Per-token symmetric int8: x [M, K] -> round(x / s) + offset (int8 for offset 0, uint8 for 128) and
-    s = max|x_row| / 127, fp32 [M, 1]."""
+def _quantize_rows(x: Tensor, offset: int, qmax: int = 127) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8: x [M, K] -> round(x / s) + offset (int8 for offset 0, uint8 for 128) and
+    s = max|x_row| / qmax, fp32 [M, 1]."""
     xf = x.float()
-    s = (xf.abs().amax(dim=-1, keepdim=True) / 127).clamp_min(_TINY)
-    q = torch.round(xf / s).clamp(-127, 127) + offset
+    s = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(_TINY)
+    q = torch.round(xf / s).clamp(-qmax, qmax) + offset
     return q.to(torch.uint8 if offset else torch.int8), s
 
 
@@ -128,34 +128,44 @@ def _compiled(name: str) -> object:
     return _compiled_fns[name]
 
 
-def _run(name: str, fused: bool, *args):
-    return _compiled(name)(*args) if fused else _FUSED[name](*args)
+def _run(name: str, fused: frozenset[str], *args):
+    return _compiled(name)(*args) if name in fused else _FUSED[name](*args)
 
 
-@functools.cache
-def fusion_works(dtype: torch.dtype, device_type: str) -> tuple[bool, str]:
-    """Does torch.compile build the fused kernels here (the gated gelu: 3.3x; int8 quantisation and
-    rescaling)? Probed once per dtype and device type by compiling each and checking it against eager ops
-    on odd sizes (the vector loops' tails too); it fails without a C++ compiler (CPU) or Triton (GPU)."""
+def _fusion_checks(dtype: torch.dtype, device_type: str) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 2 * 99, generator=g).to(device_type).to(dtype)
     x2 = torch.randn(37, 99, generator=g).to(device_type).to(dtype)
     rs, cs = torch.rand(37, 1, generator=g).to(device_type), torch.rand(99, generator=g).to(device_type)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    checks = {
-        "gated_gelu": ((x,), lambda got: torch.allclose(got.float(), _gated_gelu_eager(x).float(), rtol=tol, atol=tol)),
-        "quantize_rows": ((x2, 128), lambda got: torch.allclose(got[1], _quantize_rows(x2, 128)[1], rtol=1e-6)
-                          and (got[0].int() - _quantize_rows(x2, 128)[0].int()).abs().max() <= 1),
-        "rescale": ((x2, rs, cs, cs, dtype), lambda got: torch.allclose(
-            got.float(), _rescale(x2, rs, cs, cs, dtype).float(), rtol=tol, atol=tol)),
+
+    def close(a: Tensor, b: Tensor) -> bool:
+        return torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+
+    def same_quantization(got) -> bool:
+        q, sc = _quantize_rows(x2, 128)
+        return torch.allclose(got[1], sc, rtol=1e-6) and (got[0].int() - q.int()).abs().max().item() <= 1
+
+    return {  # name: (arguments, check of the compiled result)
+        "gated_gelu": ((x,), lambda got: close(got, _gated_gelu_eager(x))),
+        "quantize_rows": ((x2, 128), same_quantization),
+        "rescale": ((x2, rs, cs, cs, dtype), lambda got: close(got, _rescale(x2, rs, cs, cs, dtype))),
     }
+
+
+@functools.cache
+def fusion_works(dtype: torch.dtype, device_type: str, name: str = "gated_gelu") -> tuple[bool, str]:
+    """Does torch.compile build the fused kernel `name` here (the gated gelu: 3.3x; int8 quantisation and
+    rescaling: 7x / 30x fewer seconds than eager ops on the prefix)? Probed once per dtype, device type and
+    kernel by compiling it and checking it against eager ops on odd sizes (the vector loops' tails too); it
+    fails without a C++ compiler (CPU) or Triton (GPU), and miscompiles on some (torch 2.13 held to AVX2)."""
+    args, ok = _fusion_checks(dtype, device_type)[name]
+    label = name.replace("_", " ")
     try:
-        for name, (args, ok) in checks.items():
-            if not ok(_compiled(name)(*args)):
-                return False, f"the compiled {name.replace('_', ' ')} disagrees with eager ops here"
+        good = ok(_compiled(name)(*args))
     except Exception as e:  # noqa: BLE001 - any compiler failure means eager ops
         return False, f"torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    return True, "torch.compile'd gated gelu and int8 (de)quantisation"
+    return (True, f"torch.compile'd {label}") if good else (False, f"the compiled {label} disagrees with eager ops here")
 
 
 def gated_gelu(gate_up: Tensor, fused: bool) -> Tensor:
@@ -233,17 +243,18 @@ class Int8Weight:
     scale: Tensor  # fp32 [out]
     dtype: torch.dtype
     kernel: str = "plain"
-    fused: bool = False  # quantise / rescale with the compiled kernels (`fusion_works`)
+    fused: frozenset[str] = frozenset()  # the `_FUSED` kernels compiled for it (`fusion_works`)
 
 
-def quantize_weight(w: Tensor, dtype: torch.dtype | None = None) -> Int8Weight:
-    """[out, in] float -> Int8Weight: scale = max|w_row| / 127 per output row, q = round(w / scale), in fp32,
-    a block of rows at a time (the embedding's 0.5 G values would otherwise need 2 GB per fp32 temporary)."""
+def quantize_weight(w: Tensor, dtype: torch.dtype | None = None, qmax: int = 127) -> Int8Weight:
+    """[out, in] float -> Int8Weight: scale = max|w_row| / qmax per output row, q = round(w / scale), in fp32,
+    a block of rows at a time (the embedding's 0.5 G values would otherwise need 2 GB per fp32 temporary).
+    qmax 63 where the kernel would saturate with 8-bit weights (`int8_kernel`)."""
     q = torch.empty(w.shape, dtype=torch.int8)
     scale = torch.empty(w.shape[0], dtype=torch.float32)
     step = max(1, (1 << 22) // max(1, w.shape[1]))
     for r in range(0, w.shape[0], step):
-        q[r:r + step], s = _quantize_rows(w[r:r + step], 0)
+        q[r:r + step], s = _quantize_rows(w[r:r + step], 0, qmax)
         scale[r:r + step] = s[:, 0]
     return Int8Weight(q, scale, dtype or w.dtype)
 
@@ -292,9 +303,9 @@ def int8_linear(x: Tensor, w: Int8Weight, b: Tensor | None = None) -> Tensor:
     return _run("rescale", w.fused, y, s, None, b, w.dtype).view(*lead, y.shape[-1])
 
 
-def pack_int8(w: Int8Weight, rows_hint: int, kernel: str, fused: bool = False) -> Int8Weight:
-    """The weight in `kernel`'s layout (decided once per engine by `int8_kernel`); `fused`: quantise and
-    rescale activations with the compiled kernels (decided by `fusion_works`)."""
+def pack_int8(w: Int8Weight, rows_hint: int, kernel: str, fused: frozenset[str] = frozenset()) -> Int8Weight:
+    """The weight in `kernel`'s layout (decided once per engine by `int8_kernel`); `fused`: the kernels to run
+    compiled around its products (those `fusion_works` passed)."""
     if kernel == "onednn":
         q = torch.ops.onednn.qlinear_prepack(w.q.contiguous(), [rows_hint, w.q.shape[1]])
     elif kernel == "int_mm":
@@ -304,22 +315,24 @@ def pack_int8(w: Int8Weight, rows_hint: int, kernel: str, fused: bool = False) -
     return dataclasses.replace(w, q=q, kernel=kernel, fused=fused)
 
 
-def _probe_int8(kernel: str, dtype: torch.dtype, m: int, k: int, n: int) -> tuple[float, str]:
-    """(seconds per product of [m, k] x [k, n], or inf, and why) for one kernel, after checking its answer on
-    a small product against the plain (dequantised fp32) one."""
+def _probe_int8(kernel: str, dtype: torch.dtype, qmax: int, m: int, k: int, n: int) -> tuple[float, str]:
+    """(seconds per product of [m, k] x [k, n], or inf, and why) for one kernel with weights quantised to
+    +-qmax, after checking it on the worst case for saturation: every activation and weight at full scale
+    (u8 x s8 kernels without VNNI sum pairs of products in int16: 2 * 255 * 127 overflows; fbgemm and oneDNN
+    users reduce one side's range there). The check's reference is exact (integers below 2^24 in fp32)."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(24, 40, generator=g)
-    x = torch.randn(5, 40, generator=g).to(dtype)
-    wq = quantize_weight(w, dtype)
-    want = int8_linear(x, wq)
+    sign = lambda *shape: torch.randint(0, 2, shape, generator=g).float() * 2 - 1  # noqa: E731
+    x, w = sign(5, 64).to(dtype), sign(24, 64) * torch.linspace(0.5, 2, 24)[:, None]
+    wq = quantize_weight(w, dtype, qmax)
+    want = (F.linear(torch.round(x.float()), wq.q.float()) * wq.scale).to(dtype)
     try:
         got = int8_linear(x, pack_int8(wq, 5, kernel))
     except (RuntimeError, NotImplementedError, AttributeError) as e:
         return math.inf, f"{kernel}: {str(e).splitlines()[0][:120]}"
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item()):
-        return math.inf, f"{kernel}: wrong products here"
-    big = pack_int8(quantize_weight(torch.randn(n, k), dtype), m, kernel)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
+        return math.inf, f"{kernel}: wrong products with {qmax}-level weights here"
+    big = pack_int8(quantize_weight(torch.randn(n, k), dtype, qmax), m, kernel)
     xb = torch.randn(m, k).to(dtype)
     int8_linear(xb, big)
     best = math.inf
@@ -331,20 +344,31 @@ def _probe_int8(kernel: str, dtype: torch.dtype, m: int, k: int, n: int) -> tupl
 
 
 @functools.cache
-def int8_kernel(dtype: torch.dtype, device_type: str) -> tuple[str, str]:
-    """The int8 kernel for this machine, decided once: each of oneDNN's qlinear and torch._int_mm is checked
-    against exact products and timed on one pi0-like shape (64 x 1024 -> 4096); the fastest wins ("plain",
-    dequantised fp32 math, where neither works). PI0_INT8_KERNEL=onednn|int_mm|plain forces one."""
+def int8_kernel(dtype: torch.dtype, device_type: str) -> tuple[str, int, str]:
+    """(kernel, weight qmax, why) for this machine, decided once, before weights are quantised: oneDNN's
+    qlinear and torch._int_mm are each checked on saturating inputs, with 8-bit weights (qmax 127) and, where
+    those overflow (AVX2 without VNNI), 7-bit ones (63), and timed on one pi0-like shape (64 x 1024 -> 4096);
+    the fastest correct one wins ("plain", dequantised fp32 math, where none is correct).
+    PI0_INT8_KERNEL=onednn|int_mm|plain forces the kernel (its qmax still probed)."""
     forced = os.environ.get("PI0_INT8_KERNEL")
-    if forced:
-        if forced not in INT8_KERNELS:
-            raise ValueError(f"PI0_INT8_KERNEL={forced!r}: choose one of {', '.join(INT8_KERNELS)}")
-        return forced, f"PI0_INT8_KERNEL={forced}"
+    if forced and forced not in INT8_KERNELS:
+        raise ValueError(f"PI0_INT8_KERNEL={forced!r}: choose one of {', '.join(INT8_KERNELS)}")
+    if forced == "plain":
+        return "plain", 127, "PI0_INT8_KERNEL=plain"
     if device_type != "cpu":
-        return "plain", f"no int8 kernels on {device_type}"
-    results = {kn: _probe_int8(kn, dtype, 64, 1024, 4096) for kn in ("onednn", "int_mm")}
+        return "plain", 127, f"no int8 kernels on {device_type}"
+    results, why = {}, []
+    for kn in [forced] if forced else ["onednn", "int_mm"]:
+        for qmax in (127, 63):
+            t, msg = _probe_int8(kn, dtype, qmax, 64, 1024, 4096)
+            why.append(msg)
+            if not math.isinf(t):
+                results[kn] = (t, qmax)
+                break
+    if not results:
+        if forced:
+            raise ValueError(f"PI0_INT8_KERNEL={forced}: that kernel gives wrong products here ({'; '.join(why)})")
+        return "plain", 127, f"no int8 kernel works here ({'; '.join(why)})"
     best = min(results, key=lambda kn: results[kn][0])
-    why = "; ".join(r[1] for r in results.values())
-    if math.isinf(results[best][0]):
-        return "plain", f"no int8 kernel works here ({why})"
-    return best, f"int8 {best} ({why})"
+    qmax = results[best][1]
+    return best, qmax, f"int8 {best}, {'8' if qmax == 127 else '7'}-bit weights ({'; '.join(why)})"
