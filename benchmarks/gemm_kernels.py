@@ -1,7 +1,7 @@
 """The GEMM kernels a CPU offers torch, on pi0's shapes, side by side in one process (GFLOP/s or GOPS, best of
-5): fp32 and bf16 through F.linear and through oneDNN-packed weights, and int8 through `torch._int_mm` raw and
-wrapped the simple way (per-token int8 activations, per-channel int8 weights, fp32 rescale in eager ops).
-What an int8 engine (issue 14) must beat, and how much of the int8 rate an unfused wrapper keeps.
+5): fp32 and bf16 through F.linear and through oneDNN-packed weights; int8 through `torch._int_mm` raw and
+wrapped the simple way (per-token int8 activations, per-channel int8 weights, fp32 rescale in eager ops),
+oneDNN's qlinear raw, and the engine's own int8 linear (quantisation and rescaling included).
 
     .venv/bin/python benchmarks/gemm_kernels.py
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 .venv/bin/python benchmarks/gemm_kernels.py
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pi0.engine import ops  # noqa: E402
+from pi0.hardware import compute_dtype  # noqa: E402
 from pi0.timing import best_seconds  # noqa: E402
 
 SHAPES = {  # name: (rows, in, out)
@@ -58,6 +59,23 @@ def main() -> None:
         xq = torch.round(x / (x.abs().amax() / 127)).to(torch.int8)
         row["int8_int_mm"] = rate(lambda: torch._int_mm(xq, q_t), work)
         row["int8_eager_w8a8"] = rate(lambda: int8_eager(x, q_t, w_scale), work)
+        # the engine's int8 products: oneDNN qlinear alone (u8 activations), and its whole W8A8 linear
+        # (per-token quantisation and rescaling included) with the kernel and dtype it picks here
+        w8 = ops.quantize_weight(w, torch.float32)
+        try:
+            packed = ops.pack_int8(w8, m, "onednn")
+            xu = (xq.int() + 128).to(torch.uint8)
+            zp = torch.zeros(n, dtype=torch.long)
+            row["int8_onednn_qlinear"] = rate(lambda: torch.ops.onednn.qlinear_pointwise(
+                xu, 1.0, 128, packed.q, w8.scale, zp, None, 1.0, 0, torch.bfloat16, "none", [], ""), work)
+        except RuntimeError:
+            pass
+        dt = compute_dtype(torch.int8)
+        kernel, qmax, _ = ops.int8_kernel(dt, "cpu")
+        fused = frozenset(f for f in ("quantize_rows", "rescale") if ops.fusion_works(dt, "cpu", f)[0])
+        engine_w = ops.pack_int8(ops.quantize_weight(w, dt, qmax), m, kernel, fused)
+        xe = x.to(dt)
+        row[f"int8_engine_{kernel}"] = rate(lambda: ops.linear(xe, engine_w), work)
         print(json.dumps({k: round(v) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 

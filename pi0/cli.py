@@ -215,7 +215,7 @@ HORIZON_HELP = "actions per chunk, overriding the checkpoint's config.json (open
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="engine", choices=BACKENDS)
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 where this machine runs it natively, else "
-                   "float32), bfloat16 or float32")
+                   "float32), bfloat16, float32, or int8 (engine on a CPU: int8 weights and activations)")
     p.add_argument("--device", default="auto", help="auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1, ...")
 
 
@@ -307,6 +307,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from pi0.checkpoint import convert_checkpoint, inspect_checkpoint
 
     dtype = None if args.dtype is None else resolve_dtype(args.dtype, "cpu")[0]
+    if dtype == torch.int8:
+        raise ValueError("pi0 convert writes bfloat16 or float32: int8 weights are made when a model is loaded "
+                         "with --dtype int8 (from any checkpoint), not stored")
     show = Progress()
     t0 = time.perf_counter()
     out = convert_checkpoint(args.src, args.dst, layout=args.layout, dtype=dtype, action_horizon=args.action_horizon,

@@ -221,6 +221,11 @@ def test_int8_errors(monkeypatch, fresh_probes):
         pi0.build_model(pi0.preset("tiny"), dtype="int8")
     with pytest.raises(ValueError, match="int8 runs on CPUs"):
         resolve_dtype("int8", "meta")  # any device but a CPU (cuda is refused earlier where there is none)
+    monkeypatch.setenv("PI0_INT8_STAGES", "prefix,lm_head")
+    with pytest.raises(ValueError, match="unknown int8 stages"):
+        pi0.build_model(pi0.preset("tiny"), backend="engine", dtype="int8")
+    monkeypatch.setenv("PI0_INT8_STAGES", "prefix,expert,embedding")  # SigLIP kept in the float dtype
+    assert pi0.build_model(pi0.preset("tiny"), backend="engine", dtype="int8").kernels["int8_tensors"] == 2 * 7 + 2 * 7 + 1
     monkeypatch.setenv("PI0_INT8_KERNEL", "fp4")
     with pytest.raises(ValueError, match="PI0_INT8_KERNEL='fp4'"):
         ops.int8_kernel(torch.float32, "cpu")

@@ -41,16 +41,21 @@ _INT8_NAMES = {  # the linear weights of each stage that int8 covers; norms, bia
 }
 
 
-def int8_quantizer(dtype: torch.dtype, stages: tuple[str, ...] = INT8_STAGES,
+def int8_quantizer(dtype: torch.dtype, stages: tuple[str, ...] | None = None,
                    qmax: int | None = None) -> Callable[[str, Tensor], Tensor | ops.Int8Weight]:
     """(name, tensor) -> an Int8Weight for the big linear weights of `stages`, else the tensor as it is. Applied
     by the loader to each tensor as it is read, so a full-size int8 model never holds its float weights.
-    qmax: the weights' integer range; default: what this CPU's int8 kernel takes without overflow."""
+    stages: default all of INT8_STAGES, or PI0_INT8_STAGES (comma-separated; e.g. "prefix,expert,embedding"
+    keeps SigLIP in the float dtype). qmax: the weights' integer range; default: what this CPU's int8 kernel
+    takes without overflow."""
+    if stages is None:
+        env = os.environ.get("PI0_INT8_STAGES")
+        stages = tuple(s.strip() for s in env.split(",") if s.strip()) if env is not None else INT8_STAGES
     if qmax is None:
         qmax = ops.int8_kernel(dtype, "cpu")[1]
     unknown = set(stages) - set(INT8_STAGES)
     if unknown:
-        raise ValueError(f"unknown int8 stages {sorted(unknown)}: choose from {INT8_STAGES}")
+        raise ValueError(f"unknown int8 stages {sorted(unknown)} (PI0_INT8_STAGES?): choose from {', '.join(INT8_STAGES)}")
     pattern = re.compile("|".join(f"(?:{_INT8_NAMES[s]})" for s in stages)) if stages else None
 
     def quantize(name: str, t: Tensor) -> Tensor | ops.Int8Weight:
