@@ -1,6 +1,8 @@
 """The fast runtime: the same `sample_actions` contract as the reference, written for inference.
 
-- Weights packed once: fused QKV, fused gate|up, (1 + w) norm weights in fp32; bf16 by default.
+- Weights packed once: fused QKV, fused gate|up, (1 + w) norm weights in fp32; bf16 by default; with
+  dtype int8 the big linear weights arrive as `ops.Int8Weight` (quantised by `int8_quantizer` as they were
+  loaded) and run as dynamic W8A8 products.
 - Work that cannot change the answer is skipped, not masked: masked cameras are not encoded, padding
   tokens are dropped (each row's valid prefix is packed to the front), the last VLM layer computes only
   its k, v, the pi0 state token runs through the expert once per call (it never sees the actions), and
@@ -98,7 +100,8 @@ class Pi0Engine:
 
     def __init__(self, config: Pi0Config, state: dict[str, Tensor], vision_dtype: torch.dtype | None = None,
                  pack: bool = True, fuse: bool = True):
-        """Packs canonical tensors (any dtype; the engine computes in theirs). Consumes `state`.
+        """Packs canonical tensors (any dtype; the engine computes in theirs; `ops.Int8Weight`s from
+        `int8_quantizer` run as int8 products in their float dtype). Consumes `state`.
         vision_dtype: run SigLIP + projector in another dtype (e.g. fp32, as LeRobot does); default: the weights'.
         pack / fuse: allow oneDNN-packed weights / torch.compile'd kernels where they work on this machine
         (probed once; PI0_PACK=0 / PI0_COMPILE=0 turn them off too). `self.kernels` says what was chosen."""
