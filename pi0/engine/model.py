@@ -112,7 +112,7 @@ class Pi0Engine:
         dt = self.dtype
         pack = pack and os.environ.get("PI0_PACK", "1") != "0"
         fuse = fuse and os.environ.get("PI0_COMPILE", "1") != "0"
-        int8 = sorted(k for k, t in state.items() if isinstance(t, ops.Int8Weight))
+        int8 = sum(isinstance(t, ops.Int8Weight) for t in state.values())
         names = ("gated_gelu", "quantize_rows", "rescale") if int8 else ("gated_gelu",)
         probes = {n: ops.fusion_works(dt, self.device.type, n) if fuse else (False, "compiled kernels off") for n in names}
         self.fused = probes["gated_gelu"][0]
@@ -124,7 +124,7 @@ class Pi0Engine:
         self.int8_kernel = None
         if int8:
             self.int8_kernel, _, why_int8 = ops.int8_kernel(dt, self.device.type)
-            self.kernels.update(int8_kernel=self.int8_kernel, int8_tensors=len(int8),
+            self.kernels.update(int8_kernel=self.int8_kernel, int8_tensors=int8,
                                 why=self.kernels["why"] + "; " + why_int8)
 
         def take(name: str, dtype: torch.dtype | None = dt) -> Tensor:
