@@ -71,11 +71,9 @@ def main() -> None:
         except RuntimeError:
             pass
         dt = compute_dtype(torch.int8)
-        kernel, qmax, _ = ops.int8_kernel(dt, "cpu")
-        fused = frozenset(f for f in ("quantize_rows", "rescale") if ops.fusion_works(dt, "cpu", f)[0])
-        engine_w = ops.pack_int8(ops.quantize_weight(w, dt, qmax), m, kernel, fused)
+        engine_w = ops.int8_weight(w, m, dt)
         xe = x.to(dt)
-        row[f"int8_engine_{kernel}"] = rate(lambda: ops.linear(xe, engine_w), work)
+        row[f"int8_engine_{engine_w.kernel}"] = rate(lambda: ops.linear(xe, engine_w), work)
         print(json.dumps({k: round(v) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 

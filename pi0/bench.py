@@ -58,20 +58,19 @@ def model_flops(cfg: Pi0Config, images_per_row: list[int], tokens_per_row: list[
 
 
 def gemm_gflops(dtype: torch.dtype, device: torch.device, packed: bool, m: int = 816, k: int = 2048,
-                n: int = 16384, repeats: int = 5, int8_kernel: str | None = None) -> float:
+                n: int = 16384, repeats: int = 5, int8: bool = False) -> float:
     """The best rate this machine reaches for a GEMM of the model's dominant shape (VLM MLP over the W1
     prefix) in `dtype`: F.linear, and the oneDNN-packed product too where the engine packs (`packed`),
-    best of `repeats`, so that `efficiency` is measured against the fastest GEMM on offer. With
-    `int8_kernel`: the engine's int8 product (per-token quantisation included) with that kernel."""
+    best of `repeats`, so that `efficiency` is measured against the fastest GEMM on offer. With `int8`: the
+    engine's int8 product here (per-token quantisation and rescaling included)."""
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(n, k, device=device).to(dtype)
 
     def best_rate(fn) -> float:
         return 2 * m * k * n / best_seconds(fn, repeats, device) / 1e9
 
-    if int8_kernel is not None:
-        compiled = frozenset(n for n in ("quantize_rows", "rescale") if ops.fusion_works(dtype, device.type, n)[0])
-        w8 = ops.pack_int8(ops.quantize_weight(b, qmax=ops.int8_kernel(dtype, device.type)[1]), m, int8_kernel, compiled)
+    if int8:
+        w8 = ops.int8_weight(b, m, dtype, device.type)
         return best_rate(lambda: ops.linear(a, w8))
     rate = best_rate(lambda: torch.nn.functional.linear(a, b))
     if packed:
@@ -108,7 +107,7 @@ def run(args) -> dict[str, Any]:
     noise = torch.randn(args.batch, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
     kernels = getattr(model, "kernels", {"packed_weights": False, "fused_kernels": False, "why": "reference backend"})
     gemm = gemm_gflops(getattr(model, "dtype", dtype), device, kernels["packed_weights"],
-                       int8_kernel=kernels.get("int8_kernel"))
+                       int8="int8_kernel" in kernels)
     flops = model_flops(cfg, [args.cameras - args.masked_cameras] * args.batch, [valid] * args.batch, steps)
 
     rtc = None

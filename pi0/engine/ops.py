@@ -315,6 +315,14 @@ def pack_int8(w: Int8Weight, rows_hint: int, kernel: str, fused: frozenset[str] 
     return dataclasses.replace(w, q=q, kernel=kernel, fused=fused)
 
 
+def int8_weight(w: Tensor, rows_hint: int, dtype: torch.dtype, device_type: str = "cpu") -> Int8Weight:
+    """`w` quantised and packed as an int8 engine does it here: this machine's kernel and weight range
+    (`int8_kernel`), its quantise / rescale compiled where `fusion_works` passes them (benchmarks use it)."""
+    kernel, qmax, _ = int8_kernel(dtype, device_type)
+    fused = frozenset(n for n in ("quantize_rows", "rescale") if fusion_works(dtype, device_type, n)[0])
+    return pack_int8(quantize_weight(w, dtype, qmax), rows_hint, kernel, fused)
+
+
 def _probe_int8(kernel: str, dtype: torch.dtype, qmax: int, m: int, k: int, n: int) -> tuple[float, str]:
     """(seconds per product of [m, k] x [k, n], or inf, and why) for one kernel with weights quantised to
     +-qmax, after checking it on the worst case for saturation: every activation and weight at full scale
