@@ -39,3 +39,13 @@ def cases(model_name: str) -> list[Case]:
         expected = {k: t[k] for k in ("actions", "vision_0", "prefix_out", "v_t0")}
         out.append(Case(d, f.stem, obs, t["noise"], steps, expected))
     return out
+
+
+def scaled_err(got, want) -> float:
+    """max |got - want| / max(1, max |want|): an error bound relative to the quantity's own scale, so that
+    values larger than 1 (a prefix after 18 layers, a loss, robot units) allow the fp32 rounding that
+    another CPU's summation order gives them; values of order 1 keep an absolute bound."""
+    import numpy as np
+
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    return float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))

@@ -1,11 +1,12 @@
 """The reference reproduces LeRobot 0.6.1 (an independent implementation) on frozen fixtures:
-actions and the intermediates that localise a mismatch, max-abs <= 1e-5."""
+actions and the intermediates that localise a mismatch, within 1e-5 of each one's scale (max(1, max |x|):
+another CPU sums fp32 products in another order, and the prefix after the last layer reaches ~10)."""
 
 import pytest
 import torch
 
 import pi0
-from tests.fixtures_lib import MODELS, ROOT, cases
+from tests.fixtures_lib import MODELS, ROOT, cases, scaled_err
 
 TOL = 1e-5
 
@@ -34,8 +35,8 @@ def test_reference_reproduces_lerobot(fixture_model):
         actions = model.sample_actions(obs, noise=case.noise, num_steps=case.num_steps)
         got = {"vision_0": vision_0, "prefix_out": prefix_out, "v_t0": v_t0, "actions": actions}
         for k, want in case.expected.items():
-            err = (got[k] - want).abs().max().item()
-            assert err <= TOL, f"{name}/{case.name}: {k} differs from LeRobot by {err:.2e}"
+            err = scaled_err(got[k], want)
+            assert err <= TOL, f"{name}/{case.name}: {k} differs from LeRobot by {err:.2e} of its scale"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -49,5 +50,5 @@ def test_every_layout_reproduces_lerobot(tmp_path, name):
         assert model.checkpoint_info.layout == layout
         for case in cases(name):
             got = model.sample_actions(case.obs, noise=case.noise, num_steps=case.num_steps)
-            err = (got - case.expected["actions"]).abs().max().item()
+            err = scaled_err(got, case.expected["actions"])
             assert err <= TOL, f"{name}/{case.name} via {layout}: {err:.2e}"
