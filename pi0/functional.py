@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,6 +20,13 @@ def posemb(t: Tensor, width: int, min_period: float, max_period: float) -> Tenso
     period = min_period * (max_period / min_period) ** frac
     ang = (1.0 / period * 2 * math.pi)[None, :] * t.double()[:, None]
     return torch.cat([ang.sin(), ang.cos()], dim=-1).to(t.dtype)
+
+
+def sample_time(batch: int, rng: np.random.Generator | None = None, alpha: float = 1.5, beta: float = 1.0) -> Tensor:
+    """Flow-matching training times t = Beta(alpha, beta) * 0.999 + 0.001, [batch] fp32 (openpi, LeRobot),
+    drawn by numpy's generator (seedable, the same on every machine; torch's Beta takes no generator)."""
+    rng = np.random.default_rng() if rng is None else rng
+    return torch.from_numpy(rng.beta(alpha, beta, batch).astype(np.float32)) * 0.999 + 0.001
 
 
 def interpolate_position_embedding(pos: Tensor, grid: int) -> Tensor:

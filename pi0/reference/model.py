@@ -8,18 +8,28 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pi0.config import GemmaConfig, Pi0Config, SiglipConfig
-from pi0.functional import MASK_VALUE, interpolate_position_embedding, patchify, posemb, rope_inv_freq
+from pi0.functional import MASK_VALUE, interpolate_position_embedding, patchify, posemb, rope_inv_freq, sample_time
 from pi0.observation import Observation, sampling_inputs
 from pi0.rtc import RTC, Guide, make_guide
 from pi0.timing import StageClock
 
 # ---------------------------------------------------------------------------------------------
 # SigLIP vision tower
+
+
+def checkpointed(enabled: bool, fn, *args):
+    """fn(*args); with `enabled` and gradients being taken, its activations are recomputed in the backward
+    pass instead of kept (gradient checkpointing: the same numbers, less memory)."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(*args)
 
 
 class SiglipAttention(nn.Module):
@@ -62,6 +72,8 @@ class SiglipLayer(nn.Module):
 
 
 class SiglipVision(nn.Module):
+    gradient_checkpointing = False
+
     def __init__(self, cfg: SiglipConfig):
         super().__init__()
         self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
@@ -75,7 +87,7 @@ class SiglipVision(nn.Module):
         x = F.linear(patches, self.patch_embedding.weight.flatten(1), self.patch_embedding.bias)  # [B, g*g, W]
         x = x + interpolate_position_embedding(self.position_embedding.weight, grid)
         for layer in self.layers:
-            x = layer(x)
+            x = checkpointed(self.gradient_checkpointing, layer, x)
         return self.post_layernorm(x)
 
 
@@ -362,7 +374,9 @@ class Pi0Reference(nn.Module):
         return self.action_out_proj(x[:, -self.config.action_horizon :]).float()
 
     def forward_uncached(self, obs: Observation, x_t: Tensor, t: Tensor) -> Tensor:
-        """v_t from one joint pass over prefix + suffix (no cache): the check on the cached path."""
+        """v_t from one joint pass over prefix + suffix (no cache): what training differentiates, and the
+        check on the cached path. With `gradient_checkpointing` set, each layer's activations are recomputed
+        in the backward pass instead of being kept (same numbers, less memory)."""
         obs = obs.to(self.device, self.dtype)
         prefix, prefix_mask, prefix_ar = self.embed_prefix(obs)
         suffix, suffix_ar, cond = self.embed_suffix(obs.state, x_t, t)
@@ -372,9 +386,47 @@ class Pi0Reference(nn.Module):
         mask, positions = make_attn_mask(input_mask, ar_mask), positions_from_mask(input_mask)
         xs = [prefix, suffix]
         for vlm_layer, expert_layer in zip(self.vlm.layers, self.expert.layers, strict=True):
-            xs, _ = joint_layer([vlm_layer, expert_layer], xs, [None, cond], positions, mask)
+            xs, _ = checkpointed(self.gradient_checkpointing, joint_layer, [vlm_layer, expert_layer], xs, [None, cond],
+                                 positions, mask)
         x = self.expert.norm(xs[1], cond)[0]
         return self.action_out_proj(x[:, -self.config.action_horizon :]).float()
+
+    # -- training ---------------------------------------------------------------------------
+
+    gradient_checkpointing = False
+
+    def gradient_checkpointing_(self, enabled: bool = True) -> "Pi0Reference":
+        """Recompute each SigLIP and joint Gemma layer in the backward pass instead of keeping its activations."""
+        self.gradient_checkpointing = self.vision.gradient_checkpointing = enabled
+        return self
+
+    def compute_loss(self, obs: Observation, actions: Tensor, *, noise: Tensor | None = None,
+                     time: Tensor | None = None) -> Tensor:
+        """The flow-matching training loss per element, [B, H, action_dim] fp32 (unreduced, as LeRobot's
+        PI0Pytorch.forward): x_t = t * noise + (1 - t) * actions, u_t = noise - actions, (v_t - u_t)^2 with
+        v_t from one joint pass of prefix and suffix. actions: [B, H, action_dim] in model space (normalised,
+        zero-padded to action_dim). noise ~ N(0, 1) and time ~ Beta(1.5, 1) * 0.999 + 0.001 when not given."""
+        cfg = self.config
+        obs.validate(cfg)
+        b = obs.batch_size
+        shape = (b, cfg.action_horizon, cfg.action_dim)
+        if tuple(actions.shape) != shape:
+            raise ValueError(f"actions must be {list(shape)} (batch, action_horizon, action_dim: normalised and "
+                             f"zero-padded), got {list(actions.shape)}")
+        actions = actions.to(self.device, torch.float32)
+        noise = torch.randn(shape, device=self.device) if noise is None else noise.to(self.device, torch.float32)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must be {list(shape)}, got {list(noise.shape)}")
+        if time is None:  # seeded from torch's generator, so torch.manual_seed reproduces noise and time alike
+            time = sample_time(b, np.random.default_rng(int(torch.randint(2**62, (1,))))).to(self.device)
+        time = time.to(self.device, torch.float32)
+        if tuple(time.shape) != (b,):
+            raise ValueError(f"time must be [{b}] (one flow time per row), got {list(time.shape)}")
+        t = time[:, None, None]
+        x_t = t * noise + (1 - t) * actions
+        u_t = noise - actions
+        v_t = self.forward_uncached(obs, x_t, time)
+        return F.mse_loss(u_t, v_t, reduction="none")
 
     # -- sampling ---------------------------------------------------------------------------
 
