@@ -424,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("train", help="fine-tune (full or LoRA) or train from scratch on a LeRobot v3 dataset "
+                       "(pip install 'pi0[train]')")
+    from pi0 import train
+
+    train.add_arguments(p)
+    p.set_defaults(func=train.main)
+
     p = sub.add_parser("infer", help="one action chunk from a saved observation (.npz or .json)")
     _add_policy_args(p)
     p.add_argument("--obs", required=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -432,8 +431,12 @@ class LeRobotDatasetWriter:
         meta = self.root / "meta"
         (meta / "episodes" / "chunk-000").mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(self.episodes), str(meta / "episodes" / "chunk-000" / "file-000.parquet"))
-        pq.write_table(pa.table({"task_index": pa.array(list(self.tasks.values()), pa.int64()),
-                                 "task": pa.array(list(self.tasks))}), str(meta / "tasks.parquet"))
+        # LeRobot reads this file with pandas and looks a task up by its index: the task string (pandas metadata)
+        pandas_meta = {"index_columns": ["task"], "column_indexes": [], "columns": [
+            {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64", "metadata": None},
+            {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object", "metadata": None}]}
+        tasks = pa.table({"task_index": pa.array(list(self.tasks.values()), pa.int64()), "task": pa.array(list(self.tasks))})
+        pq.write_table(tasks.replace_schema_metadata({"pandas": json.dumps(pandas_meta)}), str(meta / "tasks.parquet"))
         stats = {k: vector_stats(np.concatenate(v)) for k, v in self._rows.items()}
         stats.update({k: image_stats(np.concatenate(v)) for k, v in self._sampled.items()})
         index = np.arange(self.total_frames)
@@ -460,17 +463,3 @@ class LeRobotDatasetWriter:
 def av_frame(image_hwc: np.ndarray):
     av = _av()
     return av.VideoFrame.from_ndarray(np.ascontiguousarray(image_hwc), format="rgb24")
-
-
-def split_episodes(n_episodes: int, holdout: float) -> tuple[list[int], list[int]]:
-    """Episode ids for training and held out (the last ceil(holdout * n))."""
-    k = math.ceil(holdout * n_episodes) if holdout > 0 else 0
-    ids = list(range(n_episodes))
-    return ids[: n_episodes - k], ids[n_episodes - k:]
-
-
-def iter_frames(dataset: LeRobotDataset, episodes: Iterable[int]) -> Iterable[int]:
-    """Global frame indices of the given episodes, in order."""
-    for e in episodes:
-        ep = dataset.episodes[e]
-        yield from range(ep["dataset_from_index"], ep["dataset_to_index"])

@@ -141,6 +141,24 @@ class PromptTokenizer:
         return tokens, mask
 
 
+def train_tokenizer(texts: list[str], model_prefix: str | os.PathLike, vocab_size: int = 256) -> Path:
+    """A small SentencePiece model over `texts` with PaliGemma's special ids (pad 0, eos 1, bos 2, unk 3) and
+    the symbols pi0's prompts use, for models trained from scratch on a few instructions (the real PaliGemma
+    tokenizer has 257 152 ids: an embedding table far larger than a small model). Every digit and letter is
+    kept, so pi0.5's "State: 12 250 ..." strings and unseen words still tokenize. Returns the .model path."""
+    import sentencepiece as spm
+
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    corpus = list(texts) + [" ".join(str(n) for n in range(i, 256, 7)) for i in range(7)] + [chars]
+    corpus += [f"Task: {t}, State: 0 128 255;\nAction: " for t in texts]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_prefix=str(model_prefix), vocab_size=vocab_size, pad_id=0, eos_id=1,
+        bos_id=2, unk_id=3, user_defined_symbols=["\n", ":", ",", ";"], character_coverage=1.0, minloglevel=2,
+        hard_vocab_limit=False, model_type="unigram",
+    )
+    return Path(str(model_prefix) + ".model")
+
+
 # ---------------------------------------------------------------------------------------------
 # Normalisation
 
@@ -215,6 +233,10 @@ class Normalizer:
 
     def actions_out(self, x: np.ndarray) -> np.ndarray:
         return self._apply(x, self.actions, self.action_mode, True, "actions")
+
+    def actions_in(self, x: np.ndarray) -> np.ndarray:
+        """Robot actions -> model space (what training targets)."""
+        return self._apply(x, self.actions, self.action_mode, False, "actions")
 
 
 def read_norm_stats(path: Path) -> dict[str, Stats]:

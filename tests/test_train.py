@@ -1,0 +1,230 @@
+"""`pi0 train`: a tiny model learns, its inputs are the policy's inputs, LoRA merges exactly, a resumed run
+continues bit for bit, data-parallel runs (DDP, FSDP over gloo) follow one process, bad datasets are named,
+and what it saves serves."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("pyarrow")
+pytest.importorskip("av")
+
+import pi0  # noqa: E402
+from pi0.dataset import DatasetError, LeRobotDatasetWriter  # noqa: E402
+from pi0.lora import add_lora, merge_lora  # noqa: E402
+from pi0.train import Trainer, TrainArgs, TrainingData, learning_rate  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "datasets" / "videos"
+TASKS = ["open the drawer", "close the drawer"]
+
+
+def write_dataset(root: Path, episodes: int = 6, frames: int = 8, action_dim: int = 3, state_dim: int = 4,
+                  size: int = 28, cameras=("observation.images.top", "observation.images.wrist"), seed: int = 0) -> Path:
+    """A small dataset whose actions follow the task and the state (something a tiny model can learn)."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(99).normal(size=(state_dim, action_dim)).astype(np.float32)
+    feats = {k: {"dtype": "video", "shape": (size, size, 3), "names": ["height", "width", "channels"]} for k in cameras}
+    feats["observation.state"] = {"dtype": "float32", "shape": (state_dim,), "names": None}
+    feats["action"] = {"dtype": "float32", "shape": (action_dim,), "names": None}
+    w = LeRobotDatasetWriter(root, fps=10, features=feats)
+    for e in range(episodes):
+        task = e % len(TASKS)
+        state = np.cumsum(rng.normal(size=(frames, state_dim)), 0).astype(np.float32) * 0.1
+        action = np.tanh(state @ mix * (1 if task == 0 else -1) + task).astype(np.float32)
+        ep = {"observation.state": state, "action": action}
+        for c, k in enumerate(cameras):
+            ep[k] = np.full((frames, size, size, 3), 60 + 120 * task + 20 * c, dtype=np.uint8)
+        w.add_episode(ep, TASKS[task])
+    return w.finalize()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("ds") / "robot")
+
+
+def args(dataset, out, **kw) -> TrainArgs:
+    base = dict(dataset=str(dataset), out=str(out), size="tiny", steps=6, batch=4, lr=1e-3, action_horizon=4,
+                log_every=1, progress=False)
+    return TrainArgs(**{**base, **kw})
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_learning_rate_schedule():
+    lr = [learning_rate(s, 1.0, 10, 100, 0.1) for s in range(101)]
+    assert lr[0] == pytest.approx(1 / 11) and lr[10] == pytest.approx(1.0) and lr[100] == pytest.approx(0.1)
+    assert all(a <= b for a, b in zip(lr[:10], lr[1:11])) and all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+def test_a_tiny_model_lowers_its_loss(tmp_path, dataset):
+    t = Trainer(args(dataset, tmp_path / "run", steps=150, batch=8, lr=3e-3, log_every=1, save_every=150))
+    t.run()
+    got = losses(tmp_path / "run")
+    assert len(got) == 150
+    first, last = np.mean(got[:15]), np.mean(got[-15:])
+    assert last < 0.5 * first, (first, last)
+
+
+def test_training_inputs_are_the_policys_inputs(tmp_path, dataset):
+    """What the model trained on equals what pi0.Policy feeds it for the same frame from the saved checkpoint."""
+    for size in ("tiny", "tiny-pi05"):
+        t = Trainer(args(dataset, tmp_path / size, size=size, steps=1, augment=False))
+        ckpt = t.run()
+        policy = pi0.Policy(ckpt, backend="reference", dtype="float32")
+        assert policy.metadata["preset"] == "generic" and policy.metadata["cameras"] == t.cameras
+        data = TrainingData(t.ds, t.config, t.cameras, policy.normalizer, policy.tokenizer, True, False, seed=0)
+        for index in (0, 9, 17):
+            item = t.ds[index]
+            robot = {k: item[k].transpose(1, 2, 0) for k in t.ds.camera_keys}  # HWC uint8, as robots send
+            robot.update({"observation.state": item["observation.state"], "prompt": item["task"]})
+            want = policy.prepare(robot)
+            got = data.sample(index, 0, 0)
+            for c in range(len(t.cameras)):
+                assert torch.equal(got["images"][c], want.images[c][0])
+            assert np.array_equal(got["tokens"], want.tokens[0].numpy())
+            assert np.array_equal(got["state"], want.state[0].numpy())
+            a = policy.normalizer.actions_out(got["actions"][:, :3])  # back to robot units: the dataset's chunk
+            assert np.allclose(a, item["action"], atol=1e-5)
+
+
+def test_lora_merge_equals_base_plus_adapters(tmp_path):
+    model = pi0.build_model(pi0.preset("tiny"), seed=1)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    names = add_lora(model, rank=4, alpha=8, targets="all")
+    assert "expert.layers.0.self_attn.q_proj" in names and "vlm.layers.1.mlp.down_proj" in names
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    g = torch.Generator().manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    merged = merge_lora(model.state_dict(), model)
+    assert set(merged) == set(base)
+    for name in names:
+        m = model.get_submodule(name)
+        want = base[name + ".weight"] + 2.0 * m.lora_b.detach() @ m.lora_a.detach()
+        assert torch.allclose(merged[name + ".weight"], want, atol=1e-6)
+    plain = pi0.build_model(pi0.preset("tiny"), seed=1)
+    plain.load_state_dict(merged)
+    obs = pi0.sample_observation(plain.config, batch_size=2)
+    noise = torch.randn(2, plain.config.action_horizon, plain.config.action_dim, generator=g)
+    with torch.no_grad():
+        assert (plain.sample_actions(obs, noise=noise) - model.sample_actions(obs, noise=noise)).abs().max() <= 1e-5
+
+
+def test_lora_training_saves_merged_weights(tmp_path, dataset):
+    t = Trainer(args(dataset, tmp_path / "lora", lora=4, steps=3))
+    assert t.trainable == sum(p.numel() for n, p in t.model.named_parameters() if "lora_" in n)
+    ckpt = t.run()
+    saved = pi0.load_model(ckpt)  # a plain checkpoint: the adapters are merged
+    ref = merge_lora(t.model.state_dict(), t.model)
+    assert all(torch.equal(saved.state_dict()[k], ref[k]) for k in ref)
+    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    assert any("lora_a" in k for k in state["params"])  # the adapters, kept for resuming
+
+
+@pytest.mark.parametrize("extra", [{}, {"lora": 4, "ema": 0.9}], ids=["full", "lora_ema"])
+def test_resume_continues_bit_for_bit_and_ctrl_c_keeps_the_last_checkpoint(tmp_path, dataset, extra):
+    whole = Trainer(args(dataset, tmp_path / "whole", steps=8, save_every=4, **extra))
+    whole.run()
+
+    def interrupt(step, _):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    cut = Trainer(args(dataset, tmp_path / "cut", steps=8, save_every=4, **extra))
+    cut.run(callback=interrupt)
+    latest = (tmp_path / "cut" / "latest").resolve()
+    assert latest.name == "step-000004" and not list((tmp_path / "cut").glob(".step-*"))
+    pi0.load_model(latest)  # intact
+    again = Trainer(args(dataset, tmp_path / "cut", steps=8, save_every=4, **extra))
+    again.resume(latest)
+    again.run()
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    a = pi0.load_model(tmp_path / "whole" / "latest").state_dict()
+    b = pi0.load_model(tmp_path / "cut" / "latest").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _torchrun(nproc: int, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "pi0.train", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_follow_one(tmp_path, dataset, mode):
+    """torchrun with 2 processes on gloo (DDP, or FSDP sharding) follows one process with the same global batch;
+    the FSDP run resumes too (its state gathered from the shards)."""
+    Trainer(args(dataset, tmp_path / "one", steps=3)).run()
+    argv = ["--dataset", str(dataset), "--size", "tiny", "--steps", "3", "--batch", "4", "--lr", "1e-3",
+            "--action-horizon", "4", "--log-every", "1", "--quiet", "--out", str(tmp_path / "two")]
+    two = _torchrun(2, *argv, *(["--fsdp"] if mode == "fsdp" else []))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert np.allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    if mode == "fsdp":
+        resumed = _torchrun(2, "--resume", str(tmp_path / "two"), "--steps", "4", "--quiet")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert len(losses(tmp_path / "two")) == 4 and (tmp_path / "two" / "step-000004").is_dir()
+
+
+def test_bad_datasets_are_named(tmp_path, dataset):
+    with pytest.raises(DatasetError, match="no camera 'observation.images.side'"):
+        Trainer(args(dataset, tmp_path / "a", cameras=["observation.images.side"]))
+    wide = write_dataset(tmp_path / "wide", episodes=1, action_dim=33)
+    with pytest.raises(DatasetError, match="'action' has 33 dims, the model takes at most 32"):
+        Trainer(args(wide, tmp_path / "b"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    blank = write_dataset(tmp_path / "blank", episodes=2)
+    pq.write_table(pa.table({"task_index": pa.array([0, 1], pa.int64()), "task": ["open the drawer", " "]}),
+                   str(blank / "meta" / "tasks.parquet"))
+    with pytest.raises(DatasetError, match="task 1 is empty"):
+        Trainer(args(blank, tmp_path / "c"))
+    cut = write_dataset(tmp_path / "cut", episodes=3)
+    mp4 = cut / "videos" / "observation.images.wrist" / "chunk-000" / "file-000.mp4"
+    mp4.write_bytes(mp4.read_bytes()[: mp4.stat().st_size * 2 // 3])
+    with pytest.raises(DatasetError, match=r"observation.images.wrist/chunk-000/file-000.mp4: episode \d"):
+        Trainer(args(cut, tmp_path / "d", steps=20, batch=8)).run()
+
+
+def test_lerobot_written_dataset_trains_converts_and_serves(tmp_path):
+    """A dataset LeRobot 0.6.1 wrote, through pi0 train (the CLI), pi0 convert, and pi0 serve + openpi's client."""
+    from openpi_client import websocket_client_policy
+
+    from tests.conftest import free_port, wait_healthy
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "pi0.cli", "train", "--dataset", str(FIXTURE), "--size", "tiny-pi05",
+                        "--out", str(out), "--steps", "2", "--batch", "2", "--action-horizon", "5", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "saved" in r.stderr and (out / "loss.png").is_file()
+    conv = subprocess.run([sys.executable, "-m", "pi0.cli", "convert", str(out / "latest"), str(tmp_path / "lr"),
+                           "--layout", "lerobot"], capture_output=True, text=True, timeout=300)
+    assert conv.returncode == 0, conv.stderr
+    assert pi0.inspect_checkpoint(tmp_path / "lr").layout == "lerobot"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", str(out / "latest"), "--port",
+                             str(port), "--dtype", "float32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(proc, port, 120)
+        client = websocket_client_policy.WebsocketClientPolicy("127.0.0.1", port)
+        rng = np.random.default_rng(0)
+        obs = {"observation.images.front": rng.integers(0, 255, (24, 32, 3), dtype=np.uint8),
+               "observation.images.wrist": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+               "observation.state": rng.normal(size=6).astype(np.float32), "prompt": "open the drawer"}
+        reply = client.infer(obs)
+        assert reply["actions"].shape == (5, 6) and np.isfinite(reply["actions"]).all()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
