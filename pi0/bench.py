@@ -9,7 +9,6 @@ same dtype measured in the same process just before the model runs.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import time
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 import pi0
 from pi0.config import Pi0Config
 from pi0.engine import ops
+from pi0.hardware import peak_rss_gib
 from pi0.rtc import RTC
 from pi0.timing import Progress, best_seconds
 
@@ -77,10 +77,6 @@ def gemm_gflops(dtype: torch.dtype, device: torch.device, packed: bool, m: int =
         w = ops.pack(b, m, True)
         rate = max(rate, best_rate(lambda: ops.linear(a, w)))
     return rate
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run(args) -> dict[str, Any]:

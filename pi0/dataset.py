@@ -349,6 +349,7 @@ class LeRobotDatasetWriter:
 
     def _encoder(self, key: str, height: int, width: int):
         if key not in self._encoders:
+            os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1: errors only (it prints its whole configuration)
             av = _av()
             path = self.root / "videos" / key / "chunk-000" / "file-000.mp4"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -135,3 +135,15 @@ def compute_dtype(dtype: torch.dtype, device: str | torch.device = "cpu") -> tor
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_gpu_gib(device: torch.device) -> float | None:
+    """The most GPU memory torch has allocated on `device` so far, or None off CUDA."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

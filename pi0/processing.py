@@ -149,12 +149,14 @@ def train_tokenizer(texts: list[str], model_prefix: str | os.PathLike, vocab_siz
     import sentencepiece as spm
 
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-    corpus = list(texts) + [" ".join(str(n) for n in range(i, 256, 7)) for i in range(7)] + [chars]
-    corpus += [f"Task: {t}, State: 0 128 255;\nAction: " for t in texts]
+    # each instruction many times over, so that its words become pieces of their own (a handful of sentences
+    # seen once leave SentencePiece with single letters)
+    corpus = [t for t in texts for _ in range(50)] + [" ".join(str(n) for n in range(i, 256, 7)) for i in range(7)]
+    corpus += [chars] + [f"Task: {t}, State: 0 128 255;\nAction: " for t in texts]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_prefix=str(model_prefix), vocab_size=vocab_size, pad_id=0, eos_id=1,
         bos_id=2, unk_id=3, user_defined_symbols=["\n", ":", ",", ";"], character_coverage=1.0, minloglevel=2,
-        hard_vocab_limit=False, model_type="unigram",
+        hard_vocab_limit=False, model_type="bpe",
     )
     return Path(str(model_prefix) + ".model")
 
@@ -355,6 +357,12 @@ PRESETS: dict[str, RobotPreset] = {
         ["state"], 14, state_in=_aloha_state_in, actions_out=_aloha_actions_out, state_len=14,
         description="state (14), images: {cam_high, cam_left_wrist, cam_right_wrist} (CHW), prompt -> actions[:, :14]; "
                     "joint flips and gripper maps as openpi's adapt_to_pi",
+    ),
+    "metaworld": RobotPreset(
+        "metaworld", [("observation/image", True), ("observation/wrist_image", False)], ["observation/state"], 4,
+        state_len=4,
+        description="observation/image, observation/wrist_image (optional), observation/state (hand xyz, gripper), "
+                    "prompt -> actions[:, :4] (pi0.sim.metaworld)",
     ),
 }
 

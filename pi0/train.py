@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from pi0.config import Pi0Config, preset
 from pi0.dataset import DatasetError, LeRobotDataset
-from pi0.hardware import resolve_device, resolve_dtype
+from pi0.hardware import peak_gpu_gib, peak_rss_gib, resolve_device, resolve_dtype
 from pi0.lora import add_lora, merge_lora
 from pi0.observation import Observation
 from pi0.processing import Normalizer, PromptTokenizer, Stats, image_to_model, train_tokenizer
@@ -592,7 +592,10 @@ class Trainer:
                 loss_value = _mean_over_ranks(loss.detach(), self.world)
                 now = time.perf_counter()
                 rec = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                       "seconds": now - t_last, "samples_per_s": a.batch / (now - t_last)}
+                       "seconds": now - t_last, "samples_per_s": a.batch / (now - t_last),
+                       "peak_rss_gib": peak_rss_gib()}
+                if self.device.type == "cuda":
+                    rec["peak_gpu_gib"] = peak_gpu_gib(self.device)
                 t_last = now
                 self.history.append(rec)
                 if log is not None and (step % a.log_every == 0 or step == a.steps or step == self.start_step + 1):

@@ -228,3 +228,39 @@ def test_lerobot_written_dataset_trains_converts_and_serves(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_bf16_autocast_and_frozen_towers(tmp_path, dataset):
+    """--dtype bfloat16 trains under bf16 autocast with fp32 master weights (slow but right on a CPU without
+    native bf16); --freeze vlm leaves SigLIP, the projector and the VLM untouched."""
+    t = Trainer(args(dataset, tmp_path / "bf16", steps=2, dtype="bfloat16", freeze="vlm"))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.run()
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
+    after = t.model.state_dict()
+    assert np.isfinite(losses(tmp_path / "bf16")).all()
+    for k in before:
+        frozen = k.startswith(("vision.", "projector.", "vlm."))
+        assert torch.equal(before[k], after[k]) == frozen, k
+
+
+def test_dataset_by_repo_id_from_lerobots_or_the_hub_cache(tmp_path, monkeypatch):
+    """A repo id: LeRobot's own cache ($HF_LEROBOT_HOME/<repo_id>), then the huggingface_hub cache (the v3.0 tag
+    LeRobot downloads, or main)."""
+    import shutil
+
+    from pi0.dataset import LeRobotDataset
+
+    shutil.copytree(FIXTURE, tmp_path / "lerobot" / "someone" / "robot_data")
+    monkeypatch.setenv("HF_LEROBOT_HOME", str(tmp_path / "lerobot"))
+    assert len(LeRobotDataset("someone/robot_data")) == 24
+    repo = tmp_path / "hf" / "hub" / "datasets--someone--hub_data"
+    shutil.copytree(FIXTURE, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v3.0").write_text("0123abcd")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read per call
+    assert LeRobotDataset("someone/hub_data").root == repo / "snapshots" / "0123abcd"
+    with pytest.raises(DatasetError, match="huggingface-cli download --repo-type dataset someone/other"):
+        LeRobotDataset("someone/other")
