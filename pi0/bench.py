@@ -19,6 +19,7 @@ import pi0
 from pi0.config import Pi0Config
 from pi0.engine import ops
 from pi0.hardware import peak_rss_gib
+from pi0.options import add_device_args, device_and_dtype
 from pi0.rtc import RTC
 from pi0.timing import Progress, best_seconds
 
@@ -80,8 +81,6 @@ def gemm_gflops(dtype: torch.dtype, device: torch.device, packed: bool, m: int =
 
 
 def run(args) -> dict[str, Any]:
-    from pi0.cli import device_and_dtype
-
     device, dtype, dtype_reason = device_and_dtype(args)  # its one line goes to stderr, out of the JSON
     torch.manual_seed(0)
     progress = None if args.json else Progress()
@@ -162,8 +161,6 @@ def add_arguments(p) -> None:
     p.add_argument("--size", default="pi0", choices=["pi0", "pi05", "tiny", "tiny-pi05"])
     p.add_argument("--checkpoint", help="real weights instead of seeded random ones")
     p.add_argument("--action-horizon", type=int, default=None, help="override the checkpoint's action horizon")
-    from pi0.cli import add_device_args
-
     add_device_args(p)
     p.add_argument("--cameras", type=int, default=3)
     p.add_argument("--masked-cameras", type=int, default=0, help="how many of the cameras are masked (the last ones)")

@@ -153,9 +153,49 @@ def test_dependencies_flow_one_way():
         assert not any(n.startswith("pi0.reference") for n in _pi0_imports(f)), f
     for f in (root / "reference").glob("*.py"):
         assert not any(n.startswith("pi0.engine") for n in _pi0_imports(f)), f
-    for name in ("checkpoint.py", "config.py", "functional.py", "hardware.py"):
+    for name in ("checkpoint.py", "config.py", "functional.py", "hardware.py", "dataset.py"):
         bad = {n for n in _pi0_imports(root / name) if n.startswith(("pi0.reference", "pi0.engine", "pi0.models"))}
         assert not bad, (name, bad)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """pi0's modules -> the pi0 modules each imports (at the top or inside functions; `from pi0 import bench`
+    counts as importing pi0.bench)."""
+    root = Path(pi0.__file__).parent
+    mods = {}
+    for f in root.rglob("*.py"):
+        name = ".".join(("pi0", *f.relative_to(root).with_suffix("").parts))
+        mods[name.removesuffix(".__init__")] = f
+    graph = {}
+    for name, f in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pi0"):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d in mods and d not in (name, "pi0")}
+    return graph
+
+
+def test_no_import_circles():
+    """No module reaches itself through imports (bench <-> cli was one): layers stay layers."""
+    graph = module_graph()
+    assert "pi0.cli" in graph and "pi0.bench" in graph["pi0.cli"]
+    done: set[str] = set()
+
+    def visit(m: str, path: list[str]) -> None:
+        if m in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(m):] + [m]))
+        if m in done:
+            return
+        for d in sorted(graph[m]):
+            visit(d, path + [m])
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m, [])
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "pi0", "pi05"])
