@@ -17,7 +17,8 @@ import time
 import torch
 
 import pi0
-from pi0.engine.model import INT8_STAGES, Pi0Engine, int8_quantizer
+from pi0.engine.model import Pi0Engine
+from pi0.engine.weights import INT8_STAGES, int8_quantizer
 from pi0.hardware import compute_dtype
 
 GATES = {"bfloat16": (0.999, 0.995), "int8": (0.99, 0.98)}

@@ -16,7 +16,8 @@ import torch
 
 import pi0
 from pi0.checkpoint import weights_allocation
-from pi0.engine.model import Pi0Engine, int8_quantizer
+from pi0.engine.model import Pi0Engine
+from pi0.engine.weights import int8_quantizer
 from pi0.hardware import compute_dtype
 from pi0.models import random_state_dict
 

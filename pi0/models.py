@@ -122,7 +122,7 @@ def _precision(dtype: str | torch.dtype, device: torch.device, backend: str) -> 
     if backend != "engine":
         raise ValueError("int8 is an engine dtype: the reference backend is the fp32 specification (use "
                          "backend='engine', or float32 / bfloat16 for the reference)")
-    from pi0.engine.model import int8_quantizer
+    from pi0.engine.weights import int8_quantizer
 
     return dtype, int8_quantizer(compute_dtype(dtype, device))
 
