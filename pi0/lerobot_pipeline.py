@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pi0.config import Pi0Config
 from pi0.observation import Observation
-from pi0.processing import checked_image
+from pi0.processing import checked_image, prompt_text
 
 PRE_STEPS = ("rename_observations_processor", "to_batch_processor", "pi0_new_line_processor", "tokenizer_processor",
              "device_processor", "relative_actions_processor", "normalizer_processor",
@@ -217,15 +217,7 @@ class LeRobotPipeline:
         return self._model_inputs(frame, tokens, mask)
 
     def _task(self, frame: dict[str, Any], key: str = "task") -> str:
-        task = frame.get(key)
-        if isinstance(task, (bytes, np.bytes_)):
-            task = bytes(task).decode()
-        if isinstance(task, np.ndarray) and task.shape == ():
-            task = task.item()
-        if not isinstance(task, str):
-            raise KeyError(f"observation is missing '{key}' (a str instruction; this checkpoint expects: "
-                           f"{self.expected_keys})") if task is None else ValueError(f"{key} must be a str")
-        return task
+        return prompt_text(frame.get(key), key, f"this checkpoint expects: {self.expected_keys}")
 
     def _model_inputs(self, frame: dict[str, Any], tokens: np.ndarray, mask: np.ndarray) -> Observation:
         size = self.config.vision.image_size

@@ -19,7 +19,7 @@ from pi0.models import load_from_info
 from pi0.observation import Observation, concat_observations, sample_observation
 from pi0.processing import (
     PRESETS, PromptTokenizer, RobotPreset, finite_vector, find_tokenizer, generic_preset, image_to_model,
-    load_norm_stats, lookup, to_uint8_hwc,
+    load_norm_stats, lookup, prompt_text, to_uint8_hwc,
 )
 from pi0.rtc import RTC
 
@@ -158,15 +158,7 @@ class Policy:
             state = self.normalizer.state_in(state)
         if len(state) > cfg.state_dim:
             raise ValueError(f"state has {len(state)} dims, the model takes at most {cfg.state_dim}")
-        prompt = obs.get("prompt", self.default_prompt)
-        if prompt is None:
-            raise KeyError("observation is missing 'prompt' (a str instruction), and no default prompt is set")
-        if isinstance(prompt, (bytes, np.bytes_)):
-            prompt = bytes(prompt).decode()
-        if isinstance(prompt, np.ndarray) and prompt.shape == ():
-            prompt = prompt.item()
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        prompt = prompt_text(obs.get("prompt", self.default_prompt), "prompt", "no default prompt is set")
         tokens, token_mask = self.tokenizer(prompt, state if self.state_in_prompt else None)
         padded = np.zeros(cfg.state_dim, dtype=np.float32)
         padded[: len(state)] = state

@@ -77,6 +77,21 @@ def image_to_model(image: np.ndarray, size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Prompt tokens
 
+
+def prompt_text(value: Any, key: str, hint: str = "") -> str:
+    """An observation's instruction as a str: a str, bytes (msgpack from other languages) or a 0-d numpy
+    string. Missing: KeyError naming the key (and `hint`); another type: ValueError."""
+    if isinstance(value, (bytes, np.bytes_)):
+        value = bytes(value).decode()
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value.item()
+    if value is None:
+        raise KeyError(f"observation is missing '{key}' (a str instruction{'; ' + hint if hint else ''})")
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a str, got {type(value).__name__}")
+    return value
+
+
 OPENPI_TOKENIZER = "~/.cache/openpi/big_vision/paligemma_tokenizer.model"
 TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
 

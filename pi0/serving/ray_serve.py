@@ -15,7 +15,6 @@ frame naming the problem for a bad request (the connection stays open), API key 
 # at runtime, and they are imported inside build_app (Ray Serve is an optional extra).
 import argparse
 import asyncio
-import hmac
 import logging
 import signal
 import sys
@@ -24,7 +23,7 @@ import time
 from typing import Any
 
 from pi0.serving import msgpack_numpy
-from pi0.serving.server import BAD_INPUT, error_text, batch_rows, decode_request, encode_reply, infer_rows
+from pi0.serving.server import AUTH_ERROR, BAD_INPUT, authorized, error_text, batch_rows, decode_request, encode_reply, infer_rows
 
 log = logging.getLogger("pi0.serve")
 APP_NAME = "pi0"
@@ -72,11 +71,9 @@ def build_app(policy_args: dict[str, Any], api_key: str | None, max_message_byte
 
         @app.websocket("/")
         async def robot(self, ws: WebSocket) -> None:
-            if api_key is not None:
-                got = ws.headers.get("authorization", "")
-                if not hmac.compare_digest(got.encode(), f"Api-Key {api_key}".encode()):
-                    await ws.close(code=1008, reason="missing or wrong 'Authorization: Api-Key <key>' header")
-                    return
+            if not authorized(ws.headers.get("authorization"), api_key):
+                await ws.close(code=1008, reason=AUTH_ERROR)
+                return
             await ws.accept()
             await ws.send_bytes(msgpack_numpy.packb(self.policy.metadata))
             prev_total_ms = None

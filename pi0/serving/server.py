@@ -124,6 +124,14 @@ def encode_reply(rows: list[Any], timing: dict[str, Any], explicit: bool, prev_t
     return msgpack_numpy.packb({"batch": out, "server_timing": timing})
 
 
+AUTH_ERROR = "missing or wrong 'Authorization: Api-Key <key>' header"
+
+
+def authorized(header: str | None, api_key: str | None) -> bool:
+    """Does a handshake's Authorization header carry the key (always, when no key is set)? Constant-time."""
+    return api_key is None or hmac.compare_digest((header or "").encode(), f"Api-Key {api_key}".encode())
+
+
 class PolicyServer:
     def __init__(self, policy: InferPolicy, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                  max_message_bytes: int = 64 << 20, max_batch: int = 8, batch_wait_ms: float = 5.0,
@@ -150,11 +158,8 @@ class PolicyServer:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "warming up (first model call)\n")
         if request.path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "OK\n")
-        if self.api_key is not None:
-            got = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Api-Key {self.api_key}".encode()):
-                return connection.respond(http.HTTPStatus.UNAUTHORIZED,
-                                          "missing or wrong 'Authorization: Api-Key <key>' header\n")
+        if not authorized(request.headers.get("Authorization"), self.api_key):
+            return connection.respond(http.HTTPStatus.UNAUTHORIZED, AUTH_ERROR + "\n")
         if self.connections >= self.max_connections:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
                                       f"server is at its connection limit ({self.max_connections}; "
