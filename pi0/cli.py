@@ -12,8 +12,9 @@ import torch
 
 import pi0
 from pi0.checkpoint import CheckpointError, CheckpointInfo
-from pi0.hardware import resolve_device, resolve_dtype
-from pi0.models import BACKENDS
+from pi0.hardware import resolve_dtype
+from pi0.options import add_device_args, device_and_dtype
+from pi0.sim.metaworld import SimError
 from pi0.timing import Progress
 
 
@@ -121,16 +122,15 @@ def save_action_plot(actions: torch.Tensor, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str]:
-    """--device / --dtype resolved ("auto" included), with the choice and its reason printed in one line
-    (stderr). Returns the device, the dtype and the reason."""
-    device = resolve_device(args.device)
-    dtype, why = resolve_dtype(args.dtype, device)
-    print(f"pi0 {getattr(args, 'cmd', 'bench')}: device {device}, {why}", file=sys.stderr, flush=True)
-    return device, dtype, why
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.size is None and args.checkpoint is None and not args.rtc:
+        from pi0.sim.commands import cmd_demo_closed_loop
+
+        done = cmd_demo_closed_loop(args)
+        if done is not None:
+            return done
+        print("pi0 demo: running the full-size timing demo instead", file=sys.stderr, flush=True)
+    args.size = args.size or "pi0"
     torch.manual_seed(args.seed)
     device, dtype, _ = device_and_dtype(args)
     dtype_name = str(dtype).replace("torch.", "")
@@ -210,13 +210,6 @@ def _param_shapes(cfg: pi0.Pi0Config):
 CHECKPOINT_HELP = ("checkpoint directory, .safetensors file, openpi Orbax checkpoint (directory, training step "
                    "or params/), gs://openpi-assets/... in openpi's download cache, or hub repo id")
 HORIZON_HELP = "actions per chunk, overriding the checkpoint's config.json (openpi Orbax checkpoints record none: 50)"
-
-
-def add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="engine", choices=BACKENDS)
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 where this machine runs it natively, else "
-                   "float32), bfloat16, float32, or int8 (engine on a CPU: int8 weights and activations)")
-    p.add_argument("--device", default="auto", help="auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1, ...")
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -372,9 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="run the whole model on a built-in sample observation and plot the actions")
-    p.add_argument("--size", default="pi0", choices=["pi0", "pi05", "tiny", "tiny-pi05"],
-                   help="architecture with seeded random weights (default: full-size pi0)")
+    p = sub.add_parser("demo", help="the shipped small pi0 solving Meta-World tasks in closed loop; with --size or "
+                       "--checkpoint, the whole model's timing on a sample observation")
+    p.add_argument("--size", default=None, choices=["pi0", "pi05", "tiny", "tiny-pi05"],
+                   help="the timing demo: this architecture with seeded random weights")
+    p.add_argument("--episodes", type=int, default=3, help="closed-loop demo: episodes per task")
+    p.add_argument("--out-dir", default="pi0_demo", help="closed-loop demo: where the video, plot and report go")
     p.add_argument("--checkpoint", help="real weights instead of random ones: " + CHECKPOINT_HELP)
     p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)
     add_device_args(p)
@@ -424,6 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)
     p.set_defaults(func=cmd_convert)
 
+    from pi0.sim import commands as sim
+
+    p = sub.add_parser("sim", help="simulated robots: scripted-expert demonstrations as a LeRobot dataset")
+    simsub = p.add_subparsers(dest="sim_cmd", required=True)
+    c = simsub.add_parser("collect", help="scripted-expert demonstrations (pip install 'pi0[sim]')")
+    sim.add_collect_arguments(c)
+    c.set_defaults(func=sim.cmd_collect)
+
+    p = sub.add_parser("eval", help="closed-loop success of a policy in simulation (pip install 'pi0[sim]')")
+    sim.add_eval_arguments(p)
+    p.set_defaults(func=sim.cmd_eval)
+
     p = sub.add_parser("train", help="fine-tune (full or LoRA) or train from scratch on a LeRobot v3 dataset "
                        "(pip install 'pi0[train]')")
     from pi0 import train
@@ -443,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, ImportError, SimError) as e:
         print(f"pi0 {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyError as e:

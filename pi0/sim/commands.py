@@ -1,0 +1,269 @@
+"""`pi0 sim collect`, `pi0 eval` and the closed-loop `pi0 demo` (Meta-World)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pi0.options import add_device_args
+
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "metaworld"  # the small pi0 trained on Meta-World
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _tasks(text: str | None) -> list[str]:
+    from pi0.sim.metaworld import DEFAULT_TASKS
+
+    return [t.strip() for t in text.split(",") if t.strip()] if text else list(DEFAULT_TASKS)
+
+
+def _check_env(name: str) -> None:
+    if name != "metaworld":
+        raise ValueError(f"unknown --env {name!r}: pi0 simulates metaworld")
+
+
+# ---------------------------------------------------------------------------------------------
+# pi0 sim collect
+
+
+def add_collect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", default="metaworld", help="the simulator (metaworld)")
+    p.add_argument("--tasks", default=None, help="comma-separated Meta-World tasks (default: drawer-open-v3, "
+                   "drawer-close-v3, button-press-topdown-v3, window-open-v3, window-close-v3)")
+    p.add_argument("--episodes", type=int, default=50, help="successful demonstrations per task")
+    p.add_argument("--out", required=True, help="a new directory for the LeRobot v3 dataset")
+    p.add_argument("--image-size", type=int, default=64, help="camera frames, px (square)")
+    p.add_argument("--camera", default="corner", help="the fixed camera (corner, corner2, corner3, corner4, topview)")
+    p.add_argument("--wrist", action="store_true", help="also record the gripper camera")
+    p.add_argument("--noise", type=float, default=0.3, help="std of the Gaussian noise added to the executed expert "
+                   "actions (the clean ones are recorded): recovery states in the data")
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0, help="first episode seed")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from pi0.sim.metaworld import collect
+
+    _check_env(args.env)
+    r = collect(_tasks(args.tasks), args.episodes, args.out, size=args.image_size, camera=args.camera, wrist=args.wrist,
+                noise=args.noise, max_steps=args.max_steps, seed=args.seed, workers=args.workers, log=_say)
+    print(json.dumps(r, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# pi0 eval
+
+
+def add_eval_arguments(p: argparse.ArgumentParser, checkpoint_default: str | None = None) -> None:
+    p.add_argument("--env", default="metaworld", help="the simulator (metaworld)")
+    src = p.add_mutually_exclusive_group(required=checkpoint_default is None)
+    src.add_argument("--checkpoint", default=checkpoint_default, help="run the policy in this process")
+    src.add_argument("--server", default=None, help="HOST:PORT of `pi0 serve --preset metaworld`: run as a robot "
+                     "would, through openpi's websocket client and pi0.stream.ActionStream")
+    p.add_argument("--tasks", default=None, help="comma-separated Meta-World tasks (default: the five of the demo)")
+    p.add_argument("--episodes", type=int, default=20, help="episodes per task")
+    add_device_args(p)
+    p.add_argument("--rtc", action="store_true", help="stream actions with real-time chunking on a simulated clock "
+                   "(the clock advances by the measured inference latency while a chunk is computed)")
+    p.add_argument("--stream", action="store_true", help="stream actions through ActionStream without RTC "
+                   "(the default with --server)")
+    p.add_argument("--control-hz", type=float, default=10.0, help="simulated control rate when streaming")
+    p.add_argument("--replan", type=int, default=None, help="without streaming: actions executed per chunk "
+                   "(default half a chunk)")
+    p.add_argument("--max-steps", type=int, default=200, help="an episode fails if unsolved after this many steps")
+    p.add_argument("--seed", type=int, default=None, help="first episode seed (default 10000: none seen in training)")
+    p.add_argument("--wrist", action="store_true", default=None, help="send the gripper camera (default: what the "
+                   "checkpoint was trained with)")
+    p.add_argument("--video", default=None, help="write one episode per task to this mp4")
+    p.add_argument("--plot", default=None, help="write the success table as a bar chart (png)")
+    p.add_argument("--no-expert", dest="expert", action="store_false", help="skip the scripted expert's table")
+    p.add_argument("--workers", type=int, default=1, help="processes running episodes side by side (rendering is "
+                   "single-threaded: up to one per core), each with its own policy or client")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _checkpoint_cameras(path: str) -> tuple[int, bool]:
+    """(image size, whether it was trained with the gripper camera) from a checkpoint's config.json."""
+    from pi0.checkpoint import inspect_checkpoint
+
+    info = inspect_checkpoint(path)
+    feats = info.meta.get("input_features") if isinstance(info.meta.get("input_features"), dict) else {}
+    cams = [k for k in feats if k.startswith("observation.images.")]
+    size = feats[cams[0]]["shape"][-1] if cams else info.config.vision.image_size
+    return int(size), any("wrist" in k for k in cams)
+
+
+class RunnerSpec:
+    """How to build the policy's runner, picklable so that evaluation worker processes build their own: in
+    process (pi0.Policy with the `metaworld` preset) or a client of `pi0 serve`; synchronous chunking, or
+    streamed through ActionStream (RTC on or off) on a simulated clock charged `latency_s` per chunk."""
+
+    def __init__(self, args: argparse.Namespace, wrist: bool, latency_s: float | None = None):
+        self.checkpoint, self.server = args.checkpoint, args.server
+        self.backend, self.dtype, self.device = args.backend, args.dtype, args.device
+        self.stream = bool(args.rtc or args.stream or args.server)
+        self.rtc, self.control_hz, self.replan = bool(args.rtc), args.control_hz, args.replan
+        self.wrist, self.latency_s = wrist, latency_s
+
+    def policy(self):
+        if self.server:
+            from openpi_client import websocket_client_policy
+
+            host, _, port = self.server.rpartition(":")
+            return websocket_client_policy.WebsocketClientPolicy(host or "127.0.0.1", int(port))
+        from pi0.policy import Policy
+
+        return Policy(self.checkpoint, preset="metaworld", backend=self.backend, dtype=self.dtype, device=self.device)
+
+    def __call__(self):
+        from pi0.sim.metaworld import ChunkRunner, StreamRunner
+
+        policy = self.policy()
+        if not self.stream:
+            return ChunkRunner(policy.infer, self.replan)
+        return StreamRunner(policy, self.control_hz, self.rtc, self.latency_s)
+
+
+def measure_latency(policy, task: str, size: int, wrist: bool, repeats: int = 4) -> float:
+    """The median seconds of a few real requests (after one warm-up): what a streamed run charges its clock."""
+    from pi0.sim.metaworld import MetaWorldEnv
+
+    env = MetaWorldEnv(task, size, wrist=wrist)
+    env.reset(0)
+    obs = env.observation()
+    env.close()
+    policy.infer(obs)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        policy.infer(obs)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from pi0.sim.metaworld import EVAL_SEED, evaluate, expert_success
+
+    _check_env(args.env)
+    tasks = _tasks(args.tasks)
+    seed = EVAL_SEED if args.seed is None else args.seed
+    meta: dict[str, Any] = {}
+    if args.server:
+        size, wrist = 64, bool(args.wrist)
+    else:
+        size, wrist = _checkpoint_cameras(args.checkpoint)
+        wrist = wrist if args.wrist is None else args.wrist
+    spec = RunnerSpec(args, wrist)
+    if spec.stream or not args.server:
+        policy = spec.policy()
+        if args.server:
+            meta["server"] = policy.get_server_metadata()
+        else:
+            meta.update(backend=policy.backend, dtype=policy.dtype, device=str(policy.device), reason=policy.dtype_reason)
+        if spec.stream:
+            spec.latency_s = measure_latency(policy, tasks[0], size, wrist)
+            meta.update(latency_ms=spec.latency_s * 1000, control_hz=args.control_hz, rtc=spec.rtc,
+                        inference_delay_ticks=int(np.ceil(spec.latency_s * args.control_hz)))
+        del policy
+    meta.update(image_size=size, wrist=wrist, workers=args.workers)
+    t0 = time.perf_counter()
+    report = evaluate(spec, tasks, args.episodes, size=size, wrist=wrist, max_steps=args.max_steps, seed=seed,
+                      video=args.video, workers=args.workers)
+    report.update(seconds=time.perf_counter() - t0, seed=seed, max_steps=args.max_steps,
+                  source=args.server or str(args.checkpoint), **meta)
+    if args.expert:
+        report["expert"] = expert_success(tasks, args.episodes, seed=seed, max_steps=args.max_steps)
+    if args.plot:
+        plot_success(report, args.plot)
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    expert = report.get("expert", {}).get("tasks", {})
+    print(f"{'task':26s} {'success':>8s} {'95% interval':>14s} {'steps':>6s} {'expert':>7s}")
+    for task, row in report["tasks"].items():
+        lo, hi = row["ci95"]
+        steps = f"{row['mean_steps_to_success']:.0f}" if row["mean_steps_to_success"] else "-"
+        exp = f"{expert[task]['success'] * 100:.0f}%" if task in expert else "-"
+        print(f"{task:26s} {row['success'] * 100:7.0f}% {lo * 100:6.0f}-{hi * 100:3.0f}% {steps:>6s} {exp:>7s}")
+    lo, hi = report["ci95"]
+    exp = f"{report['expert']['mean_success'] * 100:.0f}%" if "expert" in report else "-"
+    print(f"{'mean':26s} {report['mean_success'] * 100:7.0f}% {lo * 100:6.0f}-{hi * 100:3.0f}% {'':>6s} {exp:>7s}")
+
+
+def plot_success(report: dict[str, Any], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["tasks"])
+    x = np.arange(len(tasks))
+    ours = [report["tasks"][t]["success"] * 100 for t in tasks]
+    err = np.array([[o - report["tasks"][t]["ci95"][0] * 100, report["tasks"][t]["ci95"][1] * 100 - o]
+                    for t, o in zip(tasks, ours)]).T
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.bar(x - 0.2, ours, 0.4, yerr=err, capsize=3, label="pi0 (closed loop)")
+    if "expert" in report:
+        ax.bar(x + 0.2, [report["expert"]["tasks"][t]["success"] * 100 for t in tasks], 0.4, label="scripted expert")
+    ax.set_xticks(x, [t.replace("-v3", "") for t in tasks], fontsize=8)
+    ax.set_ylabel("success (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"Meta-World, {report['tasks'][tasks[0]]['episodes']} episodes per task", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    report = run_eval(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+        _say(f"pi0 eval: {report['episodes']} episodes in {report['seconds']:.0f} s"
+             + (f"; video {args.video}" if args.video else "") + (f"; plot {args.plot}" if args.plot else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# pi0 demo (closed loop)
+
+
+def cmd_demo_closed_loop(args: argparse.Namespace) -> int | None:
+    """The shipped small pi0 on the five Meta-World tasks, a few episodes each: the success table next to the
+    scripted expert's, a video and a plot. Returns None when the simulator cannot run here (the reason
+    printed), so that the caller can fall back to the timing demo."""
+    from pi0.sim.metaworld import SimError
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ns = argparse.Namespace(
+        env="metaworld", checkpoint=args.checkpoint or str(SHIPPED), server=None, tasks=None, episodes=args.episodes,
+        backend=args.backend, device=args.device, dtype=args.dtype, rtc=False, stream=False, control_hz=10.0,
+        replan=None, max_steps=200, seed=None, wrist=None, video=str(out / "metaworld.mp4"),
+        plot=str(out / "metaworld_success.png"), expert=True, json=False, workers=os.cpu_count() or 1)
+    _say(f"pi0 demo: the small pi0 shipped in {ns.checkpoint} on Meta-World, {ns.episodes} episodes per task "
+         "(pi0 demo --size pi0 for the full-size timing demo)")
+    try:
+        report = run_eval(ns)
+    except SimError as e:
+        _say(f"pi0 demo: the closed-loop demo cannot run here: {e}")
+        return None
+    print_table(report)
+    print(f"video     {ns.video}\nplot      {ns.plot}")
+    (out / "metaworld_report.json").write_text(json.dumps(report, indent=2))
+    return 0

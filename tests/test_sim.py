@@ -1,0 +1,70 @@
+"""Meta-World: expert demonstrations as a LeRobot dataset, the closed loop with the shipped small pi0 (in process,
+and through `pi0 serve` with real-time chunking), rendering failures explained."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pi0.sim.metaworld import MetaWorldEnv, SimError, collect, wilson_interval  # noqa: E402 (sets MUJOCO_GL first)
+
+pytest.importorskip("metaworld")
+pytest.importorskip("av")
+
+from pi0.dataset import LeRobotDataset  # noqa: E402
+
+SHIPPED_TASK = "button-press-topdown-v3"
+
+
+def test_wilson_interval():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(20, 20)
+    assert hi == 1.0 and lo == pytest.approx(0.8389, abs=1e-3)
+    lo, hi = wilson_interval(10, 20)
+    assert lo == pytest.approx(0.2993, abs=1e-3) and hi == pytest.approx(0.7007, abs=1e-3)
+
+
+def test_the_environment_renders_the_right_way_up():
+    env = MetaWorldEnv("drawer-open-v3", size=32)
+    env.reset(0)
+    img = env.render()
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    # the camera looks down on the wooden table top with the red arm reaching in from above: most wood in the
+    # lower half, most red in the upper half (a frame upside down swaps both)
+    px = img.astype(int)
+    wood = (px[..., 0] - px[..., 2] > 25) & (px[..., 0] < 200) & (px[..., 1] > 40)
+    red = (px[..., 0] > 120) & (px[..., 1] < 60)
+    assert wood[16:].sum() > 2 * wood[:16].sum() and red[:16].sum() > 2 * red[16:].sum()
+    obs = env.observation()
+    assert set(obs) == {"observation/image", "observation/state", "prompt"} and obs["prompt"] == "open the drawer"
+    assert obs["observation/state"].shape == (4,)
+    env.close()
+
+
+def test_collect_keeps_successful_expert_episodes_as_a_lerobot_dataset(tmp_path):
+    report = collect(["button-press-topdown-v3"], 2, tmp_path / "ds", size=32, wrist=True, workers=1, log=lambda _: None)
+    assert report["tasks"]["button-press-topdown-v3"]["kept"] == 2 and report["episodes"] == 2
+    ds = LeRobotDataset(tmp_path / "ds", action_horizon=5)
+    assert ds.num_episodes == 2 and ds.tasks == ["press the button from the top"]
+    assert ds.camera_keys == ["observation.images.image", "observation.images.wrist_image"]
+    item = ds[3]
+    assert item["observation.images.image"].shape == (3, 32, 32) and item["action"].shape == (5, 4)
+    assert np.abs(item["action"]).max() <= 1.0 and item["observation.state"].shape == (4,)
+    assert ds.info["robot_type"] == "sawyer"
+
+
+def test_without_opengl_the_error_says_how_to_get_it():
+    code = ("from pi0.sim.metaworld import MetaWorldEnv, SimError\n"
+            "try:\n    MetaWorldEnv('drawer-open-v3').render()\nexcept SimError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MUJOCO_GL": "bogus"})
+    assert "MUJOCO_GL=bogus" in r.stdout and "libegl1" in r.stdout and "libosmesa6" in r.stdout, r.stdout + r.stderr
+
+
+def test_unknown_tasks_are_named():
+    with pytest.raises(ValueError, match="unknown Meta-World task"):
+        collect(["drawer-opne-v3"], 1, "/nonexistent", log=lambda _: None)
+    assert issubclass(SimError, RuntimeError)

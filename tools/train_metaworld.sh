@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# From nothing to the small pi0 shipped in pi0/assets/metaworld: scripted-expert demonstrations of five
+# Meta-World tasks, `pi0 train` from seeded random weights, the closed-loop evaluation, and the copy that ships.
+#
+#   bash tools/train_metaworld.sh [WORK_DIR]        # default /tmp/pi0-metaworld; needs `make install` first
+#
+# Environment knobs (defaults are what made the shipped weights): EPISODES (demonstrations per task), STEPS,
+# BATCH, LR, EVAL_EPISODES, SHIP=1 to copy the result into pi0/assets/metaworld.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-/tmp/pi0-metaworld}
+PI0=${PI0:-.venv/bin/pi0}
+EPISODES=${EPISODES:-50}
+STEPS=${STEPS:-6000}
+BATCH=${BATCH:-32}
+LR=${LR:-3e-4}
+EVAL_EPISODES=${EVAL_EPISODES:-20}
+TASKS=drawer-open-v3,drawer-close-v3,button-press-topdown-v3,window-open-v3,window-close-v3
+mkdir -p "$WORK"
+
+if [ ! -f "$WORK/data/meta/info.json" ]; then
+  rm -rf "$WORK/data"
+  /usr/bin/time -v "$PI0" sim collect --env metaworld --tasks "$TASKS" --episodes "$EPISODES" --out "$WORK/data" \
+    --image-size 64 --camera corner --noise 0.3 --seed 0 > "$WORK/collect.json" 2> "$WORK/collect.log"
+fi
+
+"$PI0" train --dataset "$WORK/data" --size configs/metaworld_small.json --out "$WORK/run" --steps "$STEPS" \
+  --batch "$BATCH" --lr "$LR" --seed 0 --save-every 1000 --log-every 20 --tokenizer-vocab 128 \
+  $( [ -f "$WORK/run/latest/train_state.pt" ] && echo "--resume $WORK/run" )
+
+"$PI0" eval --env metaworld --checkpoint "$WORK/run/latest" --tasks "$TASKS" --episodes "$EVAL_EPISODES" \
+  --workers 2 --json --video "$WORK/eval.mp4" --plot "$WORK/eval.png" > "$WORK/eval.json"
+.venv/bin/python - "$WORK/eval.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"mean success {r['mean_success'] * 100:.0f}% (expert {r['expert']['mean_success'] * 100:.0f}%)",
+      {t: round(v["success"] * 100) for t, v in r["tasks"].items()})
+EOF
+
+if [ "${SHIP:-0}" = 1 ]; then
+  rm -rf pi0/assets/metaworld
+  mkdir -p pi0/assets/metaworld
+  src=$(readlink -f "$WORK/run/latest")
+  cp -r "$src"/{model.safetensors,config.json,paligemma_tokenizer.model,stats.safetensors,assets} pi0/assets/metaworld/
+  cp "$WORK/eval.json" pi0/assets/metaworld/eval.json
+  echo "shipped $src -> pi0/assets/metaworld ($(du -sh pi0/assets/metaworld | cut -f1))"
+fi
