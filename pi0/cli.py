@@ -268,11 +268,12 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
-    import logging
 
     from pi0.serving.server import PolicyServer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pi0.serving.logs import setup_logging
+
+    setup_logging(args.log_format)
     key = api_key(args)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -288,7 +289,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     policy = _policy(args)
     print(f"policy: {policy.metadata}", file=sys.stderr, flush=True)
     server = PolicyServer(policy, args.host, args.port, api_key=key, max_message_bytes=int(args.max_message_mb * (1 << 20)),
-                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_connections=args.max_connections)
+                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_connections=args.max_connections,
+                          max_inflight_bytes=None if args.max_inflight_mb is None else int(args.max_inflight_mb * (1 << 20)))
     try:
         server.run()
     except KeyboardInterrupt:
@@ -395,7 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="refuse clients without 'Authorization: Api-Key <key>' "
                    "(visible in `ps`: prefer --api-key-file or the PI0_API_KEY environment variable)")
     p.add_argument("--api-key-file", default=None, help="read the API key from this file")
-    p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted")
+    p.add_argument("--max-message-mb", type=float, default=16.0, help="largest request frame accepted (a larger one "
+                   "closes its connection, code 1009, before it is buffered)")
+    p.add_argument("--max-inflight-mb", type=float, default=None, help="memory the server may hold for its clients "
+                   "in all: every connection reserves one message, every request in flight twice its size (default: "
+                   "3 x max-message-mb x max-connections)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one JSON object per log line, "
+                   "for log shippers")
     p.add_argument("--max-batch", type=int, default=8, help="requests answered by one forward at most (1: no batching)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to share "
                    "its forward")

@@ -54,7 +54,8 @@ def run(model, obs, out: Path, ticks: int = 300, delay_ticks: int = 8, seed: int
         policy.generator.manual_seed(seed)
         clock = SimulatedClock()
         stream = ActionStream(policy, hz, rtc=rtc, refill_at=refill, execution_horizon=refill,
-                              executor=SimulatedExecutor(clock, latency), clock=clock)
+                              executor=SimulatedExecutor(clock, latency), clock=clock,
+                              on_empty="wait")
         actions, switches, gaps, plans = [], [], [], []
         for _ in range(ticks):
             n = stream.chunks

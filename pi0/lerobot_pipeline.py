@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from pi0.config import Pi0Config
 from pi0.observation import Observation
+from pi0.errors import BadRequest, MissingKey
 from pi0.processing import checked_image, prompt_text
 
 PRE_STEPS = ("rename_observations_processor", "to_batch_processor", "pi0_new_line_processor", "tokenizer_processor",
@@ -115,6 +116,8 @@ class LeRobotPipeline:
         if not self.cameras:
             raise ValueError(f"{root}/config.json lists no VISUAL input_features: cannot tell the cameras")
         self.state_key = next((k for k, v in feats.items() if str(v.get("type", "")).upper() == "STATE"), None)
+        shape = feats.get(self.state_key, {}).get("shape") if self.state_key else None
+        self.state_dim = int(shape[0]) if shape else None  # what the normaliser's stats cover
         out = meta.get("output_features") if isinstance(meta.get("output_features"), dict) else {}
         act = out.get("action", {}).get("shape") if isinstance(out.get("action"), dict) else None
         self.action_dim = min(int(act[0]), config.action_dim) if act else config.action_dim
@@ -168,7 +171,7 @@ class LeRobotPipeline:
     def prepare(self, obs: dict[str, Any]) -> Observation:
         """A raw LeRobot frame -> the model's Observation (batch 1)."""
         if not isinstance(obs, dict):
-            raise ValueError(f"an observation must be a dict, got {type(obs).__name__}")
+            raise BadRequest(f"an observation must be a dict, got {type(obs).__name__}")
         obs = dict(obs)
         if "task" not in obs and "prompt" in obs:
             obs["task"] = obs.pop("prompt")
@@ -179,14 +182,17 @@ class LeRobotPipeline:
             elif key == self.state_key:
                 s = np.asarray(value)
                 if s.dtype.kind not in "uif" or s.ndim != 1:
-                    raise ValueError(f"{key} must be a 1-D numeric array, got dtype {s.dtype} shape {list(s.shape)}")
+                    raise BadRequest(f"{key} must be a 1-D numeric array, got dtype {s.dtype} shape {list(s.shape)}")
+                if self.state_dim is not None and len(s) != self.state_dim:
+                    raise BadRequest(f"{key} has {len(s)} values; this checkpoint expects {self.state_dim} "
+                                     "(its config.json input_features)")
                 if not np.isfinite(s).all():
-                    raise ValueError(f"{key} holds NaN or infinite values")
+                    raise BadRequest(f"{key} holds NaN or infinite values")
                 frame[key] = torch.from_numpy(s.astype(np.float32))
             else:
                 frame[key] = value
         if self.state_key and self.state_key not in frame:
-            raise KeyError(f"observation is missing '{self.state_key}' (this checkpoint expects: {self.expected_keys})")
+            raise MissingKey(f"observation is missing '{self.state_key}' (this checkpoint expects: {self.expected_keys})")
         tokens = mask = None
         for name, cfg, norm in self.pre:
             if name == "rename_observations_processor":
@@ -223,7 +229,7 @@ class LeRobotPipeline:
         size = self.config.vision.image_size
         present = [k for k in self.cameras if k in frame]
         if not present:
-            raise KeyError(f"observation has none of this checkpoint's cameras {self.cameras}: at least one is needed")
+            raise MissingKey(f"observation has none of this checkpoint's cameras {self.cameras}: at least one is needed")
         images = [resize_with_pad(frame[k], size) * 2.0 - 1.0 for k in present]
         images += [torch.full((3, size, size), -1.0) for k in self.cameras if k not in frame]
         masks = [True] * len(present) + [False] * (len(self.cameras) - len(present))
@@ -231,7 +237,7 @@ class LeRobotPipeline:
         if self.state_key:
             s = frame[self.state_key].float()
             if len(s) > self.config.state_dim:
-                raise ValueError(f"{self.state_key} has {len(s)} values; the model takes at most {self.config.state_dim}")
+                raise BadRequest(f"{self.state_key} has {len(s)} values; the model takes at most {self.config.state_dim}")
             state[: len(s)] = s
         return Observation([im[None] for im in images], [torch.tensor([m]) for m in masks],
                            torch.from_numpy(tokens)[None], torch.from_numpy(mask)[None], state[None])

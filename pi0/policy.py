@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pi0.checkpoint import inspect_checkpoint
+from pi0.errors import BadRequest, MissingKey
 from pi0.hardware import resolve_device, resolve_dtype
 from pi0.lerobot_pipeline import LeRobotPipeline, is_lerobot_pipeline
 from pi0.models import load_from_info
@@ -128,16 +129,16 @@ class Policy:
         except KeyError:
             if not required:
                 return None
-            raise KeyError(f"observation is missing '{key}' (preset {self.preset.name} expects: "
-                           f"{self.preset.description or self.preset.state_keys})") from None
+            raise MissingKey(f"observation is missing '{key}' (preset {self.preset.name} expects: "
+                             f"{self.preset.description or self.preset.state_keys})") from None
 
     def prepare(self, obs: dict[str, Any]) -> Observation:
-        """A robot observation dict -> model-level Observation (batch 1). Raises KeyError / ValueError
-        naming the offending key."""
+        """A robot observation dict -> model-level Observation (batch 1). Raises BadRequest (MissingKey)
+        naming the offending key, what it should be and what came."""
         if self.pipeline is not None:
             return self.pipeline.prepare(obs)
         if not isinstance(obs, dict):
-            raise ValueError(f"an observation must be a dict, got {type(obs).__name__}")
+            raise BadRequest(f"an observation must be a dict, got {type(obs).__name__}")
         cfg = self.config
         size = cfg.vision.image_size
         images, masks = [], []
@@ -151,13 +152,13 @@ class Policy:
                 masks.append(True)
         state = np.concatenate([finite_vector(self._get(obs, k), k) for k in self.preset.state_keys])
         if self.preset.state_len is not None and len(state) != self.preset.state_len:
-            raise ValueError(f"{' + '.join(self.preset.state_keys)} has {len(state)} values; preset {self.preset.name} "
+            raise BadRequest(f"{' + '.join(self.preset.state_keys)} has {len(state)} values; preset {self.preset.name} "
                              f"expects {self.preset.state_len}")
         state = self.preset.state_in(state.copy())
         if self.normalizer is not None:
             state = self.normalizer.state_in(state)
         if len(state) > cfg.state_dim:
-            raise ValueError(f"state has {len(state)} dims, the model takes at most {cfg.state_dim}")
+            raise BadRequest(f"state has {len(state)} dims, the model takes at most {cfg.state_dim}")
         prompt = prompt_text(obs.get("prompt", self.default_prompt), "prompt", "no default prompt is set")
         tokens, token_mask = self.tokenizer(prompt, state if self.state_in_prompt else None)
         padded = np.zeros(cfg.state_dim, dtype=np.float32)
@@ -193,28 +194,28 @@ class Policy:
 
     def rtc_from_request(self, request: Any) -> RTC:
         """A request's "rtc" map -> pi0.RTC, with this policy's defaults for the optional fields.
-        Raises ValueError naming the field that is wrong."""
+        Raises BadRequest naming the field that is wrong."""
         if not isinstance(request, dict):
-            raise ValueError(f"'rtc' must be a map with prev_actions and inference_delay, got {type(request).__name__}")
+            raise BadRequest(f"'rtc' must be a map with prev_actions and inference_delay, got {type(request).__name__}")
         request = {k.decode() if isinstance(k, bytes) else k: v for k, v in request.items()}
         unknown = set(request) - {"prev_actions", "inference_delay", "execution_horizon", "schedule", "max_guidance_weight"}
         if unknown:
-            raise ValueError(f"'rtc' has unknown fields {sorted(unknown)}: it takes prev_actions, inference_delay, "
+            raise BadRequest(f"'rtc' has unknown fields {sorted(unknown)}: it takes prev_actions, inference_delay, "
                              "execution_horizon, schedule, max_guidance_weight")
         for key in ("prev_actions", "inference_delay"):
             if key not in request:
-                raise ValueError(f"'rtc' needs '{key}'")
+                raise BadRequest(f"'rtc' needs '{key}'")
         prev = np.asarray(request["prev_actions"])
         if prev.dtype.kind not in "fiu":
-            raise ValueError(f"rtc prev_actions must be a numeric array [T_prev, D_prev], got dtype {prev.dtype}")
+            raise BadRequest(f"rtc prev_actions must be a numeric array [T_prev, D_prev], got dtype {prev.dtype}")
         if prev.ndim != 2:
-            raise ValueError(f"rtc prev_actions must be [T_prev, D_prev] (rows of an earlier reply's model_actions), "
+            raise BadRequest(f"rtc prev_actions must be [T_prev, D_prev] (rows of an earlier reply's model_actions), "
                              f"got shape {list(prev.shape)}")
 
         def integer(key: str, value: Any) -> int:
             if isinstance(value, (np.integer, int)) and not isinstance(value, (bool, np.bool_)):
                 return int(value)
-            raise ValueError(f"rtc {key} must be an integer, got {value!r}")
+            raise BadRequest(f"rtc {key} must be an integer, got {value!r}")
 
         d = self.rtc_defaults
         rtc = RTC(prev_actions=torch.from_numpy(prev.astype(np.float32))[None],
@@ -222,7 +223,10 @@ class Policy:
                   execution_horizon=integer("execution_horizon", request.get("execution_horizon", d.execution_horizon)),
                   schedule=str(request.get("schedule", d.schedule)),
                   max_guidance_weight=float(request.get("max_guidance_weight", d.max_guidance_weight)))
-        rtc.validate(1, self.config.action_horizon, self.config.action_dim)
+        try:
+            rtc.validate(1, self.config.action_horizon, self.config.action_dim)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         return rtc
 
     def infer(self, obs: dict[str, Any], *, noise: np.ndarray | torch.Tensor | None = None) -> dict[str, Any]:
@@ -232,36 +236,56 @@ class Policy:
         reproducible answer; else the policy's seed, else fresh noise."""
         return self.infer_batch([obs], noise=None if noise is None else [noise])[0]
 
+    def prepare_request(self, obs: dict[str, Any], noise: np.ndarray | torch.Tensor | None = None) -> Prepared:
+        """One robot observation (with its optional "rtc") validated and turned into model inputs, before any
+        model work: BadRequest names what is wrong. Cheap and thread-safe: a server prepares rows in parallel,
+        off the model's thread. noise: [H, action_dim] (None: the policy's seed's, else fresh)."""
+        rtc = self.rtc_from_request(obs["rtc"]) if isinstance(obs, dict) and "rtc" in obs else None
+        inputs = self.prepare(obs)
+        cfg = self.config
+        shape = (cfg.action_horizon, cfg.action_dim)
+        if noise is not None:
+            n = torch.as_tensor(np.asarray(noise, dtype=np.float32))
+            if n.numel() != math.prod(shape) or n.shape[-2:] != shape:
+                raise BadRequest(f"noise must be [{cfg.action_horizon}, {cfg.action_dim}], got {list(n.shape)}")
+            n = n.reshape(shape)
+        elif self.seed is not None:
+            n = torch.randn((1, *shape), generator=torch.Generator().manual_seed(self.seed))[0]
+        else:
+            n = torch.randn(shape)
+        return Prepared(inputs, rtc, n)
+
+    def run_prepared(self, rows: list[Prepared]) -> list[dict[str, Any]]:
+        """Prepared rows answered by one forward with a batch dimension; each row's answer equals the row
+        answered alone (to fp32 rounding)."""
+        t0 = time.perf_counter()
+        inputs = concat_observations([r.inputs for r in rows])
+        stages: dict[str, float] = {}
+        actions = self.model.sample_actions(inputs, noise=torch.stack([r.noise for r in rows]), num_steps=self.num_steps,
+                                            rtc=[r.rtc for r in rows], stages=stages)
+        actions = actions.cpu().numpy()
+        ms = (time.perf_counter() - t0) * 1000.0
+        return [{"actions": self.postprocess(a), "model_actions": a.astype(np.float32),
+                 "policy_timing": {"infer_ms": ms, "batch_size": len(rows), "stages_s": stages}} for a in actions]
+
     def infer_batch(self, observations: list[dict[str, Any]], *,
                     noise: list[np.ndarray | torch.Tensor | None] | None = None) -> list[dict[str, Any]]:
         """Several observations (robots, environments) in one forward with a batch dimension: rows may have
         different prompt lengths, masked cameras and their own "rtc"; each row's answer equals the same
         observation answered alone (to fp32 rounding). noise: one [H, action_dim] per row (None: the seed's,
         else fresh)."""
-        t0 = time.perf_counter()
         if not isinstance(observations, (list, tuple)) or not observations:
-            raise ValueError("infer_batch needs a non-empty list of observations")
+            raise BadRequest("infer_batch needs a non-empty list of observations")
         if noise is not None and len(noise) != len(observations):
-            raise ValueError(f"{len(noise)} noise arrays for {len(observations)} observations: give one per row (or None)")
-        rtc = [self.rtc_from_request(o["rtc"]) if isinstance(o, dict) and "rtc" in o else None for o in observations]
-        inputs = concat_observations([self.prepare(o) for o in observations])
-        cfg = self.config
-        shape = (cfg.action_horizon, cfg.action_dim)
-        rows = []
-        for i in range(len(observations)):
-            n = None if noise is None else noise[i]
-            if n is not None:
-                n = torch.as_tensor(np.asarray(n, dtype=np.float32))
-                if n.numel() != math.prod(shape) or n.shape[-2:] != shape:
-                    raise ValueError(f"noise must be [{cfg.action_horizon}, {cfg.action_dim}], got {list(n.shape)}")
-                n = n.reshape(shape)
-            elif self.seed is not None:
-                n = torch.randn((1, *shape), generator=torch.Generator().manual_seed(self.seed))[0]
-            else:
-                n = torch.randn(shape)
-            rows.append(n)
-        actions = self.model.sample_actions(inputs, noise=torch.stack(rows), num_steps=self.num_steps, rtc=rtc)
-        actions = actions.cpu().numpy()
-        ms = (time.perf_counter() - t0) * 1000.0
-        return [{"actions": self.postprocess(a), "model_actions": a.astype(np.float32),
-                 "policy_timing": {"infer_ms": ms, "batch_size": len(observations)}} for a in actions]
+            raise BadRequest(f"{len(noise)} noise arrays for {len(observations)} observations: give one per row (or None)")
+        return self.run_prepared([self.prepare_request(o, None if noise is None else noise[i])
+                                  for i, o in enumerate(observations)])
+
+
+@dataclass
+class Prepared:
+    """One request's model inputs: the observation (batch 1), its RTC guidance (or None) and its noise."""
+
+    inputs: Observation
+    rtc: RTC | None
+    noise: torch.Tensor

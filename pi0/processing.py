@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pi0.checkpoint import find_asset_stats
+from pi0.errors import BadRequest, MissingKey
 
 log = logging.getLogger("pi0")
 
@@ -20,26 +21,33 @@ log = logging.getLogger("pi0")
 # Images
 
 
+MIN_IMAGE_SIDE = 8  # px: smaller is no camera image (a 1 x 1 "image" would be blown up to the model's size)
+MAX_ASPECT = 16  # longest side over shortest: beyond it the resized image keeps a few rows of pixels
+
+
 def checked_image(image: Any, name: str = "image", prefer_chw: bool = False) -> np.ndarray:
     """A robot's 3-channel image, HWC or CHW (`prefer_chw` decides a 3 x H x 3 tie), validated: integers
-    in [0, 255] or finite floats in [0, 1]. Returns it HWC, as given otherwise."""
+    in [0, 255] or finite floats in [0, 1], at least MIN_IMAGE_SIDE px a side, an aspect ratio up to
+    MAX_ASPECT. Returns it HWC, as given otherwise. Raises BadRequest naming the key and the shape."""
     a = np.asarray(image)
     if a.dtype.kind not in "uif":
-        raise ValueError(f"{name} must be a uint8 or float array, got dtype {a.dtype}")
+        raise BadRequest(f"{name} must be a uint8 or float array, got dtype {a.dtype}")
     if a.ndim != 3 or 3 not in (a.shape[0], a.shape[-1]):
-        raise ValueError(f"{name} must be HWC or CHW with 3 channels, got shape {list(a.shape)}")
+        raise BadRequest(f"{name} must be HWC or CHW with 3 channels, got shape {list(a.shape)}")
     if a.shape[0] == 3 and (prefer_chw or a.shape[-1] != 3):
         a = np.transpose(a, (1, 2, 0))
-    if a.shape[0] < 1 or a.shape[1] < 1:
-        raise ValueError(f"{name} must be HWC or CHW with 3 channels, got shape {list(a.shape)}")
+    h, w = a.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE or max(h, w) > MAX_ASPECT * min(h, w):
+        raise BadRequest(f"{name} is {h} x {w} px (shape {list(np.asarray(image).shape)}): a camera image needs at "
+                         f"least {MIN_IMAGE_SIDE} px a side and an aspect ratio up to {MAX_ASPECT}:1")
     if a.dtype.kind in "ui":  # uint8, or e.g. pixel lists from JSON
         if a.size and (a.min() < 0 or a.max() > 255):
-            raise ValueError(f"{name}: integer pixels must lie in [0, 255], got [{a.min()}, {a.max()}]")
+            raise BadRequest(f"{name}: integer pixels must lie in [0, 255], got [{a.min()}, {a.max()}]")
         return a
     if not np.isfinite(a).all():
-        raise ValueError(f"{name} holds NaN or infinite values")
+        raise BadRequest(f"{name} holds NaN or infinite values")
     if a.size and (a.min() < 0.0 or a.max() > 1.0):
-        raise ValueError(f"{name}: float images must be in [0, 1], got [{a.min():.3g}, {a.max():.3g}]")
+        raise BadRequest(f"{name}: float images must be in [0, 1], got [{a.min():.3g}, {a.max():.3g}]")
     return a
 
 
@@ -86,9 +94,9 @@ def prompt_text(value: Any, key: str, hint: str = "") -> str:
     if isinstance(value, np.ndarray) and value.shape == ():
         value = value.item()
     if value is None:
-        raise KeyError(f"observation is missing '{key}' (a str instruction{'; ' + hint if hint else ''})")
+        raise MissingKey(f"observation is missing '{key}' (a str instruction{'; ' + hint if hint else ''})")
     if not isinstance(value, str):
-        raise ValueError(f"{key} must be a str, got {type(value).__name__}")
+        raise BadRequest(f"{key} must be a str, got {type(value).__name__}")
     return value
 
 
@@ -396,7 +404,7 @@ def lookup(obs: dict[str, Any], key: str) -> Any:
     cur: Any = obs
     for part in key.split("/"):
         if not isinstance(cur, dict) or part not in cur:
-            raise KeyError(key)
+            raise MissingKey(f"observation is missing '{key}'")
         cur = cur[part]
     return cur
 
@@ -404,10 +412,10 @@ def lookup(obs: dict[str, Any], key: str) -> Any:
 def finite_vector(x: Any, name: str) -> np.ndarray:
     a = np.asarray(x)
     if a.dtype.kind not in "uif":
-        raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+        raise BadRequest(f"{name} must be numeric, got dtype {a.dtype}")
     a = a.astype(np.float32).reshape(-1)
     if not np.isfinite(a).all():
-        raise ValueError(f"{name} holds NaN or infinite values: {a.tolist()[:8]}")
+        raise BadRequest(f"{name} holds NaN or infinite values: {a.tolist()[:8]}")
     return a
 
 

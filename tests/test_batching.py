@@ -53,11 +53,14 @@ class Counting:
     def __init__(self, policy, delay=0.0):
         self.policy, self.delay, self.metadata, self.rows, self.batches = policy, delay, policy.metadata, 0, []
 
-    def infer_batch(self, observations):
+    def prepare_request(self, obs):
+        return self.policy.prepare_request(obs)
+
+    def run_prepared(self, rows):
         time.sleep(self.delay)
-        self.rows += len(observations)
-        self.batches.append(len(observations))
-        return self.policy.infer_batch(observations)
+        self.rows += len(rows)
+        self.batches.append(len(rows))
+        return self.policy.run_prepared(rows)
 
     def warmup(self):
         return self.policy.warmup()
@@ -102,7 +105,7 @@ def test_explicit_batch_requests_and_seeded_reproducibility(seeded):
             ws.send(msgpack_numpy.packb({"batch": [libero_obs(3), bad, libero_obs(3, "other")]}))
             reply = msgpack_numpy.unpackb(ws.recv())
         rows = reply["batch"]
-        assert reply["server_timing"]["batch_size"] == 3 and len(rows) == 3
+        assert reply["server_timing"]["batch_size"] == 2 and len(rows) == 3  # the bad row never reaches the model
         assert np.abs(rows[0]["actions"] - alone).max() <= 1e-5
         assert "observation/state" in rows[1]["error"]
         assert rows[2]["actions"].shape == (50, 7)

@@ -28,9 +28,10 @@ def test_image_formats():
     assert np.abs(to_uint8_hwc(f).astype(int) - u8).max() <= 1
     x = image_to_model(u8, 28)
     assert x.shape == (3, 28, 28) and x.dtype == np.float32 and x.min() >= -1 and x.max() <= 1
-    for bad, msg in [(np.zeros((5, 5)), "HWC or CHW"), (np.zeros((4, 5, 5)), "3 channels"),
-                     (np.full((5, 5, 3), 2.0), r"\[0, 1\]"), (np.full((5, 5, 3), np.nan), "NaN"),
-                     (np.array([["a"]]), "dtype")]:
+    for bad, msg in [(np.zeros((9, 9)), "HWC or CHW"), (np.zeros((4, 9, 9)), "3 channels"),
+                     (np.full((9, 9, 3), 2.0), r"\[0, 1\]"), (np.full((9, 9, 3), np.nan), "NaN"),
+                     (np.array([["a"]]), "dtype"), (np.zeros((5, 5, 3), np.uint8), "at least 8 px"),
+                     (np.zeros((9, 200, 3), np.uint8), "aspect ratio up to 16:1")]:
         with pytest.raises(ValueError, match=msg):
             to_uint8_hwc(bad)
 

@@ -26,8 +26,8 @@ from tests.test_policy import libero_obs  # noqa: E402
 class Running:
     """A PolicyServer on an ephemeral loopback port, in a thread, stopped at the end."""
 
-    def __init__(self, policy, wait_ready: bool = True, **kw):
-        self.server = PolicyServer(policy, "127.0.0.1", 0, **kw)
+    def __init__(self, policy, wait_ready: bool = True, port: int = 0, **kw):
+        self.server = PolicyServer(policy, "127.0.0.1", port, **kw)
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
 
@@ -126,7 +126,9 @@ def _bad_requests():
         ("byte length", with_("observation/state", _arr(b"\x00" * 30, "<f4", (8,))), "needs 32 bytes, got 30"),
         ("NaN state", msgpack_numpy.packb({**good, "observation/state": np.full(8, np.nan, np.float32)}), "NaN"),
         ("infinite state", msgpack_numpy.packb({**good, "observation/state": np.full(8, np.inf, np.float32)}), "infinite"),
-        ("oversized", msgpack_numpy.packb({**good, "pad": np.zeros(3 << 20, np.uint8)}), "exceeds the server's limit"),
+        ("tiny image", msgpack_numpy.packb({**good, "observation/image": np.zeros((1, 1, 3), np.uint8)}), "at least 8 px"),
+        ("elongated image", msgpack_numpy.packb({**good, "observation/image": np.zeros((1000, 9, 3), np.uint8)}),
+         "aspect ratio"),
         ("text frame", "hello", "text frame"),
     ]
 
@@ -158,9 +160,12 @@ class SlowPolicy:
     def __init__(self, policy, delay):
         self.policy, self.delay, self.metadata = policy, delay, policy.metadata
 
-    def infer_batch(self, observations):
+    def prepare_request(self, obs):
+        return self.policy.prepare_request(obs)
+
+    def run_prepared(self, rows):
         time.sleep(self.delay)
-        return self.policy.infer_batch(observations)
+        return self.policy.run_prepared(rows)
 
     def warmup(self):
         time.sleep(self.delay)

@@ -8,8 +8,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from pi0.errors import BadRequest
 
-class BadMessage(ValueError):
+
+class BadMessage(BadRequest):
     """A request that cannot be decoded; the message says what was wrong."""
 
 

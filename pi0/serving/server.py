@@ -10,10 +10,20 @@ Beyond openpi's server:
 - inference and msgpack decoding run off the event loop, so health checks and other clients are never
   blocked; a bad request gets a text frame naming the problem (openpi's client raises it as RuntimeError)
   and the connection stays open; a bad row never spoils the other rows of its batch;
-- bounded memory per connection: one request in flight per connection (its next message is not read before
-  the reply), websockets' incoming queue held to `MAX_QUEUED_FRAMES` frames of at most 4x the message
-  limit; a disconnected client's queued requests are dropped; pings reap dead connections;
-  `max_connections` refuses extra connections (HTTP 503 with the reason) at the handshake;
+- bounded work and memory: a frame over `max_message_bytes` is refused by websockets itself (close code 1009:
+  nothing larger is ever buffered); one request in flight per connection (its next message is not read before
+  the reply) and one more frame queued; every open connection reserves one message's worth of a global
+  budget (`max_inflight_bytes`) and every request in flight twice its size (raw and decoded): a connection
+  that does not fit is closed at once (code 1013, try again later), a request that does not fit gets a
+  "server busy" text frame, so no mix of clients holds more than the budget; an explicit batch longer than `max_batch` is refused; a disconnected client's
+  queued requests are dropped; pings reap dead connections; `max_connections` refuses extra connections;
+- every row is validated and prepared (decoding, images, tokens) on its own, in a thread pool, before the
+  model sees it: a bad row gets its error and the others run in one forward; a forward that fails for an
+  internal reason answers that batch with an error, never retried row by row;
+- errors: bad input gets "bad request: <what was wrong>"; an internal error gets an error id, and its
+  traceback goes to the server's log under that id (clients never see a traceback);
+- `GET /metrics`: Prometheus text (requests and errors by kind, per-stage latency histograms, batch sizes,
+  connections, bytes in flight, resident memory, GPU memory);
 - with an API key, clients without `Authorization: Api-Key <key>` are refused at the handshake;
 - the policy is warmed up with one full call before the server reports ready: until then `/healthz`
   and new connections get 503.
@@ -22,13 +32,14 @@ Beyond openpi's server:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import http
 import logging
 import queue
 import threading
 import time
-import traceback
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,27 +48,63 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from pi0.errors import BadRequest
 from pi0.serving import msgpack_numpy
+from pi0.serving.metrics import ServerMetrics
 from pi0.serving.msgpack_numpy import BadMessage
 
 log = logging.getLogger("pi0.serve")
-MAX_QUEUED_FRAMES = 2  # websockets' per-connection incoming queue (its default is 16)
-BAD_INPUT = (BadMessage, KeyError, ValueError, TypeError)
+MAX_QUEUED_FRAMES = 1  # websockets' per-connection incoming queue beyond the message being answered (default 16)
 
 
 class InferPolicy(Protocol):
     metadata: dict[str, Any]
 
-    def infer_batch(self, observations: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+    def prepare_request(self, obs: dict[str, Any]) -> Any: ...  # raises BadRequest
+
+    def run_prepared(self, rows: list[Any]) -> list[dict[str, Any]]: ...
 
     def warmup(self) -> float: ...
 
 
+class InternalError(Exception):
+    """A failure that is not the client's: logged once with its traceback under `error_id`; the client gets
+    the id only."""
+
+    def __init__(self, cause: BaseException, where: str):
+        self.error_id = uuid.uuid4().hex[:12]
+        super().__init__(f"internal error {self.error_id} ({where})")
+        log.error("internal error %s (%s)", self.error_id, where, exc_info=cause)
+
+
+class Busy(BadRequest):
+    """The server's in-flight budget is full: retry shortly."""
+
+
+class Budget:
+    """Bytes held by the server on behalf of clients, against one global limit (thread-safe)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
 @dataclass
 class Job:
-    """Observations waiting for the model, and where their answer goes."""
+    """Prepared rows waiting for the model, and where their answer goes."""
 
-    observations: list[dict[str, Any]]
+    rows: list[Any]
     explicit_batch: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -65,27 +112,35 @@ class Job:
     cancelled: bool = False  # its connection went away: never computed
 
 
-def infer_rows(policy: InferPolicy, observations: list[dict[str, Any]]) -> list[Any]:
-    """policy.infer_batch over all rows; if that fails, row by row, so that a bad row spoils no other:
-    each entry is a result or the exception of its row."""
-    try:
-        return list(policy.infer_batch(observations))
-    except Exception as e:  # noqa: BLE001 - reported per row
-        if len(observations) == 1:
-            return [e]
-    rows: list[Any] = []
+def prepare_rows(policy: InferPolicy, observations: list[dict[str, Any]]) -> list[Any]:
+    """Each row validated and prepared on its own: a Prepared, a BadRequest, or an InternalError."""
+    out: list[Any] = []
     for o in observations:
         try:
-            rows.append(policy.infer_batch([o])[0])
-        except Exception as e:  # noqa: BLE001
-            rows.append(e)
-    return rows
+            out.append(policy.prepare_request(o))
+        except BadRequest as e:
+            out.append(e)
+        except Exception as e:  # noqa: BLE001 - a bug of ours, reported with an id
+            out.append(InternalError(e, "preparing a request"))
+    return out
+
+
+def run_rows(policy: InferPolicy, rows: list[Any]) -> list[Any]:
+    """One forward over the prepared rows: their results, or (an internal failure) the same InternalError for
+    each. Never retried row by row: rows are validated before, so a failure here is not one row's fault."""
+    try:
+        return list(policy.run_prepared(rows))
+    except Exception as e:  # noqa: BLE001 - reported with an id
+        return [InternalError(e, f"a forward of {len(rows)} rows")] * len(rows)
 
 
 def error_text(e: BaseException) -> str:
-    if isinstance(e, BAD_INPUT):
-        return "bad request: " + (e.args[0] if isinstance(e, KeyError) and e.args else str(e))
-    return "inference failed:\n" + "".join(traceback.format_exception(e))
+    """What a client is told: the problem with its input, or an internal error's id (never a traceback)."""
+    if isinstance(e, BadRequest):
+        return "bad request: " + str(e)
+    if not isinstance(e, InternalError):
+        e = InternalError(e, "answering a request")
+    return f"{e}: the server's log has the details under this id"
 
 
 def decode_request(message: bytes | str, max_message_bytes: int) -> dict[str, Any]:
@@ -101,11 +156,14 @@ def decode_request(message: bytes | str, max_message_bytes: int) -> dict[str, An
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obs.items()}
 
 
-def batch_rows(request: dict[str, Any]) -> list[dict[str, Any]]:
-    """The observations of an explicit {"batch": [...]} request."""
+def batch_rows(request: dict[str, Any], max_rows: int) -> list[dict[str, Any]]:
+    """The observations of an explicit {"batch": [...]} request (at most max_rows)."""
     rows = request["batch"]
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise BadMessage("'batch' must be a non-empty list of observation maps")
+    if len(rows) > max_rows:
+        raise BadMessage(f"'batch' has {len(rows)} rows; this server answers at most {max_rows} per request "
+                         "(pi0 serve --max-batch): split it")
     return [{k.decode() if isinstance(k, bytes) else k: v for k, v in r.items()} for r in rows]
 
 
@@ -134,8 +192,9 @@ def authorized(header: str | None, api_key: str | None) -> bool:
 
 class PolicyServer:
     def __init__(self, policy: InferPolicy, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                 max_message_bytes: int = 64 << 20, max_batch: int = 8, batch_wait_ms: float = 5.0,
-                 max_connections: int = 256, ping_interval_s: float | None = 20.0, name: str | None = None):
+                 max_message_bytes: int = 16 << 20, max_batch: int = 8, batch_wait_ms: float = 5.0,
+                 max_connections: int = 256, ping_interval_s: float | None = 20.0, name: str | None = None,
+                 max_inflight_bytes: int | None = None, prepare_threads: int = 2):
         self.policy = policy
         self.host, self.port = host, port
         self.api_key = api_key
@@ -144,8 +203,12 @@ class PolicyServer:
         self.max_connections = max_connections
         self.ping_interval_s = ping_interval_s
         self.name = name  # reported as server_timing.replica when set
+        # each connection may hold one queued frame, and one message in flight counted twice (raw, decoded)
+        self.budget = Budget(max_inflight_bytes if max_inflight_bytes is not None
+                             else default_inflight_bytes(max_message_bytes, max_connections))
+        self.metrics = ServerMetrics(name)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pi0-decode")
+        self.decoder = ThreadPoolExecutor(max_workers=max(1, prepare_threads), thread_name_prefix="pi0-prepare")
         self.worker = threading.Thread(target=self._work, name="pi0-infer", daemon=True)
         self.bound_port: int | None = None
         self.ready = False  # set once the warm-up call is done
@@ -154,6 +217,15 @@ class PolicyServer:
     # -- handshake ------------------------------------------------------------------------------
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/metrics":
+            if not authorized(request.headers.get("Authorization"), self.api_key):
+                return connection.respond(http.HTTPStatus.UNAUTHORIZED, AUTH_ERROR + "\n")
+            body, content_type = self.metrics.exposition()
+            response = connection.respond(http.HTTPStatus.OK, "")
+            del response.headers["Content-Type"], response.headers["Content-Length"]
+            response.headers["Content-Type"] = content_type
+            response.headers["Content-Length"] = str(len(body))
+            return dataclasses.replace(response, body=body)
         if not self.ready:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "warming up (first model call)\n")
         if request.path == "/healthz":
@@ -195,22 +267,25 @@ class PolicyServer:
 
     def _work(self) -> None:
         while (batch := self._take_batch()) is not None:
+            dropped = [j for j in batch if j.cancelled]
+            self.metrics.count("dropped", sum(len(j.rows) for j in dropped))
             batch = [j for j in batch if not j.cancelled]
             if not batch:
                 continue
             started = time.perf_counter()
-            observations = [o for j in batch for o in j.observations]
-            results = infer_rows(self.policy, observations)
+            rows = [r for j in batch for r in j.rows]
+            results = run_rows(self.policy, rows)
             infer_ms = (time.perf_counter() - started) * 1000.0
+            self.metrics.batch(len(rows))
             at = 0
             for job in batch:
-                rows = results[at: at + len(job.observations)]
-                at += len(job.observations)
-                timing = {"infer_ms": infer_ms, "queue_ms": (started - job.enqueued) * 1000.0,
-                          "batch_size": len(observations)}
+                part = results[at: at + len(job.rows)]
+                at += len(job.rows)
+                self.metrics.observe("queue", started - job.enqueued)
+                timing = {"infer_ms": infer_ms, "queue_ms": (started - job.enqueued) * 1000.0, "batch_size": len(rows)}
                 if self.name is not None:
                     timing["replica"] = self.name
-                job.loop.call_soon_threadsafe(self._finish, job, rows, timing)
+                job.loop.call_soon_threadsafe(self._finish, job, part, timing)
 
     @staticmethod
     def _finish(job: Job, rows: list[Any], timing: dict[str, Any]) -> None:
@@ -221,7 +296,14 @@ class PolicyServer:
 
     async def handler(self, ws: ServerConnection) -> None:
         peer = ws.remote_address
+        if not self.budget.take(self.max_message_bytes):  # the one frame websockets may queue for it
+            log.warning("connection from %s refused: the in-flight budget is full", peer)
+            await ws.close(1013, f"the server's memory budget is full ({self.budget.limit >> 20} MiB; pi0 serve "
+                                 "--max-inflight-mb): try again later")
+            return
         self.connections += 1
+        self.metrics.set_connections(self.connections)
+        self.metrics.set_inflight(self.budget.used)
         log.info("connection from %s (%d open)", peer, self.connections)
         try:
             await ws.send(msgpack_numpy.packb(self.policy.metadata))
@@ -230,7 +312,21 @@ class PolicyServer:
             pass
         finally:
             self.connections -= 1
+            self.budget.give(self.max_message_bytes)
+            self.metrics.set_connections(self.connections)
+            self.metrics.set_inflight(self.budget.used)
             log.info("connection from %s closed", peer)
+
+    def _decode_and_prepare(self, message: bytes | str) -> tuple[list[Any], bool]:
+        """(each row prepared, or its BadRequest / InternalError; whether it was an explicit batch), off the
+        event loop. A message that is not even a request raises BadRequest."""
+        t0 = time.perf_counter()
+        request = decode_request(message, self.max_message_bytes)
+        explicit = "batch" in request
+        observations = batch_rows(request, self.max_batch) if explicit else [request]
+        rows = prepare_rows(self.policy, observations)
+        self.metrics.observe("preprocess", (time.perf_counter() - t0) / len(rows))
+        return rows, explicit
 
     async def _serve_connection(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
@@ -240,25 +336,63 @@ class PolicyServer:
             while True:
                 message = await ws.recv()
                 t0 = time.perf_counter()
+                held = 2 * len(message)  # the frame and what it decodes to, until the reply is sent
+                if not self.budget.take(held):
+                    self.metrics.count("busy")
+                    await ws.send(error_text(Busy(f"the server holds {self.budget.used >> 20} MiB for its clients, its "
+                                                  f"budget is {self.budget.limit >> 20} MiB: retry shortly")))
+                    continue
+                self.metrics.set_inflight(self.budget.used)
                 try:
-                    request = await loop.run_in_executor(self.decoder, decode_request, message, self.max_message_bytes)
-                    explicit = "batch" in request
-                    observations = batch_rows(request) if explicit else [request]
-                    job = Job(observations, explicit, loop, loop.create_future())
-                    self.jobs.put(job)
-                    done, _ = await asyncio.wait({job.future, closed}, return_when=asyncio.FIRST_COMPLETED)
-                    if job.future not in done:  # the client went away: its request is dropped
-                        job.cancelled = True
-                        return
-                    rows, timing = job.future.result()
-                    reply: bytes | str = encode_reply(rows, timing, explicit, prev_total_ms)
-                except BAD_INPUT as e:
-                    log.warning("bad request from %s: %s", ws.remote_address, e)
-                    reply = error_text(e)
+                    reply = await self._answer(loop, message, closed, prev_total_ms)
+                finally:
+                    self.budget.give(held)
+                    self.metrics.set_inflight(self.budget.used)
+                if reply is None:  # the client went away: its request is dropped
+                    return
                 await ws.send(reply)
                 prev_total_ms = (time.perf_counter() - t0) * 1000.0
         finally:
             closed.cancel()
+
+    async def _answer(self, loop: asyncio.AbstractEventLoop, message: bytes | str, closed: asyncio.Future,
+                      prev_total_ms: float | None) -> bytes | str | None:
+        try:
+            rows, explicit = await loop.run_in_executor(self.decoder, self._decode_and_prepare, message)
+        except BadRequest as e:
+            log.warning("bad request: %s", e)
+            self.metrics.count("bad_request")
+            return error_text(e)
+        except Exception as e:  # noqa: BLE001 - a bug of ours: an id for the client, the traceback in the log
+            self.metrics.count("internal_error")
+            return error_text(InternalError(e, "decoding a request"))
+        good = [r for r in rows if not isinstance(r, Exception)]
+        results: list[Any] = list(rows)
+        timing: dict[str, Any] = {"infer_ms": 0.0, "queue_ms": 0.0, "batch_size": 0}
+        if good:
+            job = Job(good, explicit, loop, loop.create_future())
+            self.jobs.put(job)
+            done, _ = await asyncio.wait({job.future, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if job.future not in done:
+                job.cancelled = True
+                return None
+            answers, timing = job.future.result()
+            it = iter(answers)
+            results = [r if isinstance(r, Exception) else next(it) for r in rows]
+        t = time.perf_counter()
+        for r in results:
+            if isinstance(r, BadRequest):
+                self.metrics.count("bad_request")
+            elif isinstance(r, Exception):
+                self.metrics.count("internal_error")
+            else:
+                self.metrics.count("ok")
+                for stage in ("vision", "prefix", "denoise"):
+                    if stage in r.get("policy_timing", {}).get("stages_s", {}):
+                        self.metrics.observe(stage, r["policy_timing"]["stages_s"][stage])
+        reply = encode_reply(results, timing, explicit, prev_total_ms)
+        self.metrics.observe("postprocess", time.perf_counter() - t)
+        return reply
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -266,11 +400,10 @@ class PolicyServer:
         self.worker.start()
         try:
             async with serve(self.handler, self.host, self.port, process_request=self.process_request,
-                             compression=None, max_size=4 * self.max_message_bytes + (1 << 20),
-                             max_queue=MAX_QUEUED_FRAMES, ping_interval=self.ping_interval_s,
-                             ping_timeout=self.ping_interval_s) as server:
+                             compression=None, max_size=self.max_message_bytes, max_queue=MAX_QUEUED_FRAMES,
+                             ping_interval=self.ping_interval_s, ping_timeout=self.ping_interval_s) as server:
                 self.bound_port = server.sockets[0].getsockname()[1] if server.sockets else self.port
-                log.info("serving %s on ws://%s:%d (healthz: http://%s:%d/healthz)",
+                log.info("serving %s on ws://%s:%d (healthz: http://%s:%d/healthz, metrics: /metrics)",
                          self.policy.metadata.get("model", "policy"), self.host, self.bound_port, self.host,
                          self.bound_port)
                 if started is not None:
@@ -286,3 +419,8 @@ class PolicyServer:
 
     def run(self) -> None:
         asyncio.run(self.serve())
+
+
+def default_inflight_bytes(max_message_bytes: int, max_connections: int) -> int:
+    """Room for every allowed connection to queue one message and have one in flight (raw and decoded)."""
+    return 3 * max_message_bytes * max_connections

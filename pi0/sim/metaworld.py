@@ -323,7 +323,8 @@ class StreamRunner:
 
         self.clock = SimulatedClock()
         self.stream = ActionStream(self.client, self.control_hz, rtc=self.rtc,
-                                   executor=SimulatedExecutor(self.clock, self.latency_s), clock=self.clock)
+                                   executor=SimulatedExecutor(self.clock, self.latency_s), clock=self.clock,
+                                   on_empty="wait")
 
     def next_action(self, obs: dict[str, Any]) -> np.ndarray:
         n = self.stream.chunks

@@ -1,0 +1,16 @@
+"""The project's own exception for input a caller got wrong, apart from programming errors: a server answers a
+BadRequest with its message (the key, what was expected, what came) and anything else with an error id only."""
+
+from __future__ import annotations
+
+
+class BadRequest(ValueError):
+    """An observation, request or option that is wrong; the message names the key, the expected and the actual
+    value, and how to fix it."""
+
+
+class MissingKey(BadRequest, KeyError):
+    """A required key is absent from an observation."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
