@@ -55,6 +55,29 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
+# oneDNN's int8 instruction sets, best first: (name, the /proc/cpuinfo flag, ONEDNN_MAX_CPU_ISA values that allow it)
+_INT8_ISAS = (("AMX", "amx_int8", ("AVX512_CORE_AMX", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512_AMX_2")),
+              ("AVX-512 VNNI", "avx512_vnni", ("AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX512_CORE_FP16",
+                                               "AVX10_1_512")),
+              ("AVX-VNNI", "avx_vnni", ("AVX2_VNNI", "AVX2_VNNI_2")))
+
+
+def int8_isa() -> tuple[str | None, bool]:
+    """(the CPU's best int8 instruction set, whether it has an int8 dot product: VNNI or AMX), from the kernel's
+    flags, held to ONEDNN_MAX_CPU_ISA when that is set (a cap to AVX2 takes the dot products away). None where no
+    flags can be read."""
+    flags = _cpu_flags()
+    if flags is None:
+        return None, False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    for i, (name, flag, allowed) in enumerate(_INT8_ISAS):
+        # a cap allows this set if it names it or a better one
+        ok_cap = not cap or cap == "ALL" or any(cap in a for _, _, a in _INT8_ISAS[: i + 1]) or cap in allowed
+        if flag in flags and ok_cap:
+            return name, True
+    return ("AVX2" if "avx2" in flags else "no AVX2"), False
+
+
 def _gemm_rates(m: int = 128, k: int = 1024, n: int = 1024, repeats: int = 5) -> tuple[float, float]:
     """Best-of-`repeats` GFLOP/s of an fp32 and a bf16 GEMM, measured alternately (so that a busy spell
     on the machine hits both)."""

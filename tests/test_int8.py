@@ -255,3 +255,35 @@ def test_policy_int8(tmp_path, tokenizer_path):
     got = pol.infer(libero_obs())["actions"]
     assert pol.dtype == "int8" and pol.model.kernels["int8_tensors"] > 0 and got.shape == want.shape == (50, 7)
     assert np.corrcoef(got.flatten(), want.flatten())[0, 1] > 0.99
+
+
+def test_int8_kernel_choice_follows_the_instruction_set(monkeypatch, fresh_probes):
+    """The weight range comes from the instruction set (8-bit with an int8 dot product, 7-bit without), the
+    kernel from a fixed order checked for exact products: the same machine chooses the same on every run."""
+    from pi0 import hardware
+
+    real = hardware._cpu_flags()
+    for flags, cap, want in [({"avx2"}, None, ("AVX2", False)), ({"avx2", "avx_vnni"}, None, ("AVX-VNNI", True)),
+                             ({"avx2", "avx512_vnni"}, None, ("AVX-512 VNNI", True)),
+                             ({"avx2", "avx512_vnni", "amx_int8"}, None, ("AMX", True)),
+                             ({"avx2", "avx512_vnni", "amx_int8"}, "AVX2", ("AVX2", False)),
+                             ({"avx2", "avx512_vnni", "amx_int8"}, "AVX512_CORE_VNNI", ("AVX-512 VNNI", True))]:
+        monkeypatch.setattr(hardware, "_cpu_flags", lambda flags=flags: flags)
+        if cap:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        else:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        assert hardware.int8_isa() == want, (flags, cap)
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: {"avx2"})
+    ops.int8_kernel.cache_clear()
+    kernel, qmax, why = ops.int8_kernel(torch.float32, "cpu")
+    assert qmax == 63 and "7-bit" in why
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: real)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    choices = set()
+    for _ in range(3):
+        ops.int8_kernel.cache_clear()
+        choices.add(ops.int8_kernel(torch.float32, "cpu")[:2])
+    assert len(choices) == 1, choices
+    kernel, qmax = choices.pop()
+    assert kernel_works(kernel, torch.float32) and qmax == (127 if hardware.int8_isa()[1] else 63)

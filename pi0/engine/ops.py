@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pi0.functional import MASK_VALUE, rope_inv_freq
+from pi0.hardware import int8_isa
 
 
 @functools.cache
@@ -146,10 +147,13 @@ def _fusion_checks(dtype: torch.dtype, device_type: str) -> dict:
         q, sc = _quantize_rows(x2, 128)
         return torch.allclose(got[1], sc, rtol=1e-6) and (got[0].int() - q.int()).abs().max().item() <= 1
 
-    return {  # name: (arguments, check of the compiled result)
-        "gated_gelu": ((x,), lambda got: close(got, _gated_gelu_eager(x))),
-        "quantize_rows": ((x2, 128), same_quantization),
-        "rescale": ((x2, rs, cs, cs, dtype), lambda got: close(got, _rescale(x2, rs, cs, cs, dtype))),
+    gu = x2.repeat(1, 2)
+    return {  # name: [(arguments, check of the compiled result), ...]: every form that runs
+        "gated_gelu": [((x,), lambda got: close(got, _gated_gelu_eager(x))),
+                       # an int8 product's, with its token scales applied inside the gelu
+                       ((gu, rs), lambda got: close(got, _gated_gelu_eager((gu.float() * rs).to(dtype))))],
+        "quantize_rows": [((x2, 128), same_quantization)],
+        "rescale": [((x2, rs, cs, cs, dtype), lambda got: close(got, _rescale(x2, rs, cs, cs, dtype)))],
     }
 
 
@@ -159,10 +163,9 @@ def fusion_works(dtype: torch.dtype, device_type: str, name: str = "gated_gelu")
     rescaling: 7x / 30x fewer seconds than eager ops on the prefix)? Probed once per dtype, device type and
     kernel by compiling it and checking it against eager ops on odd sizes (the vector loops' tails too); it
     fails without a C++ compiler (CPU) or Triton (GPU), and miscompiles on some (torch 2.13 held to AVX2)."""
-    args, ok = _fusion_checks(dtype, device_type)[name]
     label = name.replace("_", " ")
     try:
-        good = ok(_compiled(name)(*args))
+        good = all(ok(_compiled(name)(*args)) for args, ok in _fusion_checks(dtype, device_type)[name])
     except Exception as e:  # noqa: BLE001 - any compiler failure means eager ops
         return False, f"torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     return (True, f"torch.compile'd {label}") if good else (False, f"the compiled {label} disagrees with eager ops here")
@@ -279,15 +282,23 @@ def scale_rows(w: Tensor | Int8Weight, c: float) -> Tensor | Int8Weight:
 def _int8_product(x: Tensor, w: Int8Weight) -> tuple[Tensor, Tensor]:
     """x [M, K] float -> (y, s): y[m, n] = scale[n] * sum_k round(x[m, k] / s[m]) q[n, k] in w.dtype, and the token
     scales s [M, 1] fp32 still to be applied (by `int8_linear` or inside the consumer, `linear_gated_gelu`)."""
-    if w.kernel == "onednn":  # u8 activations with zero point 128: oneDNN's JIT int8 kernels on AVX2 too
-        xq, s = _run("quantize_rows", w.fused, x, 128)
-        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, w.q, w.scale, _zero_points(w.scale.numel()), None,
-                                               1.0, 0, w.dtype, "none", [], "")
-        return y, s
-    xq, s = _run("quantize_rows", w.fused, x, 0)
+    xq, s = _run("quantize_rows", w.fused, x, 128 if w.kernel == "onednn" else 0)
+    y = int8_matmul(xq, w)
     if w.kernel == "int_mm":
-        return _run("rescale", w.fused, torch._int_mm(xq, w.q), torch.ones_like(s), w.scale, None, w.dtype), s
-    return (F.linear(xq.float(), w.q.float()) * w.scale).to(w.dtype), s
+        y = _run("rescale", w.fused, y, torch.ones_like(s), w.scale, None, w.dtype)
+    return y, s
+
+
+def int8_matmul(xq: Tensor, w: Int8Weight) -> Tensor:
+    """The raw product of already quantised activations (uint8 with zero point 128 for oneDNN, else int8) and
+    an int8 weight in its kernel's layout: oneDNN applies the weight scales in its epilogue (-> w.dtype),
+    torch._int_mm returns int32, "plain" dequantised fp32 math (-> w.dtype)."""
+    if w.kernel == "onednn":  # u8 activations with zero point 128: oneDNN's JIT int8 kernels on AVX2 too
+        return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, w.q, w.scale, _zero_points(w.scale.numel()), None,
+                                                  1.0, 0, w.dtype, "none", [], "")
+    if w.kernel == "int_mm":
+        return torch._int_mm(xq, w.q)
+    return (F.linear(xq.float(), w.q.float()) * w.scale).to(w.dtype)
 
 
 @functools.cache
@@ -351,32 +362,43 @@ def _probe_int8(kernel: str, dtype: torch.dtype, qmax: int, m: int, k: int, n: i
     return best, f"{kernel}: {2 * m * k * n / best / 1e9:.0f} GOPS"
 
 
+PATHOLOGICAL = 3.0  # a kernel this many times slower than dequantised fp32 math is ruled out (not raced)
+
+
 @functools.cache
 def int8_kernel(dtype: torch.dtype, device_type: str) -> tuple[str, int, str]:
-    """(kernel, weight qmax, why) for this machine, decided once, before weights are quantised: oneDNN's
-    qlinear and torch._int_mm are each checked on saturating inputs, with 8-bit weights (qmax 127) and, where
-    those overflow (AVX2 without VNNI), 7-bit ones (63), and timed on one pi0-like shape (64 x 1024 -> 4096);
-    the fastest correct one wins ("plain", dequantised fp32 math, where none is correct).
-    PI0_INT8_KERNEL=onednn|int_mm|plain forces the kernel (its qmax still probed)."""
+    """(kernel, weight qmax, why) for this machine, decided once, before weights are quantised, by capability:
+    the weight range by the instruction set (8-bit weights with an int8 dot product — AMX, AVX-512 VNNI,
+    AVX-VNNI —, 7-bit without one: u8 x s8 pairs summed in int16 overflow with full-range weights), then the
+    kernels in a fixed order of preference — oneDNN's qlinear, torch._int_mm, "plain" (dequantised fp32 math) —
+    the first one that computes exact products on saturating inputs and is not pathologically slow (over
+    PATHOLOGICAL x the plain path) wins. The same machine makes the same choice on every run. Where the CPU's
+    flags cannot be read, the weight range is found by the same saturation check. PI0_INT8_KERNEL=onednn|
+    int_mm|plain forces the kernel."""
     forced = os.environ.get("PI0_INT8_KERNEL")
     if forced and forced not in INT8_KERNELS:
         raise ValueError(f"PI0_INT8_KERNEL={forced!r}: choose one of {', '.join(INT8_KERNELS)}")
+    isa, dot = int8_isa()
+    qmax = 127 if dot else 63
+    where = f"{isa}: {'8' if dot else '7'}-bit weights" if isa else "no CPU flags"
     if forced == "plain":
-        return "plain", 127, "PI0_INT8_KERNEL=plain"
+        return "plain", qmax, f"PI0_INT8_KERNEL=plain; {where}"
     if device_type != "cpu":
         return "plain", 127, f"no int8 kernels on {device_type}"
-    results, why = {}, []
+    why = [where]
+    plain_s = _probe_int8("plain", dtype, qmax, 64, 1024, 4096)[0]
     for kn in [forced] if forced else ["onednn", "int_mm"]:
-        for qmax in (127, 63):
-            t, msg = _probe_int8(kn, dtype, qmax, 64, 1024, 4096)
-            why.append(msg)
+        for q in ((qmax,) if isa else (127, 63)):
+            t, msg = _probe_int8(kn, dtype, q, 64, 1024, 4096)
             if not math.isinf(t):
-                results[kn] = (t, qmax)
                 break
-    if not results:
-        if forced:
-            raise ValueError(f"PI0_INT8_KERNEL={forced}: that kernel gives wrong products here ({'; '.join(why)})")
-        return "plain", 127, f"no int8 kernel works here ({'; '.join(why)})"
-    best = min(results, key=lambda kn: results[kn][0])
-    qmax = results[best][1]
-    return best, qmax, f"int8 {best}, {'8' if qmax == 127 else '7'}-bit weights ({'; '.join(why)})"
+        why.append(msg)
+        if math.isinf(t):
+            continue
+        if t > PATHOLOGICAL * plain_s and not forced:
+            why.append(f"{kn} ruled out: {t / plain_s:.1f}x slower than dequantised fp32 math")
+            continue
+        return kn, q, f"int8 {kn}, {'8' if q == 127 else '7'}-bit weights ({'; '.join(why)})"
+    if forced:
+        raise ValueError(f"PI0_INT8_KERNEL={forced}: that kernel gives wrong products here ({'; '.join(why)})")
+    return "plain", qmax, f"no int8 kernel works here ({'; '.join(why)})"
