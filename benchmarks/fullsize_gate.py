@@ -20,6 +20,7 @@ import pi0
 from pi0.engine.model import Pi0Engine
 from pi0.engine.weights import INT8_STAGES, int8_quantizer
 from pi0.hardware import compute_dtype
+from pi0.models import random_state_dict
 
 GATES = {"bfloat16": (0.999, 0.995), "int8": (0.99, 0.98)}
 
@@ -78,18 +79,14 @@ def main() -> None:
                 k: v.clone() if keep and k.startswith(("vision.", "projector.")) else v.to(torch.bfloat16)
                 for k, v in ref.state_dict().items()}, vision_dtype=getattr(torch, vision))
     else:
-        # int8 from the fp32 weights, the other tensors in the float dtype int8 computes in here
+        # int8 through the path users run (load_model / build_model with dtype int8): the seed's weights written
+        # in the float dtype int8 computes in here (bf16 where native), each quantised as it is made
         dt = compute_dtype(torch.int8)
         variants = {}
         for stages in [INT8_STAGES] + ([] if args.all_only else [(s,) for s in INT8_STAGES]):
             def make(stages=stages) -> Pi0Engine:
-                quantize = int8_quantizer(dt, stages, args.qmax)
-
-                def convert(k: str, v: torch.Tensor):
-                    out = quantize(k, v)
-                    return out if out is not v else v.to(dt)
-
-                return Pi0Engine(cfg, {k: convert(k, v) for k, v in ref.state_dict().items()})
+                state = random_state_dict(cfg, 0, dt, transform=int8_quantizer(dt, stages, args.qmax))
+                return Pi0Engine(cfg, state)
             variants["int8 " + "+".join(stages)] = make
 
     for name, make in variants.items():
