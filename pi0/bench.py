@@ -61,7 +61,7 @@ def model_flops(cfg: Pi0Config, images_per_row: list[int], tokens_per_row: list[
 
 def gemm_gflops(dtype: torch.dtype, device: torch.device, packed: bool, m: int = 816, k: int = 2048,
                 n: int = 16384, repeats: int = 5, int8: bool = False) -> float:
-    """The best rate this machine reaches for a GEMM of the model's dominant shape (VLM MLP over the W1
+    """The best rate the machine reaches for a GEMM of the model's dominant shape (VLM MLP over the W1
     prefix) in `dtype`: F.linear, and the oneDNN-packed product too where the engine packs (`packed`),
     best of `repeats`, so that `efficiency` is measured against the fastest GEMM on offer. With `int8`: the best
     raw int8 product here (oneDNN's or torch._int_mm on already quantised activations, whichever runs and is

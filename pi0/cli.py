@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=256, help="connections beyond this are refused (HTTP 503)")
     p.add_argument("--replicas", type=int, default=None, help="serve from N Ray Serve replicas (pip install "
                    "'pi0[ray]'), each loading the model once")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start Ray on this machine)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start Ray locally)")
     p.add_argument("--rtc-horizon", type=int, default=10, help="real-time chunking: execution horizon for requests "
                    "whose 'rtc' leaves it out")
     p.add_argument("--rtc-schedule", default="linear", choices=["linear", "exp", "ones", "zeros"],

@@ -1,4 +1,4 @@
-"""What this machine can do, probed once per process: which device to run on and which dtype is fast there.
+"""What the machine pi0 runs on can do, probed once per process: which device to run on and which dtype is fast there.
 
 `dtype="auto"` is bf16 where torch runs bf16 GEMMs natively (CUDA devices with bf16; CPUs with
 avx512_bf16 / AMX / ARM bf16, where oneDNN's bf16 kernels beat fp32) and fp32 elsewhere (an AVX2-only

@@ -14,7 +14,7 @@ from pi0.models import BACKENDS
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="engine", choices=BACKENDS)
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 where this machine runs it natively, else "
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 where the machine runs it natively, else "
                    "float32), bfloat16, float32, or int8 (engine on a CPU: int8 weights and activations)")
     p.add_argument("--device", default="auto", help="auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1, ...")
 

@@ -42,7 +42,7 @@ class Policy:
     checkpoint describes its features. seed: None draws fresh noise per call (openpi's behaviour); an int
     gives the same noise every call (reproducible answers). state_in_prompt: pi0.5 only; False is the
     `pi05_libero` choice of leaving the discretised state out of the prompt. dtype / device: "auto" picks
-    bf16 where this machine runs it natively (else fp32) and a CUDA GPU when there is one
+    bf16 where the machine runs it natively (else fp32) and a CUDA GPU when there is one
     (`self.dtype_reason` says why). action_horizon: override the checkpoint's (openpi Orbax checkpoints
     record none: 50 is assumed). progress: called with the fraction of the weights read (Orbax)."""
 

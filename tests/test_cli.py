@@ -99,7 +99,7 @@ def test_model_flops_counts_only_valid_work():
 
 
 def test_gpu_check_script_runs_its_steps(tmp_path):
-    """benchmarks/gpu_check.sh on this machine's CPU at tiny size: the same steps as on a GPU, one JSON."""
+    """benchmarks/gpu_check.sh on the CPU at tiny size: the same steps as on a GPU, one JSON."""
     import pathlib
 
     root = pathlib.Path(__file__).parent.parent

@@ -8,7 +8,7 @@ import pi0
 from tests.conftest import make_noise, make_obs
 from tests.test_engine import assert_bf16_gate, bf16_gate
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch on this machine")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-pi05"])

@@ -136,7 +136,7 @@ def test_int8_gate(gate_case, kernel, native, monkeypatch, fresh_probes):
     monkeypatch.setenv("PI0_NATIVE_BF16", native)
     dt = compute_dtype(torch.int8)
     if not kernel_works(kernel, dt):
-        pytest.skip(f"the {kernel} int8 kernel does not run on this machine")
+        pytest.skip(f"the {kernel} int8 kernel does not run on this CPU")
     monkeypatch.setenv("PI0_INT8_KERNEL", kernel)
     eng = int8_engine(cfg, state)
     assert eng.kernels["int8_kernel"] == kernel and eng.dtype == dt

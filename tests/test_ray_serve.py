@@ -23,7 +23,7 @@ def _ray_processes() -> list[str]:
     return [p for p in out if "raylet" in p or "gcs_server" in p or p.startswith("ray::")]
 
 
-@pytest.mark.skipif(bool(_ray_processes()), reason="another Ray instance runs on this machine")
+@pytest.mark.skipif(bool(_ray_processes()), reason="another Ray instance is running")
 def test_two_ray_serve_replicas_answer_openpi_clients_and_stop_cleanly(tmp_path, tokenizer_path):
     ck = write_policy_checkpoint(tmp_path / "ck", "tiny", tokenizer_path)
     port = free_port()
@@ -46,6 +46,28 @@ def test_two_ray_serve_replicas_answer_openpi_clients_and_stop_cleanly(tmp_path,
             if len(replicas) == 2:
                 break
         assert len(replicas) == 2, replicas
+        # the single-process server's rules, per replica
+        with pytest.raises(RuntimeError, match="bad request: observation/state has 3 values"):
+            c.infer({**libero_obs(0), "observation/state": np.zeros(3, np.float32)})
+        with pytest.raises(RuntimeError, match="at least 8 px"):
+            c.infer({**libero_obs(0), "observation/image": np.zeros((1, 1000, 3), np.uint8)})
+        from websockets.sync.client import connect
+
+        from pi0.serving import msgpack_numpy
+
+        with connect(f"ws://127.0.0.1:{port}", max_size=None) as ws:
+            ws.recv()
+            ws.send(msgpack_numpy.packb({"batch": [libero_obs(i) for i in range(9)]}))
+            assert "at most 8" in ws.recv(timeout=60)
+            bad = {**libero_obs(1), "observation/state": np.zeros(3, np.float32)}
+            ws.send(msgpack_numpy.packb({"batch": [libero_obs(0), bad]}))
+            reply = msgpack_numpy.unpackb(ws.recv(timeout=60))
+            assert reply["server_timing"]["batch_size"] == 1 and "bad request" in reply["batch"][1]["error"]
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        assert "pi0_requests_total" in text and 'replica="' in text
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)

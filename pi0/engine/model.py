@@ -39,7 +39,7 @@ class Pi0Engine:
         """Packs canonical tensors (any dtype; the engine computes in theirs; `ops.Int8Weight`s from
         `int8_quantizer` run as int8 products in their float dtype). Consumes `state`.
         vision_dtype: run SigLIP + projector in another dtype (e.g. fp32, as LeRobot does); default: the weights'.
-        pack / fuse: allow oneDNN-packed weights / torch.compile'd kernels where they work on this machine
+        pack / fuse: allow oneDNN-packed weights / torch.compile'd kernels where they work on the machine
         (probed once; PI0_PACK=0 / PI0_COMPILE=0 turn them off too). `self.kernels` says what was chosen."""
         self.config = config
         self.dtype = state["vlm.embed_tokens.weight"].dtype  # an Int8Weight's is the float dtype it computes in

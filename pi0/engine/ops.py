@@ -327,7 +327,7 @@ def pack_int8(w: Int8Weight, rows_hint: int, kernel: str, fused: frozenset[str] 
 
 
 def int8_weight(w: Tensor, rows_hint: int, dtype: torch.dtype, device_type: str = "cpu") -> Int8Weight:
-    """`w` quantised and packed as an int8 engine does it here: this machine's kernel and weight range
+    """`w` quantised and packed as an int8 engine does it here: the machine's kernel and weight range
     (`int8_kernel`), its quantise / rescale compiled where `fusion_works` passes them (benchmarks use it)."""
     kernel, qmax, _ = int8_kernel(dtype, device_type)
     fused = frozenset(n for n in ("quantize_rows", "rescale") if fusion_works(dtype, device_type, n)[0])
@@ -367,7 +367,7 @@ PATHOLOGICAL = 3.0  # a kernel this many times slower than dequantised fp32 math
 
 @functools.cache
 def int8_kernel(dtype: torch.dtype, device_type: str) -> tuple[str, int, str]:
-    """(kernel, weight qmax, why) for this machine, decided once, before weights are quantised, by capability:
+    """(kernel, weight qmax, why) for the CPU it runs on, decided once, before weights are quantised, by capability:
     the weight range by the instruction set (8-bit weights with an int8 dot product — AMX, AVX-512 VNNI,
     AVX-VNNI —, 7-bit without one: u8 x s8 pairs summed in int16 overflow with full-range weights), then the
     kernels in a fixed order of preference — oneDNN's qlinear, torch._int_mm, "plain" (dequantised fp32 math) —

@@ -1,7 +1,7 @@
 """The engine's weights: made once from the canonical state dict (plain functions, no model), then only read.
 
 - `int8_quantizer`: what the loader applies to each tensor as it is read for dtype int8 (per output channel).
-- `choose_kernels`: which fast paths work on this machine (oneDNN packing per dtype, compiled kernels, the
+- `choose_kernels`: which fast paths work on the machine it runs on (oneDNN packing per dtype, compiled kernels, the
   int8 kernel), each probed once.
 - `pack_weights`: fused QKV with 1/sqrt(head_dim) folded into W_q, fused gate|up, (1 + w) norm weights in
   fp32, the last VLM layer's k, v only (its other weights dropped), pi0.5's adaRMS dense layers stacked per
@@ -70,7 +70,7 @@ class Kernels:
 
 def choose_kernels(dtype: torch.dtype, vision_dtype: torch.dtype, device: torch.device, int8_tensors: int,
                    pack: bool = True, fuse: bool = True) -> Kernels:
-    """Each fast path only where its probe passes on this machine (PI0_PACK=0 / PI0_COMPILE=0 turn them off)."""
+    """Each fast path only where its probe passes on the machine (PI0_PACK=0 / PI0_COMPILE=0 turn them off)."""
     pack = pack and os.environ.get("PI0_PACK", "1") != "0"
     fuse = fuse and os.environ.get("PI0_COMPILE", "1") != "0"
     names = ("gated_gelu", "quantize_rows", "rescale") if int8_tensors else ("gated_gelu",)

@@ -3,7 +3,7 @@
 pins each websocket connection to one replica; inside a replica, requests of all its connections are
 batched by Ray Serve's own `@serve.batch` (up to --max-batch, waiting --batch-wait-ms); every reply's
 `server_timing.replica` names the replica that answered. Without --ray-address a local Ray instance is
-started on this machine (and stopped on exit); with it, the deployment joins an existing cluster, whose nodes
+started locally (and stopped on exit); with it, the deployment joins an existing cluster, whose nodes
 must all see the checkpoint path. Ctrl-C / SIGTERM delete the deployment and shut down what this command
 started.
 
