@@ -28,11 +28,10 @@ import threading
 import time
 from typing import Any
 
-from pi0.errors import BadRequest
 from pi0.serving import msgpack_numpy
 from pi0.serving.server import (
-    AUTH_ERROR, Budget, Busy, InternalError, authorized, batch_rows, decode_request, default_inflight_bytes,
-    encode_reply, error_text, prepare_rows, run_rows,
+    AUTH_ERROR, Budget, Busy, authorized, decode_and_prepare, default_inflight_bytes, encode_reply, error_text, merge,
+    record, refusal, run_rows,
 )
 
 log = logging.getLogger("pi0.serve")
@@ -102,44 +101,25 @@ def build_app(policy_args: dict[str, Any], api_key: str | None, max_message_byte
             went away meanwhile is skipped)."""
             return await self.forward([None if r.gone() else r.prepared for r in requests])
 
-        def _decode_and_prepare(self, data: Any) -> tuple[list[Any], bool]:
-            t0 = time.perf_counter()
-            request = decode_request(data, max_message_bytes)
-            explicit = "batch" in request
-            observations = batch_rows(request, max_batch) if explicit else [request]
-            rows = prepare_rows(self.policy, observations)
-            self.metrics.observe("preprocess", (time.perf_counter() - t0) / len(rows))
-            return rows, explicit
-
         async def _answer(self, data: Any, watch: "asyncio.Task", prev_total_ms: Any) -> Any:
             try:
-                rows, explicit = await asyncio.to_thread(self._decode_and_prepare, data)
-            except BadRequest as e:
-                self.metrics.count("bad_request")
-                return error_text(e)
-            except Exception as e:  # noqa: BLE001 - a bug of ours: an id for the client, the traceback in the log
-                self.metrics.count("internal_error")
-                return error_text(InternalError(e, "decoding a request"))
+                rows, explicit = await asyncio.to_thread(decode_and_prepare, self.policy, data, max_message_bytes,
+                                                         max_batch, self.metrics)
+            except Exception as e:  # noqa: BLE001 - a bad request, or a bug of ours (an id for the client)
+                return refusal(e, self.metrics)
             good = [r for r in rows if not isinstance(r, Exception)]
             timing: dict[str, Any] = {"infer_ms": 0.0, "batch_size": 0, "replica": self.name}
             results: list[Any] = list(rows)
             if good:
                 t0 = time.perf_counter()
-                if explicit:
-                    answered = await self.forward(good)
-                else:
-                    pending = _Pending(good[0], watch)
-                    answered = [await self.batched(pending)]
+                answered = await self.forward(good) if explicit else [await self.batched(_Pending(good[0], watch))]
                 if any(a is None for a in answered):
                     self.metrics.count("dropped", len(good))
                     return None
                 timing = {**answered[0][1], "queue_ms": max(0.0, (time.perf_counter() - t0) * 1000.0
                                                             - answered[0][1]["infer_ms"])}
-                it = iter(a for a, _ in answered)
-                results = [r if isinstance(r, Exception) else next(it) for r in rows]
-            for r in results:
-                self.metrics.count("bad_request" if isinstance(r, BadRequest) else
-                                   "internal_error" if isinstance(r, Exception) else "ok")
+                results = merge(rows, [a for a, _ in answered])
+            record(results, self.metrics)
             return encode_reply(results, timing, explicit, prev_total_ms)
 
         @app.websocket("/")

@@ -182,6 +182,48 @@ def encode_reply(rows: list[Any], timing: dict[str, Any], explicit: bool, prev_t
     return msgpack_numpy.packb({"batch": out, "server_timing": timing})
 
 
+def decode_and_prepare(policy: InferPolicy, message: bytes | str, max_message_bytes: int, max_batch: int,
+                       metrics: ServerMetrics) -> tuple[list[Any], bool]:
+    """(each row prepared, or its BadRequest / InternalError; whether it was an explicit batch): run off the
+    event loop. A message that is not even a request raises (see `refusal`)."""
+    t0 = time.perf_counter()
+    request = decode_request(message, max_message_bytes)
+    explicit = "batch" in request
+    observations = batch_rows(request, max_batch) if explicit else [request]
+    rows = prepare_rows(policy, observations)
+    metrics.observe("preprocess", (time.perf_counter() - t0) / len(rows))
+    return rows, explicit
+
+
+def refusal(e: BaseException, metrics: ServerMetrics) -> str:
+    """The text reply to a message that could not be read as a request, counted."""
+    if isinstance(e, BadRequest):
+        log.warning("bad request: %s", e)
+        metrics.count("bad_request")
+        return error_text(e)
+    metrics.count("internal_error")
+    return error_text(InternalError(e, "decoding a request"))
+
+
+def record(results: list[Any], metrics: ServerMetrics) -> None:
+    """Count each row's outcome and observe the model's stages of the answered ones."""
+    for r in results:
+        if isinstance(r, BadRequest):
+            metrics.count("bad_request")
+        elif isinstance(r, Exception):
+            metrics.count("internal_error")
+        else:
+            metrics.count("ok")
+            for stage, seconds in r.get("policy_timing", {}).get("stages_s", {}).items():
+                metrics.observe(stage, seconds)
+
+
+def merge(rows: list[Any], answers: list[Any]) -> list[Any]:
+    """Each row's answer in request order: its own error, or the next answer of the good rows."""
+    it = iter(answers)
+    return [r if isinstance(r, Exception) else next(it) for r in rows]
+
+
 AUTH_ERROR = "missing or wrong 'Authorization: Api-Key <key>' header"
 
 
@@ -317,17 +359,6 @@ class PolicyServer:
             self.metrics.set_inflight(self.budget.used)
             log.info("connection from %s closed", peer)
 
-    def _decode_and_prepare(self, message: bytes | str) -> tuple[list[Any], bool]:
-        """(each row prepared, or its BadRequest / InternalError; whether it was an explicit batch), off the
-        event loop. A message that is not even a request raises BadRequest."""
-        t0 = time.perf_counter()
-        request = decode_request(message, self.max_message_bytes)
-        explicit = "batch" in request
-        observations = batch_rows(request, self.max_batch) if explicit else [request]
-        rows = prepare_rows(self.policy, observations)
-        self.metrics.observe("preprocess", (time.perf_counter() - t0) / len(rows))
-        return rows, explicit
-
     async def _serve_connection(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
         prev_total_ms: float | None = None
@@ -358,14 +389,10 @@ class PolicyServer:
     async def _answer(self, loop: asyncio.AbstractEventLoop, message: bytes | str, closed: asyncio.Future,
                       prev_total_ms: float | None) -> bytes | str | None:
         try:
-            rows, explicit = await loop.run_in_executor(self.decoder, self._decode_and_prepare, message)
-        except BadRequest as e:
-            log.warning("bad request: %s", e)
-            self.metrics.count("bad_request")
-            return error_text(e)
-        except Exception as e:  # noqa: BLE001 - a bug of ours: an id for the client, the traceback in the log
-            self.metrics.count("internal_error")
-            return error_text(InternalError(e, "decoding a request"))
+            rows, explicit = await loop.run_in_executor(self.decoder, decode_and_prepare, self.policy, message,
+                                                        self.max_message_bytes, self.max_batch, self.metrics)
+        except Exception as e:  # noqa: BLE001 - a bad request, or a bug of ours (an id for the client)
+            return refusal(e, self.metrics)
         good = [r for r in rows if not isinstance(r, Exception)]
         results: list[Any] = list(rows)
         timing: dict[str, Any] = {"infer_ms": 0.0, "queue_ms": 0.0, "batch_size": 0}
@@ -377,19 +404,9 @@ class PolicyServer:
                 job.cancelled = True
                 return None
             answers, timing = job.future.result()
-            it = iter(answers)
-            results = [r if isinstance(r, Exception) else next(it) for r in rows]
+            results = merge(rows, answers)
+        record(results, self.metrics)
         t = time.perf_counter()
-        for r in results:
-            if isinstance(r, BadRequest):
-                self.metrics.count("bad_request")
-            elif isinstance(r, Exception):
-                self.metrics.count("internal_error")
-            else:
-                self.metrics.count("ok")
-                for stage in ("vision", "prefix", "denoise"):
-                    if stage in r.get("policy_timing", {}).get("stages_s", {}):
-                        self.metrics.observe(stage, r["policy_timing"]["stages_s"][stage])
         reply = encode_reply(results, timing, explicit, prev_total_ms)
         self.metrics.observe("postprocess", time.perf_counter() - t)
         return reply
