@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from pi0.config import Pi0Config, preset
 from pi0.dataset import DatasetError, LeRobotDataset
+from pi0.functional import sample_time
 from pi0.hardware import peak_gpu_gib, peak_rss_gib, resolve_device, resolve_dtype
 from pi0.lora import add_lora, merge_lora
 from pi0.observation import Observation
@@ -190,7 +191,7 @@ class TrainingData:
         actions = np.zeros((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
         actions[:, : self.action_dim] = self.normalizer.actions_in(np.asarray(item[ACTION_KEY], dtype=np.float32))
         noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
-        t = np.float32(rng.beta(1.5, 1.0) * 0.999 + 0.001)
+        t = np.float32(sample_time(1, rng)[0])
         return {"images": images, "masks": masks, "state": padded_state, "tokens": tokens, "token_mask": token_mask,
                 "actions": actions, "noise": noise, "time": t}
 
@@ -287,6 +288,7 @@ class Trainer:
         if args.batch % self.world:
             raise ValueError(f"--batch {args.batch} must be a multiple of the {self.world} processes")
         self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(args.device)
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -327,7 +329,6 @@ class Trainer:
         cfg = _size_config(a.size)
         if self.tokenizer_path is None:
             tasks = sorted(set(self.ds.tasks))
-            self.out.mkdir(parents=True, exist_ok=True)
             prefix = self.out / "tokenizer"
             if self.rank == 0:
                 train_tokenizer(tasks, prefix, a.tokenizer_vocab)
@@ -810,7 +811,7 @@ def main(ns: argparse.Namespace) -> int:
     if trainer.rank == 0:
         lora = f", LoRA rank {args.lora} on {len(trainer.lora_names)} layers" if args.lora else ""
         trainer.say(f"pi0 train: {trainer.config.kind} {'from ' + args.init if args.init else 'size ' + str(args.size)}, "
-                    f"{trainer.trainable / 1e6:.2f} M trainable parameters{lora}; dataset {trainer.ds.root} "
+                    f"{trainer.trainable:,} trainable parameters{lora}; dataset {trainer.ds.root} "
                     f"({len(trainer.ds)} frames, {trainer.ds.num_episodes} episodes, cameras {trainer.cameras}); "
                     f"{trainer.world} process(es), device {trainer.device}, {trainer.dtype_reason}")
     last = trainer.run()

@@ -264,3 +264,24 @@ def test_dataset_by_repo_id_from_lerobots_or_the_hub_cache(tmp_path, monkeypatch
     assert LeRobotDataset("someone/hub_data").root == repo / "snapshots" / "0123abcd"
     with pytest.raises(DatasetError, match="huggingface-cli download --repo-type dataset someone/other"):
         LeRobotDataset("someone/other")
+
+
+def test_fine_tuning_a_lerobot_checkpoint_with_its_camera_slots(tmp_path):
+    """--init a LeRobot-saved checkpoint: its cameras are matched by name (an error names the missing one),
+    --cameras maps the dataset's onto its slots (none: an empty slot), and the result serves with the dataset's
+    keys."""
+    from tests.test_lerobot_pipeline import ROOT, TOKENIZER
+
+    init = dict(init=str(ROOT / "pi0_default"), size=None, tokenizer=str(TOKENIZER), steps=2, batch=2, lora=4,
+                action_horizon=None)
+    with pytest.raises(DatasetError, match="no camera 'observation.images.base'"):
+        Trainer(args(FIXTURE, tmp_path / "a", **init))
+    t = Trainer(args(FIXTURE, tmp_path / "b", cameras=["observation.images.front", "observation.images.wrist", "none"],
+                     **init))
+    assert t.cameras == ["observation.images.front", "observation.images.wrist", None]
+    policy = pi0.Policy(t.run(), dtype="float32")
+    assert policy.metadata["preset"] == "generic" and policy.action_dim == 6
+    obs = {"observation.images.front": np.zeros((24, 32, 3), np.uint8),
+           "observation.images.wrist": np.zeros((32, 32, 3), np.uint8),
+           "observation.state": np.zeros(6, np.float32), "prompt": "open the drawer"}
+    assert policy.infer(obs)["actions"].shape == (t.config.action_horizon, 6)

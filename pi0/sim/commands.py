@@ -264,6 +264,6 @@ def cmd_demo_closed_loop(args: argparse.Namespace) -> int | None:
         _say(f"pi0 demo: the closed-loop demo cannot run here: {e}")
         return None
     print_table(report)
-    print(f"video     {ns.video}\nplot      {ns.plot}")
+    print(f"video     {ns.video}\nframes    {Path(ns.video).with_suffix('.png')}\nplot      {ns.plot}")
     (out / "metaworld_report.json").write_text(json.dumps(report, indent=2))
     return 0

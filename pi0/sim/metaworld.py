@@ -377,7 +377,8 @@ def evaluate(make_runner: Callable[[], ChunkRunner | StreamRunner], tasks: list[
     """Closed-loop success of a policy: `episodes` episodes per task (seeds seed, seed + 1, ...). make_runner:
     a picklable function that builds the policy's runner; with workers > 1 each of that many processes builds
     its own and takes every workers-th episode (rendering is single-threaded: one process per core). The
-    answers do not depend on `workers`. video: the first episode of every task, to this mp4."""
+    answers do not depend on `workers`. video: the first episode of every task, to this mp4, and frames of each
+    to a png beside it."""
     check_tasks(tasks)
     jobs = [(task, seed + k) for task in tasks for k in range(episodes)]
     film = {(task, seed) for task in tasks} if video is not None else set()
@@ -392,8 +393,9 @@ def evaluate(make_runner: Callable[[], ChunkRunner | StreamRunner], tasks: list[
         results = sorted((r for part, _ in parts for r in part), key=lambda r: (tasks.index(r.task), r.seed))
         films = {k: v for _, f in parts for k, v in f.items()}
     if video is not None and films:
-        write_video([frame for key in sorted(films, key=lambda k: tasks.index(k[0])) for frame in films[key]],
-                    video, FPS)
+        ordered = [films[key] for key in sorted(films, key=lambda k: tasks.index(k[0]))]
+        write_video([frame for film in ordered for frame in film], video, FPS)
+        contact_sheet(ordered, Path(video).with_suffix(".png"))
     return summarize(results)
 
 
@@ -434,6 +436,21 @@ def write_video(frames: list[np.ndarray], path: str | os.PathLike, fps: int) -> 
         for packet in stream.encode():
             out.mux(packet)
     return path
+
+
+def contact_sheet(films: list[list[np.ndarray]], out: str | os.PathLike, columns: int = 6, width: int = 160) -> Path:
+    """A png with one row per filmed episode: `columns` frames evenly spaced over the episode."""
+    from PIL import Image
+
+    rows = []
+    for frames in films:
+        last = len(frames) - FPS // 2  # the held frames that end each film
+        pick = np.linspace(0, max(0, last), columns).round().astype(int)
+        rows.append(np.concatenate([frames[i] for i in pick], axis=1))
+    sheet = Image.fromarray(np.concatenate(rows, axis=0))
+    sheet = sheet.resize((width * columns, round(sheet.height * width * columns / sheet.width)))
+    sheet.save(out)
+    return Path(out)
 
 
 def expert_success(tasks: list[str], episodes: int, *, seed: int = EVAL_SEED, max_steps: int = 300) -> dict[str, Any]:
