@@ -98,6 +98,7 @@ class MetaWorldEnv:
             raise SimError(gl_help(e)) from e
         env._partially_observable = False  # the 39-D observation with the goal (the expert needs it)
         env._freeze_rand_vec = False  # a new object / goal position every reset
+        env.seeded_rand_vec = True  # ... drawn from env.seed()'s generator (Meta-World's default is numpy's global one)
         if "sawyer_observation_space" in vars(env):
             del env.sawyer_observation_space  # recomputed for the goal-observable observation
         env._set_task_called = True
