@@ -59,10 +59,11 @@ def model_flops(cfg: Pi0Config, images_per_row: list[int], tokens_per_row: list[
     return float(total)
 
 
-def gemm_gflops(dtype: torch.dtype, device: torch.device, packed: bool, m: int = 816, k: int = 2048,
-                n: int = 16384, repeats: int = 5, int8: bool = False) -> float:
-    """The best rate the machine reaches for a GEMM of the model's dominant shape (VLM MLP over the W1
-    prefix) in `dtype`: F.linear, and the oneDNN-packed product too where the engine packs (`packed`),
+def gemm_gflops(dtype: torch.dtype, device: torch.device, packed: bool, m: int, k: int, n: int, repeats: int = 5,
+                int8: bool = False) -> float:
+    """The best rate the machine reaches for a GEMM of the model's dominant shape ([m, k] x [k, n]: the VLM's
+    MLP over the workload's prefix; 816 x 2048 x 16384 for pi0's W1) in `dtype`: F.linear, and the oneDNN-packed
+    product too where the engine packs (`packed`),
     best of `repeats`, so that `efficiency` is measured against the fastest GEMM on offer. With `int8`: the best
     raw int8 product here (oneDNN's or torch._int_mm on already quantised activations, whichever runs and is
     faster: no quantisation or rescaling passes, which are the engine's own cost)."""
@@ -112,8 +113,9 @@ def run(args) -> dict[str, Any]:
                                  token_len=tokens)
     noise = torch.randn(args.batch, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
     kernels = getattr(model, "kernels", {"packed_weights": False, "fused_kernels": False, "why": "reference backend"})
-    gemm = gemm_gflops(getattr(model, "dtype", dtype), device, kernels["packed_weights"],
-                       int8="int8_kernel" in kernels)
+    prefix_len = (args.cameras - args.masked_cameras) * cfg.vision.num_patches + valid
+    gemm = gemm_gflops(getattr(model, "dtype", dtype), device, kernels["packed_weights"], prefix_len, cfg.vlm.width,
+                       cfg.vlm.mlp_dim, int8="int8_kernel" in kernels)
     flops = model_flops(cfg, [args.cameras - args.masked_cameras] * args.batch, [valid] * args.batch, steps)
 
     rtc = None
