@@ -18,5 +18,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pi0 demo $(ARGS)
 
+# The suite in parallel (a worker per core, at most 4), then the timed tests alone; pytest's exit code 5 means
+# ARGS selected none of them.
+JOBS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(JOBS) -m "not serial" $(ARGS) || [ $$? = 5 ]
+	$(VENV)/bin/python -m pytest -q -m serial $(ARGS) || [ $$? = 5 ]

@@ -1,7 +1,15 @@
+import os
 import warnings
 
-import pytest
-import torch
+# Under pytest-xdist (`make test` runs a few workers) the cores are shared out: each worker, and every process it
+# starts, gets cores / workers threads (OpenMP threads spinning on more threads than cores slow everything down
+# several-fold). Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import pi0
 

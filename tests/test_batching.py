@@ -119,6 +119,7 @@ def _rss_mb() -> float:
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 
 
+@pytest.mark.serial  # timed: run alone (make test runs these after the parallel part)
 def test_a_flooding_client_costs_neither_memory_nor_other_robots_latency(seeded):
     s = Running(seeded, max_message_bytes=1 << 20)
     try:

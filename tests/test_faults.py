@@ -205,6 +205,7 @@ def test_metrics_and_json_logs(policy):
     assert json.loads(JsonFormatter().format(record))["message"] == "bad request: x"
 
 
+@pytest.mark.serial  # timed: run alone (make test runs these after the parallel part)
 def test_the_in_flight_budget_holds_against_any_mix_of_clients(policy):
     s = Running(policy, max_message_bytes=1 << 20, max_inflight_bytes=(2 << 20) + (512 << 10))
     try:
@@ -244,6 +245,7 @@ def _loop(stream: ActionStream, ticks: int, hz: float, obs=None) -> list[float]:
     return took
 
 
+@pytest.mark.serial  # timed: run alone (make test runs these after the parallel part)
 def test_the_stream_survives_a_failing_and_a_hanging_server(policy):
     faulty = Faulty(policy)
     s = Running(faulty)
@@ -269,6 +271,7 @@ def test_the_stream_survives_a_failing_and_a_hanging_server(policy):
         s.close()
 
 
+@pytest.mark.serial  # timed: run alone (make test runs these after the parallel part)
 def test_the_stream_reconnects_through_a_server_restart_and_keeps_50_hz(policy):
     port = free_port()
     s = Running(policy, port=port)

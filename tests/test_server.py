@@ -206,6 +206,7 @@ def test_warmup_pays_the_first_call_cost(tmp_path, tokenizer_path):
     assert times[0] <= 3 * statistics.median(times[1:]) + 20, times
 
 
+@pytest.mark.serial  # timed: run alone (make test runs these after the parallel part)
 def test_healthz_answers_during_a_long_request(policy):
     s = Running(SlowPolicy(policy, 3.0))
     try:

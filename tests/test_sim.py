@@ -110,6 +110,7 @@ def test_the_shipped_model_solves_its_task_in_closed_loop(tmp_path):
     assert (tmp_path / "ep.mp4").stat().st_size > 1000
 
 
+@pytest.mark.serial  # timed: run alone (make test runs these after the parallel part)
 def test_the_shipped_model_through_pi0_serve_with_rtc():
     """As a robot would run it: pi0 serve --preset metaworld, openpi's client, ActionStream with real-time
     chunking on a simulated clock."""
