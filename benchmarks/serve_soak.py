@@ -105,10 +105,10 @@ def soak(port: int, proc: subprocess.Popen, total: int, clients: int = 8) -> dic
             "rss_growth_mb": end - base, "errors": errors[:3]}
 
 
-def _latency(port: int, n: int = 10) -> float:
+def _latency(port: int, n: int = 10, client=None) -> float:
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
-    c = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    c = client or WebsocketClientPolicy(host="127.0.0.1", port=port)
     c.infer(robot_obs(0))
     t = []
     for _ in range(n):
@@ -124,7 +124,10 @@ def flood(ckpt: str, tokenizer: str, clients: int, message_mb: float, inflight_m
     port = free_port()
     proc = start(ckpt, tokenizer, port, "--max-message-mb", str(message_mb), "--max-inflight-mb", str(inflight_mb))
     try:
-        alone = _latency(port)
+        from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+        good = WebsocketClientPolicy(host="127.0.0.1", port=port)  # connected before the flood: its share is reserved
+        alone = _latency(port, client=good)
         base = rss_mb(proc.pid)
         payload = os.urandom(int(message_mb * 2**20) - 4096)  # just under the limit: accepted frames, then refused
         stop_at = time.perf_counter() + seconds
@@ -145,7 +148,7 @@ def flood(ckpt: str, tokenizer: str, clients: int, message_mb: float, inflight_m
             t.start()
         peak = base
         time.sleep(1.0)
-        during = _latency(port, 5)
+        during = _latency(port, 5, client=good)
         while time.perf_counter() < stop_at:
             peak = max(peak, rss_mb(proc.pid))
             time.sleep(0.1)
@@ -260,18 +263,21 @@ def main() -> int:
     tokenizer = train_tokenizer(tmp / "sp")
     ckpt = str(write_policy_checkpoint(tmp / "ck", "tiny", tokenizer))
     results = []
+
+    def add(r: dict) -> None:  # printed as it comes: a later scenario's crash loses nothing
+        results.append(r)
+        print(json.dumps(r), flush=True)
+
     port = free_port()
     proc = start(ckpt, tokenizer, port)
     try:
-        results.append(soak(port, proc, args.requests))
-        results.append(killed_clients(port, 20))
-        results.append(bad_row(port, 10 if args.short else 30))
+        add(soak(port, proc, args.requests))
+        add(killed_clients(port, 20))
+        add(bad_row(port, 10 if args.short else 30))
     finally:
         stop(proc)
-    results.append(flood(ckpt, tokenizer, args.flood_clients, 4.0, 64.0, 4.0 if args.short else 10.0))
-    results.append(restart(ckpt, tokenizer, ticks=300 if args.short else 600))
-    for r in results:
-        print(json.dumps(r), flush=True)
+    add(flood(ckpt, tokenizer, args.flood_clients, 4.0, 64.0, 4.0 if args.short else 10.0))
+    add(restart(ckpt, tokenizer, ticks=300 if args.short else 600))
     by = {r["scenario"]: r for r in results}
     failed = []
     if by["soak"]["rss_growth_mb"] > 20 or by["soak"]["errors"]:

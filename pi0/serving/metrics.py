@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGES = ("queue", "preprocess", "vision", "prefix", "denoise", "postprocess")
-OUTCOMES = ("ok", "bad_request", "internal_error", "busy", "dropped")
+OUTCOMES = ("ok", "bad_request", "internal_error", "dropped")
 # seconds: from a tiny model's milliseconds to a full-size CPU forward
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from pi0.serving import msgpack_numpy
 from pi0.serving.server import (
-    AUTH_ERROR, Budget, Busy, authorized, decode_and_prepare, default_inflight_bytes, encode_reply, error_text, merge,
+    AUTH_ERROR, Budget, authorized, decode_and_prepare, default_inflight_bytes, reserved_bytes, encode_reply, error_text, merge,
     record, refusal, run_rows,
 )
 
@@ -131,7 +131,7 @@ def build_app(policy_args: dict[str, Any], api_key: str | None, max_message_byte
                 await ws.close(code=1013, reason=f"this replica is at its connection limit ({max_connections}; "
                                                  "pi0 serve --max-connections)")
                 return
-            if not self.budget.take(max_message_bytes):
+            if not self.budget.take(reserved_bytes(max_message_bytes)):  # all the connection can make it hold
                 await ws.close(code=1013, reason="the replica's memory budget is full (pi0 serve --max-inflight-mb)")
                 return
             self.connections += 1
@@ -151,16 +151,8 @@ def build_app(policy_args: dict[str, Any], api_key: str | None, max_message_byte
                         await ws.close(code=1009, reason=f"message of {len(data)} bytes over the limit of "
                                                          f"{max_message_bytes} (pi0 serve --max-message-mb)")
                         return
-                    held = 2 * len(data or b"")
-                    if not self.budget.take(held):
-                        self.metrics.count("busy")
-                        await ws.send_text(error_text(Busy("the replica's in-flight budget is full: retry shortly")))
-                        continue
                     watch = asyncio.ensure_future(ws.receive())  # a disconnect while the request waits
-                    try:
-                        reply = await self._answer(data, watch, prev_total_ms)
-                    finally:
-                        self.budget.give(held)
+                    reply = await self._answer(data, watch, prev_total_ms)  # within the connection's reservation
                     if reply is None or _gone(watch):
                         return
                     if watch.done():
@@ -176,7 +168,7 @@ def build_app(policy_args: dict[str, Any], api_key: str | None, max_message_byte
                 return
             finally:
                 self.connections -= 1
-                self.budget.give(max_message_bytes)
+                self.budget.give(reserved_bytes(max_message_bytes))
                 self.metrics.set_connections(self.connections)
 
     return PolicyReplica.bind()

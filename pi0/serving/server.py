@@ -77,10 +77,6 @@ class InternalError(Exception):
         log.error("internal error %s (%s)", self.error_id, where, exc_info=cause)
 
 
-class Busy(BadRequest):
-    """The server's in-flight budget is full: retry shortly."""
-
-
 class Budget:
     """Bytes held by the server on behalf of clients, against one global limit (thread-safe)."""
 
@@ -245,7 +241,7 @@ class PolicyServer:
         self.max_connections = max_connections
         self.ping_interval_s = ping_interval_s
         self.name = name  # reported as server_timing.replica when set
-        # each connection may hold one queued frame, and one message in flight counted twice (raw, decoded)
+        self.reserved = reserved_bytes(max_message_bytes)
         self.budget = Budget(max_inflight_bytes if max_inflight_bytes is not None
                              else default_inflight_bytes(max_message_bytes, max_connections))
         self.metrics = ServerMetrics(name)
@@ -338,7 +334,7 @@ class PolicyServer:
 
     async def handler(self, ws: ServerConnection) -> None:
         peer = ws.remote_address
-        if not self.budget.take(self.max_message_bytes):  # the one frame websockets may queue for it
+        if not self.budget.take(self.reserved):  # all it can make the server hold: its requests never wait on others
             log.warning("connection from %s refused: the in-flight budget is full", peer)
             await ws.close(1013, f"the server's memory budget is full ({self.budget.limit >> 20} MiB; pi0 serve "
                                  "--max-inflight-mb): try again later")
@@ -354,7 +350,7 @@ class PolicyServer:
             pass
         finally:
             self.connections -= 1
-            self.budget.give(self.max_message_bytes)
+            self.budget.give(self.reserved)
             self.metrics.set_connections(self.connections)
             self.metrics.set_inflight(self.budget.used)
             log.info("connection from %s closed", peer)
@@ -367,18 +363,7 @@ class PolicyServer:
             while True:
                 message = await ws.recv()
                 t0 = time.perf_counter()
-                held = 2 * len(message)  # the frame and what it decodes to, until the reply is sent
-                if not self.budget.take(held):
-                    self.metrics.count("busy")
-                    await ws.send(error_text(Busy(f"the server holds {self.budget.used >> 20} MiB for its clients, its "
-                                                  f"budget is {self.budget.limit >> 20} MiB: retry shortly")))
-                    continue
-                self.metrics.set_inflight(self.budget.used)
-                try:
-                    reply = await self._answer(loop, message, closed, prev_total_ms)
-                finally:
-                    self.budget.give(held)
-                    self.metrics.set_inflight(self.budget.used)
+                reply = await self._answer(loop, message, closed, prev_total_ms)  # within the connection's reservation
                 if reply is None:  # the client went away: its request is dropped
                     return
                 await ws.send(reply)
@@ -438,6 +423,13 @@ class PolicyServer:
         asyncio.run(self.serve())
 
 
+def reserved_bytes(max_message_bytes: int) -> int:
+    """What one connection can make the server hold, reserved when it opens: one frame queued by websockets, and
+    one message in flight counted twice (raw, decoded). A connection that fits is never refused a request, so
+    flooding clients can keep new connections out but never hurt one already served."""
+    return 3 * max_message_bytes
+
+
 def default_inflight_bytes(max_message_bytes: int, max_connections: int) -> int:
-    """Room for every allowed connection to queue one message and have one in flight (raw and decoded)."""
-    return 3 * max_message_bytes * max_connections
+    """Room for every allowed connection."""
+    return reserved_bytes(max_message_bytes) * max_connections
