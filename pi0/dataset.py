@@ -14,7 +14,7 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 

@@ -29,7 +29,7 @@ class ServerMetrics:
         self.batch_rows = Histogram("pi0_batch_rows", "Rows per model forward", names, registry=self.registry,
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
         self.connections = Gauge("pi0_connections", "Open websocket connections", names, registry=self.registry)
-        self.inflight_bytes = Gauge("pi0_inflight_bytes", "Bytes held for clients (reserved and in flight)", names,
+        self.inflight_bytes = Gauge("pi0_inflight_bytes", "Bytes of the in-flight budget reserved by open connections", names,
                                     registry=self.registry)
         gpu = Gauge("pi0_gpu_memory_bytes", "GPU memory allocated by torch (0 without a GPU)", names,
                     registry=self.registry)

@@ -30,7 +30,7 @@ from typing import Any
 
 from pi0.serving import msgpack_numpy
 from pi0.serving.server import (
-    AUTH_ERROR, Budget, authorized, decode_and_prepare, default_inflight_bytes, reserved_bytes, encode_reply, error_text, merge,
+    AUTH_ERROR, Budget, authorized, decode_and_prepare, default_inflight_bytes, reserved_bytes, encode_reply, merge,
     record, refusal, run_rows,
 )
 
@@ -64,6 +64,7 @@ def build_app(policy_args: dict[str, Any], api_key: str | None, max_message_byte
             self.batched.set_batch_wait_timeout_s(max(0.0, batch_wait_ms) / 1000.0)
             self.forward_lock = asyncio.Lock()  # one forward at a time: explicit batches and dynamic ones alike
             self.connections = 0
+            self.reserved = reserved_bytes(max_message_bytes)  # all one connection can make the replica hold
             self.budget = Budget(max_inflight_bytes if max_inflight_bytes is not None
                                  else default_inflight_bytes(max_message_bytes, max_connections))
             self.metrics = ServerMetrics(self.name)
@@ -131,7 +132,7 @@ def build_app(policy_args: dict[str, Any], api_key: str | None, max_message_byte
                 await ws.close(code=1013, reason=f"this replica is at its connection limit ({max_connections}; "
                                                  "pi0 serve --max-connections)")
                 return
-            if not self.budget.take(reserved_bytes(max_message_bytes)):  # all the connection can make it hold
+            if not self.budget.take(self.reserved):
                 await ws.close(code=1013, reason="the replica's memory budget is full (pi0 serve --max-inflight-mb)")
                 return
             self.connections += 1
@@ -168,7 +169,7 @@ def build_app(policy_args: dict[str, Any], api_key: str | None, max_message_byte
                 return
             finally:
                 self.connections -= 1
-                self.budget.give(reserved_bytes(max_message_bytes))
+                self.budget.give(self.reserved)
                 self.metrics.set_connections(self.connections)
 
     return PolicyReplica.bind()
