@@ -1,12 +1,15 @@
 """The accuracy gates at full size (run by hand; ~19 GB peak RSS): the engine vs the reference in fp32 on the
 same seeded random weights, PCC of the flattened actions per seed (odd seeds mask a camera).
 
-    .venv/bin/python benchmarks/fullsize_gate.py [pi0|pi05] [seeds] [--dtype bfloat16|int8 [--all-only] [--qmax 63]]
+    .venv/bin/python benchmarks/fullsize_gate.py [pi0|pi05] [seeds] [--dtype bfloat16|int8 [--all-only] [--qmax 63]
+                                                                      [--outliers]]
 
 bfloat16 (~5 min): SigLIP in bf16 (the engine's default) and in fp32 (LeRobot's choice); gate mean PCC >= 0.999,
 min >= 0.995. int8 (~15 min): every int8 stage, then each stage alone (the others in the float dtype), with the
 per-stage error of one unmasked case: SigLIP + projector features, the prefix's k, v (every VLM layer) and the
-actions; gate mean PCC >= 0.99, min >= 0.98. Prints one JSON line per seed and a summary line per variant.
+actions; gate mean PCC >= 0.99, min >= 0.98. --outliers: the same on a checkpoint with Gemma-like activation
+outliers (the float model unchanged), int8 with and without its outlier channels in float. Prints one JSON line per
+seed and a summary line per variant.
 """
 
 import argparse
@@ -18,9 +21,11 @@ import torch
 
 import pi0
 from pi0.engine.model import Pi0Engine
-from pi0.engine.weights import INT8_STAGES, int8_quantizer
+from pi0.checkpoint import Chain
+from pi0.engine.weights import INT8_STAGES, OUTLIER_GAIN, int8_quantizer
 from pi0.hardware import compute_dtype
-from pi0.models import random_state_dict
+from pi0.models import outlier_channels, random_state_dict
+from pi0.reference.model import Pi0Reference
 
 GATES = {"bfloat16": (0.999, 0.995), "int8": (0.99, 0.98)}
 
@@ -57,10 +62,17 @@ def main() -> None:
     ap.add_argument("--qmax", type=int, default=None,
                     help="int8 weight range (default: what this CPU's kernel takes; 63 = the 7-bit weights of CPUs "
                          "without VNNI, whose numerics any CPU reproduces)")
+    ap.add_argument("--outliers", action="store_true",
+                    help="the outlier checkpoint (pi0.models.outlier_channels: 4 channels of every norm-fed product's "
+                         "input 100x the rest, the float model unchanged); int8 is run with and without the outlier "
+                         "channels kept in float")
     args = ap.parse_args()
     cfg = pi0.preset(args.kind)
     t0 = time.perf_counter()
-    ref = pi0.build_model(cfg, seed=0, dtype="float32")
+    outliers = outlier_channels(cfg) if args.outliers else None
+    with torch.device("meta"):
+        ref = Pi0Reference(cfg).eval().requires_grad_(False)
+    ref.load_state_dict(random_state_dict(cfg, 0, torch.float32, transform=outliers), strict=True, assign=True)
     print(json.dumps({"built_s": time.perf_counter() - t0}), flush=True)
     cases = []
     for s in range(args.seeds):
@@ -83,11 +95,14 @@ def main() -> None:
         # in the float dtype int8 computes in here (bf16 where native), each quantised as it is made
         dt = compute_dtype(torch.int8)
         variants = {}
+        gains = [OUTLIER_GAIN, None] if args.outliers else [OUTLIER_GAIN]
         for stages in [INT8_STAGES] + ([] if args.all_only else [(s,) for s in INT8_STAGES]):
-            def make(stages=stages) -> Pi0Engine:
-                state = random_state_dict(cfg, 0, dt, transform=int8_quantizer(dt, stages, args.qmax))
-                return Pi0Engine(cfg, state)
-            variants["int8 " + "+".join(stages)] = make
+            for gain in gains if stages == INT8_STAGES else [OUTLIER_GAIN]:
+                def make(stages=stages, gain=gain) -> Pi0Engine:
+                    quantize = int8_quantizer(dt, stages, args.qmax, outlier_gain=gain)
+                    state = random_state_dict(cfg, 0, dt, transform=Chain(outliers, quantize) if outliers else quantize)
+                    return Pi0Engine(cfg, state)
+                variants["int8 " + "+".join(stages) + ("" if gain else " (per-token scales only)")] = make
 
     for name, make in variants.items():
         eng = make()
@@ -99,6 +114,7 @@ def main() -> None:
             print(json.dumps({"variant": name, "seed": s, "pcc": pccs[-1], "max_abs": errs[-1], "masked_cameras": s % 2}),
                   flush=True)
         summary = {"model": args.kind, "engine": args.dtype, "variant": name, "seeds": args.seeds, "qmax": args.qmax,
+                   "outlier_checkpoint": args.outliers, "int8_outlier_columns": eng.kernels.get("int8_outlier_columns"),
                    "dtype_between": str(eng.dtype).replace("torch.", ""),
                    "mean_pcc": statistics.mean(pccs), "min_pcc": min(pccs), "max_abs": max(errs),
                    "pass": statistics.mean(pccs) >= mean_gate and min(pccs) >= min_gate,

@@ -35,6 +35,21 @@ from pi0.orbax import OrbaxError, find_params_dir
 
 Transform = Callable[[str, torch.Tensor], Any]  # (canonical name, tensor) -> what the state dict keeps
 
+
+class Chain:
+    """Transforms applied one after the other; the tensors any of them wants `first` are read first."""
+
+    def __init__(self, *transforms: Transform):
+        self.transforms = transforms
+
+    def first(self, name: str) -> bool:
+        return any(getattr(t, "first", lambda _: False)(name) for t in self.transforms)
+
+    def __call__(self, name: str, t: torch.Tensor) -> Any:
+        for fn in self.transforms:
+            t = fn(name, t)
+        return t
+
 LAYOUTS = ("openpi", "lerobot", "lerobot_legacy")
 HEADS = ("state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out",
          "time_mlp_in", "time_mlp_out")
@@ -483,7 +498,8 @@ def load_state_dict(info: CheckpointInfo, dtype: torch.dtype, device: str | torc
     """Canonical tensors read from the shards straight into `dtype` (no fp32 detour for a bf16 file, one
     copy per tensor), then moved to `device`; the unused lm_heads are never read. progress: called with
     the fraction read so far (Orbax checkpoints). transform(name, tensor): applied to each tensor on the
-    CPU as soon as it is read (the caller's compression at load: only one uncompressed tensor at a time)."""
+    CPU as soon as it is read (the caller's compression at load: only one uncompressed tensor at a time); the
+    tensors its optional `first(name)` picks are read before all others."""
     if transform is not None and torch.device(device).type != "cpu":
         raise ValueError("load_state_dict: a transform runs on CPU tensors only")
     if info.orbax is not None:
@@ -494,13 +510,16 @@ def load_state_dict(info: CheckpointInfo, dtype: torch.dtype, device: str | torc
         except OrbaxError as e:
             raise CheckpointError(str(e)) from None
         return state if torch.device(device).type == "cpu" else {k: v.to(device) for k, v in state.items()}
-    by_shard: dict[Path, list[tuple[str, str]]] = {}
-    for c, (shard, fk) in info.canonical.items():
-        by_shard.setdefault(shard, []).append((c, fk))
+    first = getattr(transform, "first", None)
     out: dict[str, torch.Tensor] = {}
-    for shard, items in by_shard.items():
-        for c, t in _read_shard(shard, items, dtype, transform).items():
-            out[c] = t if torch.device(device).type == "cpu" else t.to(device)
+    for early in ((True, False) if first else (None,)):  # what transform.first picks, from every shard, first
+        by_shard: dict[Path, list[tuple[str, str]]] = {}
+        for c, (shard, fk) in info.canonical.items():
+            if early is None or first(c) == early:
+                by_shard.setdefault(shard, []).append((c, fk))
+        for shard, items in by_shard.items():
+            for c, t in _read_shard(shard, items, dtype, transform).items():
+                out[c] = t if torch.device(device).type == "cpu" else t.to(device)
     return out
 
 

@@ -296,3 +296,44 @@ def canonical_shapes(config: Pi0Config) -> dict[str, tuple[int, ...]]:
         linear("action_time_mlp_in", 2 * ew, ew)
         linear("action_time_mlp_out", ew, ew)
     return out
+
+
+# Which norm's output each canonical linear weight reads: (weight pattern, the norm's name from the match). The
+# weight's input channels are that norm's channels, each scaled by the norm's static gain (SigLIP's LayerNorm: w
+# and b; Gemma's RMSNorm: 1 + w). pi0.5's adaptive norms have no static gain (`norm_gain` returns None there).
+_NORM_FED = (
+    (re.compile(r"(vision\.layers\.\d+)\.self_attn\.[qkv]_proj\.weight"), r"\1.layer_norm1"),
+    (re.compile(r"(vision\.layers\.\d+)\.mlp\.fc1\.weight"), r"\1.layer_norm2"),
+    (re.compile(r"projector\.weight"), "vision.post_layernorm"),
+    (re.compile(r"((?:vlm|expert)\.layers\.\d+)\.self_attn\.[qkv]_proj\.weight"), r"\1.input_layernorm"),
+    (re.compile(r"((?:vlm|expert)\.layers\.\d+)\.mlp\.(?:gate|up)_proj\.weight"), r"\1.post_attention_layernorm"),
+)
+_NORM_PARAM = re.compile(r"(vision\.layers\.\d+\.layer_norm[12]|vision\.post_layernorm"
+                         r"|(?:vlm|expert)\.layers\.\d+\.(?:input|post_attention)_layernorm)\.(weight|bias)")
+
+
+def feeding_norm(weight_name: str) -> str | None:
+    """The norm (canonical name without .weight) whose output the linear weight `weight_name` reads, or None."""
+    for pattern, norm in _NORM_FED:
+        m = pattern.fullmatch(weight_name)
+        if m:
+            return m.expand(norm)
+    return None
+
+
+def norm_param(name: str) -> tuple[str, str] | None:
+    """(norm, "weight" | "bias") for a static norm parameter that feeds linear weights, else None."""
+    m = _NORM_PARAM.fullmatch(name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def norm_gain(norm: str, params: Mapping[str, Any]) -> Any:
+    """A norm's static per-channel gain |output| / |normalised input| bound, from its parameters ({"weight": w,
+    "bias": b} tensors): |w| + |b| for SigLIP's LayerNorm, |1 + w| for Gemma's RMSNorm; None if it has none."""
+    w = params.get("weight")
+    if w is None:
+        return None
+    if norm.startswith("vision"):
+        b = params.get("bias")
+        return w.float().abs() + (0 if b is None else b.float().abs())
+    return (1 + w.float()).abs()

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from pi0.checkpoint import CheckpointInfo, Transform, inspect_checkpoint, load_state_dict, weights_allocation
-from pi0.config import Pi0Config, canonical_shapes
+from pi0.config import Pi0Config, canonical_shapes, feeding_norm, norm_param
 from pi0.hardware import compute_dtype, resolve_device, resolve_dtype
 from pi0.reference.model import Pi0Reference
 
@@ -52,13 +52,17 @@ def random_state_dict(config: Pi0Config, seed: int, dtype: torch.dtype, device: 
     tensor), if given, is applied to each as soon as it is filled). Each block of rows has its own generator
     (seeded by seed, tensor index, block index), so the values do not depend on the thread count, and the
     blocks are filled on all cores. Values are drawn in fp32 and rounded to `dtype`, so a bf16 build holds
-    the bf16-rounded weights of the fp32 build with the same seed."""
+    the bf16-rounded weights of the fp32 build with the same seed. The tensors `transform.first` picks, if it has
+    that attribute, are made first."""
     shapes = sorted(canonical_shapes(config).items())
     total = sum(math.prod(s) for _, s in shapes)
     done = 0
     out = {}
+    first = getattr(transform, "first", None)
+    order = sorted(range(len(shapes)), key=lambda i: not first(shapes[i][0])) if first else range(len(shapes))
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        for i, (name, shape) in enumerate(shapes):
+        for i in order:  # the values depend on the tensor's index in `shapes`, not on the order they are made in
+            name, shape = shapes[i]
             t = torch.empty(shape, dtype=dtype, device=device)
             mean, std = _init_rule(name, tuple(shape))
             step = max(1, _BLOCK // max(1, math.prod(shape[1:])))
@@ -76,6 +80,34 @@ def random_state_dict(config: Pi0Config, seed: int, dtype: torch.dtype, device: 
             if progress is not None:
                 progress(done / total)
     return out
+
+
+def outlier_channels(config: Pi0Config, channels: int = 4, factor: float = 100.0, seed: int = 0) -> Transform:
+    """A transform that gives a checkpoint the activation outliers trained Gemma layers are known for, leaving the
+    float model unchanged: in every norm with a static gain (SigLIP's LayerNorms, Gemma's RMSNorms; not pi0.5's
+    adaptive ones) the same `channels` channels (seeded, per width) get `factor` x the gain, and the columns of the
+    linear weights that read them are divided by `factor`. Those inputs of q/k/v, gate|up, fc1 and the projector
+    are then ~`factor` x the rest in every token: the stress test for per-token int8 activation scales."""
+    chosen: dict[int, torch.Tensor] = {}
+
+    def pick(width: int) -> torch.Tensor:
+        if width not in chosen:
+            chosen[width] = torch.randperm(width, generator=torch.Generator().manual_seed(seed))[:channels]
+        return chosen[width]
+
+    def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+        param, norm = norm_param(name), feeding_norm(name)
+        if param is not None:
+            out, ch = t.float().clone(), pick(t.shape[0])
+            out[ch] = factor * (1 + out[ch]) - 1 if not param[0].startswith("vision") else factor * out[ch]
+            return out.to(t.dtype)
+        if norm is not None and not (config.pi05 and norm.startswith("expert")):  # pi0.5's expert norms are adaptive
+            out, ch = t.float().clone(), pick(t.shape[1])
+            out[:, ch] /= factor
+            return out.to(t.dtype)
+        return t
+
+    return transform
 
 
 def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0, device: str | torch.device = "cpu",

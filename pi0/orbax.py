@@ -260,11 +260,14 @@ def load(params: OrbaxParams, rec: dict[str, tuple[str, Transform]], dtype: torc
          transform: Callable[[str, torch.Tensor], Any] | None = None) -> dict[str, Any]:
     """Every canonical tensor in `dtype`. Leaves are read one at a time, largest first (so the one
     transient leaf coincides with a small state), each sliced straight into its target tensors (one copy)
-    and then freed. transform(name, tensor), if given, is applied to each tensor as soon as it is made."""
+    and then freed. transform(name, tensor), if given, is applied to each tensor as soon as it is made; the
+    leaves holding tensors its optional `first(name)` picks are read before all others."""
     by_leaf: dict[str, list[tuple[str, Transform]]] = {}
     for c, (leaf, fn) in rec.items():
         by_leaf.setdefault(leaf, []).append((c, fn))
-    order = sorted(by_leaf, key=lambda n: -math.prod(params.leaves[n].shape))
+    first = getattr(transform, "first", None)
+    early = {n for n, cs in by_leaf.items() if first and any(first(c) for c, _ in cs)}
+    order = sorted(by_leaf, key=lambda n: (n not in early, -math.prod(params.leaves[n].shape)))
     total = sum(math.prod(params.leaves[n].shape) for n in order)
     done = 0
     out: dict[str, Any] = {}

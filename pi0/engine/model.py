@@ -48,6 +48,9 @@ class Pi0Engine:
         int8 = sum(isinstance(t, ops.Int8Weight) for t in state.values())
         chosen = choose_kernels(self.dtype, self.vision_dtype, self.device, int8, pack, fuse)
         self.fused, self.kernels = chosen.fused, chosen.report
+        if int8:  # input channels computed in float next to the int8 products (`Int8Quantizer`), summed over weights
+            self.kernels["int8_outlier_columns"] = sum(t.outlier_cols.numel() for t in state.values()
+                                                       if isinstance(t, ops.Int8Weight) and t.outlier_cols is not None)
         weights = pack_weights(config, state, chosen, self.dtype, self.vision_dtype)
         vars(self).update(vars(weights))  # the packed weights, read by name below (self.vlm_layers, ...)
         self._schedules: dict[int, dict[str, Tensor]] = {}

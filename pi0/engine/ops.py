@@ -183,7 +183,10 @@ def linear_gated_gelu(x: Tensor, w: Tensor | Int8Weight, fused: bool) -> Tensor:
     if not isinstance(w, Int8Weight):
         return gated_gelu(linear(x, w), fused)
     lead = x.shape[:-1]
-    y, s = _int8_product(x.reshape(-1, x.shape[-1]), w)
+    y, s, side = _int8_product(x.reshape(-1, x.shape[-1]), w)
+    if side is not None:  # the outlier channels' product joins before the gelu
+        y = (_rescale(y, s, None, None, torch.float32) + side.float()).to(w.dtype)
+        return gated_gelu(y, "gated_gelu" in w.fused).view(*lead, y.shape[-1] // 2)
     return _run("gated_gelu", w.fused, y, s).view(*lead, y.shape[-1] // 2)
 
 
@@ -247,19 +250,30 @@ class Int8Weight:
     dtype: torch.dtype
     kernel: str = "plain"
     fused: frozenset[str] = frozenset()  # the `_FUSED` kernels compiled for it (`fusion_works`)
+    # outlier input channels, computed in the float dtype instead (LLM.int8()'s decomposition): their indices
+    # (long [k]) and those columns of the weight ([out, k] in `dtype`); q holds zeros there
+    outlier_cols: Tensor | None = None
+    outlier_w: Tensor | None = None
 
 
-def quantize_weight(w: Tensor, dtype: torch.dtype | None = None, qmax: int = 127) -> Int8Weight:
+def quantize_weight(w: Tensor, dtype: torch.dtype | None = None, qmax: int = 127,
+                    outlier_cols: Tensor | None = None) -> Int8Weight:
     """[out, in] float -> Int8Weight: scale = max|w_row| / qmax per output row, q = round(w / scale), in fp32,
     a block of rows at a time (the embedding's 0.5 G values would otherwise need 2 GB per fp32 temporary).
-    qmax 63 where the kernel would saturate with 8-bit weights (`int8_kernel`)."""
+    qmax 63 where the kernel would saturate with 8-bit weights (`int8_kernel`). outlier_cols: input channels kept
+    out of the int8 product (and out of the row scales), their columns stored in `dtype`."""
+    dtype = dtype or w.dtype
+    cols = outlier_cols if outlier_cols is not None and outlier_cols.numel() else None
     q = torch.empty(w.shape, dtype=torch.int8)
     scale = torch.empty(w.shape[0], dtype=torch.float32)
     step = max(1, (1 << 22) // max(1, w.shape[1]))
     for r in range(0, w.shape[0], step):
-        q[r:r + step], s = _quantize_rows(w[r:r + step], 0, qmax)
+        block = w[r:r + step] if cols is None else w[r:r + step].float().index_fill(1, cols, 0.0)
+        q[r:r + step], s = _quantize_rows(block, 0, qmax)
         scale[r:r + step] = s[:, 0]
-    return Int8Weight(q, scale, dtype or w.dtype)
+    if cols is None:
+        return Int8Weight(q, scale, dtype)
+    return Int8Weight(q, scale, dtype, outlier_cols=cols, outlier_w=w[:, cols].to(dtype))
 
 
 def cat_rows(ws: list) -> Tensor | Int8Weight:
@@ -269,24 +283,37 @@ def cat_rows(ws: list) -> Tensor | Int8Weight:
         return torch.cat(ws)
     if not all(isinstance(w, Int8Weight) and w.kernel == "plain" for w in ws):
         raise TypeError("cat_rows: mixed float / int8 (or already packed) weights")
-    return Int8Weight(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]), ws[0].dtype)
+    cols = ws[0].outlier_cols
+    if not all(w.outlier_cols is None if cols is None else w.outlier_cols is not None and torch.equal(w.outlier_cols, cols)
+               for w in ws):
+        raise ValueError("cat_rows: weights that read the same input have different outlier channels")
+    outlier_w = None if cols is None else torch.cat([w.outlier_w for w in ws])
+    return Int8Weight(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]), ws[0].dtype,
+                      outlier_cols=cols, outlier_w=outlier_w)
 
 
 def scale_rows(w: Tensor | Int8Weight, c: float) -> Tensor | Int8Weight:
-    """c * w (the attention scale folded into W_q): for int8, into the per-row scales."""
+    """c * w (the attention scale folded into W_q): for int8, into the per-row scales (and outlier columns)."""
     if isinstance(w, Int8Weight):
-        return dataclasses.replace(w, scale=w.scale * c)
+        outlier_w = None if w.outlier_w is None else (w.outlier_w.float() * c).to(w.outlier_w.dtype)
+        return dataclasses.replace(w, scale=w.scale * c, outlier_w=outlier_w)
     return (w.float() * c).to(w.dtype)
 
 
-def _int8_product(x: Tensor, w: Int8Weight) -> tuple[Tensor, Tensor]:
-    """x [M, K] float -> (y, s): y[m, n] = scale[n] * sum_k round(x[m, k] / s[m]) q[n, k] in w.dtype, and the token
-    scales s [M, 1] fp32 still to be applied (by `int8_linear` or inside the consumer, `linear_gated_gelu`)."""
+def _int8_product(x: Tensor, w: Int8Weight) -> tuple[Tensor, Tensor, Tensor | None]:
+    """x [M, K] float -> (y, s, side): y[m, n] = scale[n] * sum_k round(x[m, k] / s[m]) q[n, k] in w.dtype, the
+    token scales s [M, 1] fp32 still to be applied (by `int8_linear` or inside the consumer, `linear_gated_gelu`),
+    and the float product of the outlier channels (None without), to be added after them. The outlier channels
+    are zeroed before the token scales are taken, so they cost the other channels no precision."""
+    side = None
+    if w.outlier_cols is not None:
+        side = F.linear(x.index_select(1, w.outlier_cols), w.outlier_w)
+        x = x.index_fill(1, w.outlier_cols, 0)
     xq, s = _run("quantize_rows", w.fused, x, 128 if w.kernel == "onednn" else 0)
     y = int8_matmul(xq, w)
     if w.kernel == "int_mm":
         y = _run("rescale", w.fused, y, torch.ones_like(s), w.scale, None, w.dtype)
-    return y, s
+    return y, s, side
 
 
 def int8_matmul(xq: Tensor, w: Int8Weight) -> Tensor:
@@ -310,7 +337,9 @@ def int8_linear(x: Tensor, w: Int8Weight, b: Tensor | None = None) -> Tensor:
     """Dynamic W8A8: x [..., K] quantised per token, int32 accumulation in the kernel, the weight scales applied
     in its epilogue and the token scales (and bias) after it. Returns [..., N] in w.dtype."""
     lead = x.shape[:-1]
-    y, s = _int8_product(x.reshape(-1, x.shape[-1]), w)
+    y, s, side = _int8_product(x.reshape(-1, x.shape[-1]), w)
+    if side is not None:
+        return (_rescale(y, s, None, b, torch.float32) + side.float()).to(w.dtype).view(*lead, y.shape[-1])
     return _run("rescale", w.fused, y, s, None, b, w.dtype).view(*lead, y.shape[-1])
 
 

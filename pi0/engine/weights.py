@@ -1,6 +1,7 @@
 """The engine's weights: made once from the canonical state dict (plain functions, no model), then only read.
 
-- `int8_quantizer`: what the loader applies to each tensor as it is read for dtype int8 (per output channel).
+- `int8_quantizer`: what the loader applies to each tensor as it is read for dtype int8 (per output channel,
+  outlier input channels kept in float).
 - `choose_kernels`: which fast paths work on the machine it runs on (oneDNN packing per dtype, compiled kernels, the
   int8 kernel), each probed once.
 - `pack_weights`: fused QKV with 1/sqrt(head_dim) folded into W_q, fused gate|up, (1 + w) norm weights in
@@ -13,12 +14,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from pi0.config import Pi0Config
+from pi0.config import Pi0Config, feeding_norm, norm_gain, norm_param
 from pi0.engine import ops
 
 INT8_STAGES = ("vision", "prefix", "expert", "embedding")
@@ -30,27 +30,71 @@ _INT8_NAMES = {  # the linear weights of each stage that int8 covers; norms, bia
 }
 
 
-def int8_quantizer(dtype: torch.dtype, stages: tuple[str, ...] | None = None,
-                   qmax: int | None = None) -> Callable[[str, Tensor], Tensor | ops.Int8Weight]:
+OUTLIER_GAIN = 6.0  # an input channel whose norm gain is this many times the median's is computed in float
+
+
+class Int8Quantizer:
     """(name, tensor) -> an Int8Weight for the big linear weights of `stages`, else the tensor as it is. Applied
     by the loader to each tensor as it is read, so a full-size int8 model never holds its float weights.
-    stages: default all of INT8_STAGES, or PI0_INT8_STAGES (comma-separated; e.g. "prefix,expert,embedding"
-    keeps SigLIP in the float dtype). qmax: the weights' integer range; default: what this CPU's int8 kernel
-    takes without overflow."""
-    if stages is None:
-        env = os.environ.get("PI0_INT8_STAGES")
-        stages = tuple(s.strip() for s in env.split(",") if s.strip()) if env is not None else INT8_STAGES
-    if qmax is None:
-        qmax = ops.int8_kernel(dtype, "cpu")[1]
-    unknown = set(stages) - set(INT8_STAGES)
-    if unknown:
-        raise ValueError(f"unknown int8 stages {sorted(unknown)} (PI0_INT8_STAGES?): choose from {', '.join(INT8_STAGES)}")
-    pattern = re.compile("|".join(f"(?:{_INT8_NAMES[s]})" for s in stages)) if stages else None
 
-    def quantize(name: str, t: Tensor) -> Tensor | ops.Int8Weight:
-        return ops.quantize_weight(t, dtype, qmax) if pattern is not None and pattern.fullmatch(name) else t
+    Outlier channels: a linear weight that reads a norm's output (q/k/v, gate|up, fc1, the projector) keeps the
+    input channels whose static norm gain (`pi0.config.norm_gain`) is over `outlier_gain` x the median channel's
+    out of its int8 product: those columns are computed in the float dtype (LLM.int8()'s decomposition, decided
+    from the weights alone), so a few channels 100x the rest cannot take every other channel's precision through
+    the per-token scale. The norms are read first for this (`first`, which the loaders honour). outlier_gain None
+    turns it off."""
 
-    return quantize
+    def __init__(self, dtype: torch.dtype, stages: tuple[str, ...] | None = None, qmax: int | None = None,
+                 outlier_gain: float | None = OUTLIER_GAIN):
+        if stages is None:
+            env = os.environ.get("PI0_INT8_STAGES")
+            stages = tuple(s.strip() for s in env.split(",") if s.strip()) if env is not None else INT8_STAGES
+        unknown = set(stages) - set(INT8_STAGES)
+        if unknown:
+            raise ValueError(f"unknown int8 stages {sorted(unknown)} (PI0_INT8_STAGES?): choose from {', '.join(INT8_STAGES)}")
+        self.dtype, self.outlier_gain = dtype, outlier_gain
+        self.qmax = ops.int8_kernel(dtype, "cpu")[1] if qmax is None else qmax
+        self.pattern = re.compile("|".join(f"(?:{_INT8_NAMES[s]})" for s in stages)) if stages else None
+        self.norms: dict[str, dict[str, Tensor]] = {}  # norm -> its parameters, as they are read
+        self.outliers: dict[str, Tensor] = {}  # norm -> its outlier channels (decided at its first linear)
+        self.quantized = 0
+
+    def first(self, name: str) -> bool:
+        """Tensors to read before all others: the norm parameters the outlier channels are decided from."""
+        return self.outlier_gain is not None and norm_param(name) is not None
+
+    def __call__(self, name: str, t: Tensor) -> Tensor | ops.Int8Weight:
+        param = norm_param(name) if self.outlier_gain is not None else None
+        if param is not None:
+            if param[0] in self.outliers:
+                raise RuntimeError(f"int8: {name} was read after a linear weight that reads it (the loader must read "
+                                   "the tensors `first` picks first)")
+            self.norms.setdefault(param[0], {})[param[1]] = t.detach().float().clone()
+        if self.pattern is None or not self.pattern.fullmatch(name):
+            return t
+        self.quantized += 1
+        return ops.quantize_weight(t, self.dtype, self.qmax, self._outlier_cols(name))
+
+    def _outlier_cols(self, name: str) -> Tensor | None:
+        norm = feeding_norm(name) if self.outlier_gain is not None else None
+        if norm is None:
+            return None
+        if norm not in self.outliers:
+            gain = norm_gain(norm, self.norms.get(norm, {}))
+            self.outliers[norm] = (torch.empty(0, dtype=torch.long) if gain is None else
+                                   torch.nonzero(gain > self.outlier_gain * gain.median()).flatten())
+        return self.outliers[norm]
+
+    def outlier_channels(self) -> int:
+        return sum(c.numel() for c in self.outliers.values())
+
+
+def int8_quantizer(dtype: torch.dtype, stages: tuple[str, ...] | None = None, qmax: int | None = None,
+                   outlier_gain: float | None = OUTLIER_GAIN) -> Int8Quantizer:
+    """The loader's transform for dtype int8 (`Int8Quantizer`). stages: default all of INT8_STAGES, or
+    PI0_INT8_STAGES (comma-separated; e.g. "prefix,expert,embedding" keeps SigLIP in the float dtype). qmax: the
+    weights' integer range; default: what this CPU's int8 kernel takes without overflow."""
+    return Int8Quantizer(dtype, stages, qmax, outlier_gain)
 
 
 # ---------------------------------------------------------------------------------------------
