@@ -5,15 +5,16 @@
 #   bash tools/train_metaworld.sh [WORK_DIR]        # default /tmp/pi0-metaworld; needs `make install` first
 #
 # Environment knobs (defaults are what made the shipped weights): EPISODES (demonstrations per task), STEPS,
-# BATCH, LR, EVAL_EPISODES, SHIP=1 to copy the result into pi0/assets/metaworld.
+# BATCH, LR, EMA (weight average decay; the saved weights are the average), EVAL_EPISODES, SHIP=1 to copy the result into pi0/assets/metaworld.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/pi0-metaworld}
 PI0=${PI0:-.venv/bin/pi0}
 EPISODES=${EPISODES:-50}
-STEPS=${STEPS:-6000}
+STEPS=${STEPS:-7000}
 BATCH=${BATCH:-32}
 LR=${LR:-3e-4}
+EMA=${EMA:-0.999}
 EVAL_EPISODES=${EVAL_EPISODES:-20}
 TASKS=drawer-open-v3,drawer-close-v3,button-press-topdown-v3,window-open-v3,window-close-v3
 mkdir -p "$WORK"
@@ -25,7 +26,7 @@ if [ ! -f "$WORK/data/meta/info.json" ]; then
 fi
 
 "$PI0" train --dataset "$WORK/data" --size configs/metaworld_small.json --out "$WORK/run" --steps "$STEPS" \
-  --batch "$BATCH" --lr "$LR" --seed 0 --save-every 1000 --log-every 20 --tokenizer-vocab 128 \
+  --batch "$BATCH" --lr "$LR" --ema "$EMA" --seed 0 --save-every 1000 --log-every 20 --tokenizer-vocab 128 \
   $( [ -f "$WORK/run/latest/train_state.pt" ] && echo "--resume $WORK/run" )
 
 "$PI0" eval --env metaworld --checkpoint "$WORK/run/latest" --tasks "$TASKS" --episodes "$EVAL_EPISODES" \
