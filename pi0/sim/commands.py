@@ -116,8 +116,14 @@ class RunnerSpec:
         self.stream = bool(args.rtc or args.stream or args.server)
         self.rtc, self.control_hz, self.replan = bool(args.rtc), args.control_hz, args.replan
         self.wrist, self.latency_s = wrist, latency_s
+        self.built = None  # the policy already made in this process (never pickled: each worker makes its own)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**vars(self), "built": None}
 
     def policy(self):
+        if self.built is not None:
+            return self.built
         if self.server:
             from openpi_client import websocket_client_policy
 
@@ -176,6 +182,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             spec.latency_s = measure_latency(policy, tasks[0], size, wrist)
             meta.update(latency_ms=spec.latency_s * 1000, control_hz=args.control_hz, rtc=spec.rtc,
                         inference_delay_ticks=int(np.ceil(spec.latency_s * args.control_hz)))
+        if args.workers <= 1:
+            spec.built = policy  # the episodes run in this process: no second load
         del policy
     meta.update(image_size=size, wrist=wrist, workers=args.workers)
     t0 = time.perf_counter()
