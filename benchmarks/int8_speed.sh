@@ -6,6 +6,8 @@
 # ~6x slower than fp32: never the fastest). The last line is a summary: each dtype's W1 / W2 latency, int8's
 # speed-up over the fastest float dtype, peak RSS. Environment variables reach every process, e.g. AVX2 only:
 #   ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 PI0_NATIVE_BF16=0 bash ...
+# CKPT=DIR loads that checkpoint in every process instead of building random weights (load_s is then the load
+# time from disk; write one with `pi0.build_model(pi0.preset("pi0"), dtype="bfloat16").save_pretrained(DIR)`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kind=${1:-pi0}
@@ -22,7 +24,8 @@ out=$(mktemp)
 for dtype in "${floats[@]}" int8; do
   for w in W1 W2; do
     if [ $w = W1 ]; then extra="--valid-tokens 48"; else extra="--masked-cameras 1 --valid-tokens 12"; fi
-    .venv/bin/pi0 bench --json --size "$kind" --backend engine --dtype "$dtype" --device cpu --tokens 48 --repeats 5 $extra \
+    if [ -n "${CKPT:-}" ]; then src="--checkpoint $CKPT"; else src="--size $kind"; fi
+    .venv/bin/pi0 bench --json $src --backend engine --dtype "$dtype" --device cpu --tokens 48 --repeats 5 $extra \
       2>/dev/null | python3 -c "import json,sys; r=json.load(sys.stdin); r.pop('times_s'); r['workload']='$w'; print(json.dumps(r))" \
       | tee -a "$out"
   done
@@ -32,13 +35,16 @@ import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 lat = {(r["dtype"], r["workload"]): r["latency_s"] for r in rows}
 rss = {r["dtype"]: max(x["peak_rss_gib"] for x in rows if x["dtype"] == r["dtype"]) for r in rows}
+load = {r["dtype"]: min(x["load_s"] for x in rows if x["dtype"] == r["dtype"]) for r in rows}
 summary = {"model": rows[0]["config"]["model"], "cpu_capability": rows[0]["cpu_capability"],
            "int8_kernels": next(r["kernels"]["why"] for r in rows if r["dtype"] == "int8"),
-           "latency_s": {f"{d} {w}": round(v, 3) for (d, w), v in lat.items()}, "peak_rss_gib": rss}
+           "latency_s": {f"{d} {w}": round(v, 3) for (d, w), v in lat.items()}, "peak_rss_gib": rss,
+           "load_s": {d: round(v, 1) for d, v in load.items()}}
 for w in ("W1", "W2"):
     fastest = min((v, d) for (d, ww), v in lat.items() if ww == w and d != "int8")
     summary[f"int8_speedup_{w}"] = round(fastest[0] / lat[("int8", w)], 3)
     summary[f"fastest_float_{w}"] = fastest[1]
+summary["int8_load_vs_float"] = {d: round(load["int8"] / v, 2) for d, v in load.items() if d != "int8"}
 print(json.dumps(summary))
 PYEOF
 rm -f "$out"
