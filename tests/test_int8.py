@@ -154,7 +154,8 @@ def test_int8_gate_with_eager_ops(gate_case, monkeypatch):
     assert_int8_gate(int8_gate(cfg, eng, ref, emulation(cfg, state, eng.dtype)))
 
 
-def _per_tensor(w: torch.Tensor, dtype: torch.dtype | None = None, qmax: int = 127) -> ops.Int8Weight:
+def _per_tensor(w: torch.Tensor, dtype: torch.dtype | None = None, qmax: int = 127, outlier_cols=None) -> ops.Int8Weight:
+    assert outlier_cols is None or outlier_cols.numel() == 0  # the plain checkpoint has none
     wf = w.float()
     s = wf.abs().max() / qmax
     return ops.Int8Weight(torch.round(wf / s).clamp(-qmax, qmax).to(torch.int8), s.expand(w.shape[0]).clone(),
@@ -170,8 +171,8 @@ def test_int8_gate_catches_a_wrong_scale(gate_case, bug, monkeypatch):
     if bug == "per_tensor_scale":
         monkeypatch.setattr(ops, "quantize_weight", _per_tensor)
     else:
-        def flipped(w, dtype=None, qmax=127):
-            q = good(w, dtype, qmax)
+        def flipped(w, dtype=None, qmax=127, outlier_cols=None):
+            q = good(w, dtype, qmax, outlier_cols)
             return dataclasses.replace(q, scale=q.scale.flip(0))
         monkeypatch.setattr(ops, "quantize_weight", flipped)
     eng = int8_engine(cfg, state)
