@@ -57,7 +57,6 @@ class Int8Quantizer:
         self.pattern = re.compile("|".join(f"(?:{_INT8_NAMES[s]})" for s in stages)) if stages else None
         self.norms: dict[str, dict[str, Tensor]] = {}  # norm -> its parameters, as they are read
         self.outliers: dict[str, Tensor] = {}  # norm -> its outlier channels (decided at its first linear)
-        self.quantized = 0
 
     def first(self, name: str) -> bool:
         """Tensors to read before all others: the norm parameters the outlier channels are decided from."""
@@ -72,7 +71,6 @@ class Int8Quantizer:
             self.norms.setdefault(param[0], {})[param[1]] = t.detach().float().clone()
         if self.pattern is None or not self.pattern.fullmatch(name):
             return t
-        self.quantized += 1
         return ops.quantize_weight(t, self.dtype, self.qmax, self._outlier_cols(name))
 
     def _outlier_cols(self, name: str) -> Tensor | None:
@@ -84,9 +82,6 @@ class Int8Quantizer:
             self.outliers[norm] = (torch.empty(0, dtype=torch.long) if gain is None else
                                    torch.nonzero(gain > self.outlier_gain * gain.median()).flatten())
         return self.outliers[norm]
-
-    def outlier_channels(self) -> int:
-        return sum(c.numel() for c in self.outliers.values())
 
 
 def int8_quantizer(dtype: torch.dtype, stages: tuple[str, ...] | None = None, qmax: int | None = None,
