@@ -13,7 +13,6 @@ import pi0
 from pi0.engine import ops
 from pi0.engine.model import Pi0Engine, int8_quantizer
 from pi0.hardware import compute_dtype, native_bf16, resolve_dtype
-from pi0.checkpoint import Chain
 from pi0.models import outlier_channels, random_state_dict
 from pi0.reference.model import Pi0Reference
 from tests.conftest import make_noise, make_obs, write_policy_checkpoint
@@ -263,7 +262,7 @@ def test_int8_keeps_outlier_channels_in_float(outlier_case):
 
 def test_loaders_read_the_norms_first_for_int8(tmp_path):
     """Every checkpoint layout, loaded as int8, finds the same outlier channels and gives the same actions as the
-    weights quantised as they are made (the loaders read the norms before the products they feed)."""
+    same weights quantised norms first (the loaders read the norms before the products they feed)."""
     import warnings
 
     from tests.orbax_writer import jax_tree, write_orbax
@@ -274,8 +273,7 @@ def test_loaders_read_the_norms_first_for_int8(tmp_path):
     write_orbax(tmp_path / "orbax" / "params", jax_tree(state, cfg), dtype_of=lambda n: "float32")
     for layout in ("openpi", "lerobot"):
         reference(cfg, state).save_pretrained(tmp_path / layout, layout=layout)
-    dt = compute_dtype(torch.int8)
-    built = Pi0Engine(cfg, random_state_dict(cfg, 1, dt, transform=Chain(make, int8_quantizer(dt))))
+    built = int8_engine(cfg, state)  # the file's fp32 weights, each read into the int8 float dtype, then quantised
     obs, noise = make_obs(cfg, 2, (4, 9), ((0, 1),)), make_noise(cfg, 2)
     want = built.sample_actions(obs, noise=noise)
     for layout in ("openpi", "lerobot", "orbax"):
