@@ -67,15 +67,12 @@ def gemm_gflops(dtype: torch.dtype, device: torch.device, packed: bool, m: int, 
     best of `repeats`, so that `efficiency` is measured against the fastest GEMM on offer. With `int8`: the best
     raw int8 product here (oneDNN's or torch._int_mm on already quantised activations, whichever runs and is
     faster: no quantisation or rescaling passes, which are the engine's own cost)."""
-    a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(n, k, device=device).to(dtype)
-
     def best_rate(fn) -> float:
         return 2 * m * k * n / best_seconds(fn, repeats, device) / 1e9
 
-    if int8:
+    if int8:  # int8 levels and scales made as they are, no float weight (it would count in the int8 peak RSS)
         qmax = ops.int8_kernel(dtype, device.type)[1]
-        q = ops.quantize_weight(b, dtype, qmax)
+        q = ops.Int8Weight(torch.randint(-qmax, qmax + 1, (n, k), dtype=torch.int8), torch.rand(n) + 0.5, dtype)
         rates = []
         for kernel, xq in (("onednn", torch.randint(0, 256, (m, k), dtype=torch.uint8)),
                            ("int_mm", torch.randint(-qmax, qmax + 1, (m, k), dtype=torch.int8))):
@@ -85,6 +82,8 @@ def gemm_gflops(dtype: torch.dtype, device: torch.device, packed: bool, m: int, 
             except (RuntimeError, NotImplementedError) as e:  # a kernel this build or CPU lacks
                 print(f"pi0 bench: int8 {kernel} product unavailable ({str(e).splitlines()[0][:80]})", file=sys.stderr)
         return max(rates) if rates else float("nan")
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(n, k, device=device).to(dtype)
     rate = best_rate(lambda: torch.nn.functional.linear(a, b))
     if packed:
         w = ops.pack(b, m, True)

@@ -430,12 +430,35 @@ def _readinto(f, buf: torch.Tensor, path: Path, name: str) -> None:
         got += n
 
 
+class RowBlocks:
+    """A tensor of a checkpoint file, read on demand as consecutive blocks of whole rows in the file's dtype (at
+    most _CHUNK_BYTES each, one buffer reused: a block is valid until the next is asked for). What a transform
+    gets instead of the whole tensor for the names its optional `streams(name)` picks, so that a tensor it
+    compresses (int8 at load) is never held uncompressed. Iterate once."""
+
+    def __init__(self, f: Any, offset: int, shape: tuple[int, ...], dtype: torch.dtype, path: Path, name: str):
+        self.f, self.offset, self.shape, self.dtype, self.path, self.name = f, offset, shape, dtype, path, name
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        row = math.prod(self.shape[1:])
+        rows = max(1, _CHUNK_BYTES // max(1, row * torch.empty((), dtype=self.dtype).element_size()))
+        buf = torch.empty(min(rows, self.shape[0]) * row, dtype=self.dtype)
+        self.f.seek(self.offset)
+        for r in range(0, self.shape[0], rows):
+            k = min(rows, self.shape[0] - r)
+            block = buf[:k * row].view(k, *self.shape[1:])
+            _readinto(self.f, block, self.path, self.name)
+            yield block
+
+
 def _read_shard(path: Path, items: list[tuple[str, str]], dtype: torch.dtype,
                 transform: Transform | None = None) -> dict[str, Any]:
     """Read tensors with plain file reads (no mmap, so the file never counts towards the process's memory)
     straight into tensors of `dtype`: same-dtype tensors in one read, others through a 64 MiB staging buffer.
-    transform(name, tensor), if given, is applied to each tensor as soon as it is read."""
+    transform(name, tensor), if given, is applied to each tensor as soon as it is read; the 2-D+ tensors its
+    optional `streams(name)` picks reach it as `RowBlocks` in the file's dtype instead."""
     out: dict[str, Any] = {}
+    streams = getattr(transform, "streams", None)
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -446,9 +469,12 @@ def _read_shard(path: Path, items: list[tuple[str, str]], dtype: torch.dtype,
             if src is None:
                 raise CheckpointError(f"{path}: tensor {fk} has dtype {meta['dtype']}, which pi0 cannot read")
             begin, end = meta["data_offsets"]
-            t = torch.empty(meta["shape"], dtype=dtype)
-            if end - begin != t.numel() * torch.empty((), dtype=src).element_size():
+            if end - begin != math.prod(meta["shape"]) * torch.empty((), dtype=src).element_size():
                 raise CheckpointError(f"{path}: tensor {fk} spans {end - begin} bytes, its shape needs another size")
+            if streams is not None and len(meta["shape"]) >= 2 and streams(c):
+                out[c] = transform(c, RowBlocks(f, base + begin, tuple(meta["shape"]), src, path, fk))
+                continue
+            t = torch.empty(meta["shape"], dtype=dtype)
             f.seek(base + begin)
             if src == dtype:
                 _readinto(f, t, path, fk)

@@ -13,6 +13,9 @@ import torch  # noqa: E402
 
 import pi0
 
+# A compiled kernel that hits Dynamo's recompile limit silently runs eager ops from then on: in tests, an error
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+
 warnings.filterwarnings("ignore", message="SigLIP width .* records no head count")
 
 

@@ -153,7 +153,8 @@ def test_int8_gate_with_eager_ops(gate_case, monkeypatch):
     assert_int8_gate(int8_gate(cfg, eng, ref, emulation(cfg, state, eng.dtype)))
 
 
-def _per_tensor(w: torch.Tensor, dtype: torch.dtype | None = None, qmax: int = 127, outlier_cols=None) -> ops.Int8Weight:
+def _per_tensor(w: torch.Tensor, dtype: torch.dtype | None = None, qmax: int = 127, outlier_cols=None,
+                compiled: bool = False) -> ops.Int8Weight:
     assert outlier_cols is None or outlier_cols.numel() == 0  # the plain checkpoint has none
     wf = w.float()
     s = wf.abs().max() / qmax
@@ -170,13 +171,40 @@ def test_int8_gate_catches_a_wrong_scale(gate_case, bug, monkeypatch):
     if bug == "per_tensor_scale":
         monkeypatch.setattr(ops, "quantize_weight", _per_tensor)
     else:
-        def flipped(w, dtype=None, qmax=127, outlier_cols=None):
-            q = good(w, dtype, qmax, outlier_cols)
+        def flipped(w, dtype=None, qmax=127, outlier_cols=None, compiled=False):
+            q = good(w, dtype, qmax, outlier_cols, compiled)
             return dataclasses.replace(q, scale=q.scale.flip(0))
         monkeypatch.setattr(ops, "quantize_weight", flipped)
     eng = int8_engine(cfg, state)
     with pytest.raises(AssertionError):
         assert_int8_gate(int8_gate(cfg, eng, ref, emulation(cfg, state, eng.dtype), seeds=3))
+
+
+@pytest.mark.parametrize("size", ["tiny", "tiny-pi05"])
+def test_producers_that_quantise_keep_the_numerics(size, monkeypatch):
+    """The norms and gelus that quantise their output for the int8 product they feed (one compiled kernel each)
+    are as accurate as separate norm / gelu and quantisation ops. Not bit for bit: the compiled norm's last bits
+    move a few values across a rounding boundary, and ten denoising steps carry that on (tiny pi0: 0.005 of the
+    actions' std apart, each 0.022 from the fp32 reference)."""
+    cfg = pi0.preset(size)
+    state = spread_state(cfg, 5)
+    eng = int8_engine(cfg, state)
+    producers = {"rms_norm_quantize", "layer_norm_quantize", "rescale_gelu_quantize", "gated_gelu_quantize"}
+    if not producers <= set(eng.kernels["int8_fused"]):
+        pytest.skip(f"compiled kernels do not work here: {eng.kernels['why']}")
+    used = set()
+    quantizes_for = ops._quantizes_for
+    monkeypatch.setattr(ops, "_quantizes_for", lambda w, name: quantizes_for(w, name) and not used.add(name))
+    obs, noise = make_obs(cfg, 2, (7, 12), ((1, 1),)), make_noise(cfg, 2)
+    fused = eng.sample_actions(obs, noise=noise)
+    assert used == producers, used  # every one of them ran
+    monkeypatch.setattr(ops, "_quantizes_for", lambda w, name: False)
+    apart = eng.sample_actions(obs, noise=noise)
+    want = reference(cfg, state).sample_actions(obs, noise=noise)
+    scale = want.std()
+    step = ((fused - apart).abs().mean() / scale).item()
+    err_fused, err_apart = (((a - want).abs().mean() / scale).item() for a in (fused, apart))
+    assert err_fused <= 1.1 * err_apart and step < 0.5 * err_apart, (err_fused, err_apart, step)
 
 
 def test_quantize_weight_is_per_output_channel_and_stacks():
@@ -216,6 +244,54 @@ def test_loaded_int8_equals_built_int8(tmp_path):
     assert loaded.kernels["int8_tensors"] == built.kernels["int8_tensors"] == (2 * 6 + 1) + 2 * 7 + 2 * 7 + 1
     obs, noise = make_obs(cfg, 2, (4, 9), ((0, 1),)), make_noise(cfg, 2)
     assert torch.equal(loaded.sample_actions(obs, noise=noise), built.sample_actions(obs, noise=noise))
+
+
+def test_int8_load_streams_big_weights_in_row_blocks(tmp_path, monkeypatch):
+    """The loader hands the weights int8 covers to the quantiser as row blocks in the file's dtype (never a whole
+    float tensor): the same Int8Weights, bit for bit, as quantising each whole tensor, however the rows are split
+    (here 1-3 rows a block), outlier columns included; every other tensor arrives whole, in the requested dtype."""
+    from pi0.checkpoint import inspect_checkpoint, load_state_dict
+
+    cfg = pi0.preset("tiny")
+    make = outlier_channels(cfg)
+    state = {k: make(k, v).to(torch.bfloat16) for k, v in random_state_dict(cfg, 4, torch.float32).items()}
+    reference(cfg, state, torch.bfloat16).save_pretrained(tmp_path / "ck", layout="openpi")
+    whole = int8_quantizer(torch.float32)
+    want = {k: whole(k, state[k]) for k in sorted(state, key=lambda k: not whole.first(k))}
+    streamed, blocks = [], []
+    quantize_blocks = ops.quantize_blocks
+
+    def counted(rows, *args):
+        streamed.append(rows)
+        return quantize_blocks((blocks.append(b) or b for b in rows), *args)
+    monkeypatch.setattr(ops, "quantize_blocks", counted)
+    monkeypatch.setattr(pi0.checkpoint, "_CHUNK_BYTES", 3 * 2 * cfg.vision.width)  # 1-3 rows of bf16 a block
+    got = load_state_dict(inspect_checkpoint(tmp_path / "ck"), torch.float32, transform=int8_quantizer(torch.float32))
+    assert len(streamed) == sum(isinstance(w, ops.Int8Weight) for w in want.values())
+    assert len(blocks) > 10 * len(streamed) and all(b.dtype == torch.bfloat16 and len(b) <= 3 for b in blocks)
+    for k, w in want.items():
+        if isinstance(w, ops.Int8Weight):
+            g = got[k]
+            assert torch.equal(g.q, w.q) and torch.equal(g.scale, w.scale), k
+            assert (g.outlier_cols is None) == (w.outlier_cols is None), k
+            if w.outlier_cols is not None:
+                assert torch.equal(g.outlier_cols, w.outlier_cols) and torch.equal(g.outlier_w, w.outlier_w), k
+        else:
+            assert got[k].dtype == torch.float32 and torch.equal(got[k], w.float()), k
+    assert sum(w.outlier_cols is not None for w in got.values() if isinstance(w, ops.Int8Weight)) > 0
+
+
+def test_compiled_weight_quantisation_matches_eager_ops():
+    """Weights are quantised at load by a compiled kernel where its probe passes: the same scales and levels
+    (at most one level apart where a value sits on a rounding boundary) as eager ops, from bf16 and fp32."""
+    for dt in (torch.bfloat16, torch.float32):
+        if not ops.fusion_works(dt, "cpu", "quantize_weight")[0]:
+            continue
+        w = (torch.randn(257, 129) * torch.linspace(0.01, 10, 257)[:, None]).to(dt)
+        for qmax in (127, 63):
+            a, b = ops.quantize_weight(w, torch.float32, qmax), ops.quantize_weight(w, torch.float32, qmax, compiled=True)
+            assert torch.equal(a.scale, b.scale), (dt, qmax)
+            assert (a.q.int() - b.q.int()).abs().max() <= 1 and (a.q != b.q).float().mean() < 1e-3, (dt, qmax)
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-pi05"])

@@ -31,6 +31,9 @@ from pi0.rtc import RTC, make_guide
 from pi0.timing import StageClock
 
 
+MLP_BLOCK_BYTES = 32 << 20  # the prefix's MLP runs on blocks of tokens whose gate|up product (fp32) is this size
+
+
 class Pi0Engine:
     backend = "engine"
 
@@ -86,12 +89,14 @@ class Pi0Engine:
         x = x + interpolate_position_embedding(self.pos_emb, grid)
         n, l, w = x.shape
         h = v.num_heads
-        for layer in self.vision_layers:
-            qkv = ops.linear(ops.layer_norm(x, layer.ln1_w, layer.ln1_b, v.layer_norm_eps), layer.qkv_w, layer.qkv_b)
+        for layer in self.vision_layers:  # each norm / gelu quantises its output for an int8 consumer itself
+            qkv = ops.linear(ops.layer_norm_for(x, layer.ln1_w, layer.ln1_b, v.layer_norm_eps, layer.qkv_w),
+                             layer.qkv_w, layer.qkv_b)
             q, k, vv = qkv.view(n, l, 3, h, w // h).unbind(2)
-            x = x + ops.linear(ops.mha(q, k, vv), layer.out_w, layer.out_b)
-            hdn = ops.linear(ops.layer_norm(x, layer.ln2_w, layer.ln2_b, v.layer_norm_eps), layer.fc1_w, layer.fc1_b)
-            x = x + ops.linear(ops.gelu_tanh(hdn), layer.fc2_w, layer.fc2_b)
+            x = ops.linear(ops.mha(q, k, vv), layer.out_w, layer.out_b, residual=x)
+            hdn = ops.linear_gelu(ops.layer_norm_for(x, layer.ln2_w, layer.ln2_b, v.layer_norm_eps, layer.fc1_w),
+                                  layer.fc1_w, layer.fc1_b, then=layer.fc2_w)
+            x = ops.linear(hdn, layer.fc2_w, layer.fc2_b, residual=x)
         x = ops.layer_norm(x, self.post_ln_w, self.post_ln_b, v.layer_norm_eps)
         return ops.linear(x, self.proj_w, self.proj_b).to(self.dtype)
 
@@ -122,11 +127,12 @@ class Pi0Engine:
         return prefix, n_valid, key_mask
 
     def _qkv(self, layer: GemmaLayer, h: Tensor, cos: Tensor, sin: Tensor, kv_only: bool = False):
-        """Fused projection + RoPE. h [B, L, W] -> q [B, L, H, D] (or None), k, v [B, K, L, D]."""
+        """Fused projection + RoPE. h [B, L, W] (or quantised for the projection: `ops.Quantized`) -> q [B, L, H, D]
+        (or None), k, v [B, K, L, D]."""
         g = self.config.vlm
-        b, n, _ = h.shape
         q_rows = g.num_heads * g.head_dim
         out = ops.linear(h, layer.kv_w if kv_only else layer.qkv_w)
+        b, n, _ = out.shape
         if kv_only:
             q, kv = None, out
         else:
@@ -145,15 +151,26 @@ class Pi0Engine:
         x = prefix
         last = len(self.vlm_layers) - 1
         for i, layer in enumerate(self.vlm_layers):
-            h = ops.rms_norm(x, layer.in_norm, g.rms_norm_eps).to(self.dtype)
+            h = ops.rms_norm_for(x, layer.in_norm, g.rms_norm_eps, self.dtype, layer.kv_w if i == last else layer.qkv_w)
             q, k, v = self._qkv(layer, h, cos, sin, kv_only=i == last)
             k_buf[i][:, :, :lp] = k
             v_buf[i][:, :, :lp] = v
             if i == last:  # only the last layer's k, v are ever read
                 break
-            x = x + ops.linear(ops.attention(q, k, v, key_mask), layer.o_w)
-            h = ops.rms_norm(x, layer.post_norm, g.rms_norm_eps).to(self.dtype)
-            x = x + ops.linear(ops.linear_gated_gelu(h, layer.gate_up_w, self.fused), layer.down_w)
+            x = ops.linear(ops.attention(q, k, v, key_mask), layer.o_w, residual=x)
+            self._mlp(x.view(-1, x.shape[-1]), layer, g.rms_norm_eps)
+
+    def _mlp(self, x: Tensor, layer: GemmaLayer, eps: float) -> None:
+        """x [N, W] += MLP(post_norm(x)), in place, a block of rows at a time: every op is per token, and the
+        gate|up product is the prefix's widest activation (2 x mlp_dim a token: 107 MB for 816 tokens of Gemma-2B
+        in fp32, with the kernel's own buffers as much again), so blocks of MLP_BLOCK_BYTES of it bound the peak
+        memory whatever the prefix's length, at the same products."""
+        rows = max(1, MLP_BLOCK_BYTES // (2 * self.config.vlm.mlp_dim * 4))  # fp32 bytes a token
+        for r in range(0, x.shape[0], rows):
+            xb = x[r:r + rows]
+            h = ops.rms_norm_for(xb, layer.post_norm, eps, self.dtype, layer.gate_up_w)
+            xb.copy_(ops.linear(ops.linear_gated_gelu(h, layer.gate_up_w, self.fused, then=layer.down_w),
+                                layer.down_w, residual=xb))
 
     # -- suffix -----------------------------------------------------------------------------
 
@@ -173,7 +190,7 @@ class Pi0Engine:
         last = len(self.expert_layers) - 1
         for i, layer in enumerate(self.expert_layers):
             if mods is None:
-                h = ops.rms_norm(x, layer.in_norm, e.rms_norm_eps).to(self.dtype)
+                h = ops.rms_norm_for(x, layer.in_norm, e.rms_norm_eps, self.dtype, layer.qkv_w)
             else:
                 scale, shift, gate, scale2, shift2, gate2 = mods[:, i, None, :].chunk(6, dim=-1)
                 h = ops.ada_rms_norm(x, scale, shift, e.rms_norm_eps).to(self.dtype)
@@ -182,14 +199,18 @@ class Pi0Engine:
             v_buf[i][:, :, start:end] = v
             if i == last and not need_output:
                 break
-            y = ops.linear(ops.attention(q, k_buf[i][:, :, :end], v_buf[i][:, :, :end], mask), layer.o_w)
-            x = x + (y if mods is None else y * gate.to(self.dtype))
+            attn = ops.attention(q, k_buf[i][:, :, :end], v_buf[i][:, :, :end], mask)
             if mods is None:
-                h = ops.rms_norm(x, layer.post_norm, e.rms_norm_eps).to(self.dtype)
-            else:
+                x = ops.linear(attn, layer.o_w, residual=x)
+                h = ops.rms_norm_for(x, layer.post_norm, e.rms_norm_eps, self.dtype, layer.gate_up_w)
+            else:  # pi0.5: the gated residuals and adaptive norms of its time conditioning
+                x = x + ops.linear(attn, layer.o_w) * gate.to(self.dtype)
                 h = ops.ada_rms_norm(x, scale2, shift2, e.rms_norm_eps).to(self.dtype)
-            y = ops.linear(ops.linear_gated_gelu(h, layer.gate_up_w, self.fused), layer.down_w)
-            x = x + (y if mods is None else y * gate2.to(self.dtype))
+            y = ops.linear_gated_gelu(h, layer.gate_up_w, self.fused, then=layer.down_w)
+            if mods is None:
+                x = ops.linear(y, layer.down_w, residual=x)
+            else:
+                x = x + ops.linear(y, layer.down_w) * gate2.to(self.dtype)
         return x
 
     @torch.no_grad()

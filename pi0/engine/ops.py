@@ -9,6 +9,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +48,17 @@ def pack(w: Tensor, rows_hint: int, enabled: bool) -> Tensor:
     return w.contiguous()
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+def linear(x: Tensor | Quantized, w: Tensor | Int8Weight, b: Tensor | None = None,
+           residual: Tensor | None = None) -> Tensor:
+    """x @ w.T (+ b) (+ residual): float weights (plain or oneDNN-packed), or int8 ones (`int8_linear`, which
+    also takes activations its producer already quantised for w)."""
     if isinstance(w, Int8Weight):
-        return int8_linear(x, w, b)
+        return int8_linear(x, w, b, residual)
     if w.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    return F.linear(x, w, b)
+        out = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    else:
+        out = F.linear(x, w, b)
+    return out if residual is None else residual + out
 
 
 def embedding(table: Tensor | Int8Weight, ids: Tensor) -> Tensor:
@@ -108,24 +114,72 @@ def _quantize_rows(x: Tensor, offset: int, qmax: int = 127) -> tuple[Tensor, Ten
     return q.to(torch.uint8 if offset else torch.int8), s
 
 
-def _rescale(y: Tensor, row_scale: Tensor, col_scale: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """An int8 product's epilogue: y * row_scale [M, 1] (* col_scale [N]) (+ bias), in fp32, rounded to dtype."""
+def _rescale(y: Tensor, row_scale: Tensor, col_scale: Tensor | None, bias: Tensor | None, dtype: torch.dtype,
+             residual: Tensor | None = None) -> Tensor:
+    """An int8 product's epilogue: y * row_scale [M, 1] (* col_scale [N]) (+ bias) (+ residual [M, N]), in fp32,
+    rounded to dtype once."""
     out = y.float() * row_scale
     if col_scale is not None:
         out = out * col_scale
     if bias is not None:
         out = out + bias.float()
+    if residual is not None:
+        out = out + residual.float()
     return out.to(dtype)
 
 
-_FUSED = {"gated_gelu": _gated_gelu_fused, "quantize_rows": _quantize_rows, "rescale": _rescale}
+def _rescale_add(y: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor, dtype: torch.dtype,
+                 residual: Tensor) -> Tensor:
+    """`_rescale` with a residual (compiled apart: each compiled function keeps to one form per dtype)."""
+    return _rescale(y, row_scale, col_scale, bias, dtype, residual)
+
+
+# The producers of an int8 product's input, each quantising it per token in the same kernel (one pass over memory
+# instead of two or three, one call instead of several): the norms before q/k/v, gate|up and fc1, the gelus before
+# down and fc2. Each rounds to the float dtype first, as the unfused ops do.
+
+def _rms_norm_quantize(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype, offset: int) -> tuple[Tensor, Tensor]:
+    return _quantize_rows(F.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(dtype), offset)
+
+
+def _layer_norm_quantize(x: Tensor, weight: Tensor, bias: Tensor, eps: float, offset: int) -> tuple[Tensor, Tensor]:
+    return _quantize_rows(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), offset)
+
+
+def _rescale_gelu_quantize(y: Tensor, row_scale: Tensor, bias: Tensor, dtype: torch.dtype,
+                           offset: int) -> tuple[Tensor, Tensor]:
+    # fc1's epilogue (token scales, bias), SigLIP's gelu, and fc2's quantisation
+    return _quantize_rows(F.gelu(_rescale(y, row_scale, None, bias, dtype), approximate="tanh"), offset)
+
+
+def _gated_gelu_quantize(gate_up: Tensor, row_scale: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    # gate|up's token scales, the gated gelu, and down's quantisation
+    return _quantize_rows(_gated_gelu_fused(gate_up, row_scale), offset)
+
+
+def _quantize_weight_rows(w: Tensor, offset: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """`_quantize_rows` for weights at load: compiled and probed apart from the activations' (the file's dtype,
+    offset 0, qmax 63 / 127) and a code object of its own, so their compiled variants never share one cache."""
+    return _quantize_rows(w, offset, qmax)
+
+
+_FUSED = {"gated_gelu": _gated_gelu_fused, "quantize_rows": _quantize_rows, "rescale": _rescale, "rescale_add": _rescale_add,
+          "quantize_weight": _quantize_weight_rows, "rms_norm_quantize": _rms_norm_quantize,
+          "layer_norm_quantize": _layer_norm_quantize, "rescale_gelu_quantize": _rescale_gelu_quantize,
+          "gated_gelu_quantize": _gated_gelu_quantize}
+INT8_FUSED = ("quantize_rows", "rescale", "rescale_add", "rms_norm_quantize", "layer_norm_quantize", "rescale_gelu_quantize",
+              "gated_gelu_quantize")  # what an int8 engine runs compiled, where each probe passes
 _compiled_fns: dict[str, object] = {}
 
 
 def _compiled(name: str) -> object:
-    """torch.compile of one of the `_FUSED` functions (one vectorised loop instead of a pass per op)."""
+    """torch.compile of one of the `_FUSED` functions (one vectorised loop instead of a pass per op), called on
+    detached aliases of its tensors: a view's base (e.g. [B, L, K] under an [B*L, K] input) is nothing to these
+    kernels, but Dynamo would guard on its layout and compile again for each one, up to its recompile limit, and
+    then run eager ops without a word."""
     if name not in _compiled_fns:
-        _compiled_fns[name] = torch.compile(_FUSED[name], dynamic=True)
+        fn = torch.compile(_FUSED[name], dynamic=True)
+        _compiled_fns[name] = lambda *args: fn(*(a.detach() if isinstance(a, Tensor) else a for a in args))
     return _compiled_fns[name]
 
 
@@ -133,39 +187,62 @@ def _run(name: str, fused: frozenset[str], *args):
     return _compiled(name)(*args) if name in fused else _FUSED[name](*args)
 
 
-def _fusion_checks(dtype: torch.dtype, device_type: str) -> dict:
+def _fusion_checks(dtype: torch.dtype, device_type: str, offset: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 7, 2 * 99, generator=g).to(device_type).to(dtype)
+    x = torch.randn(3 * 7, 2 * 99, generator=g).to(device_type).to(dtype)
     x2 = torch.randn(37, 99, generator=g).to(device_type).to(dtype)
     rs, cs = torch.rand(37, 1, generator=g).to(device_type), torch.rand(99, generator=g).to(device_type)
+    nw = (1 + torch.rand(99, generator=g)).to(device_type)  # a norm's gain, fp32 as the engine stores (1 + w)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
 
     def close(a: Tensor, b: Tensor) -> bool:
         return torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
 
-    def same_quantization(got) -> bool:
-        q, sc = _quantize_rows(x2, 128)
-        return torch.allclose(got[1], sc, rtol=1e-6) and (got[0].int() - q.int()).abs().max().item() <= 1
+    def quantized_as(want: Tensor, *form):
+        """The compiled (q, s) against eager ops': the same scales, levels at most one apart (a value the two
+        round on either side of a .5 boundary; where the float dtype's rounding moved a value, one level)."""
+        def check(got) -> bool:
+            q, sc = _quantize_rows(want, *form)
+            return (got[0].dtype == q.dtype and torch.allclose(got[1], sc, rtol=tol)
+                    and (got[0].int() - q.int()).abs().max().item() <= 1)
+        return check
 
     gu = x2.repeat(1, 2)
+    i32 = torch.randint(-2**20, 2**20, x2.shape, generator=g, dtype=torch.int32).to(device_type)
+    eps = 1e-6
     return {  # name: [(arguments, check of the compiled result), ...]: every form that runs
         "gated_gelu": [((x,), lambda got: close(got, _gated_gelu_eager(x))),
                        # an int8 product's, with its token scales applied inside the gelu
                        ((gu, rs), lambda got: close(got, _gated_gelu_eager((gu.float() * rs).to(dtype))))],
-        "quantize_rows": [((x2, 128), same_quantization)],
-        "rescale": [((x2, rs, cs, cs, dtype), lambda got: close(got, _rescale(x2, rs, cs, cs, dtype)))],
+        # activations: u8 with zero point 128 (oneDNN) or s8 (_int_mm, plain); weights: s8, 8- or 7-bit
+        "quantize_rows": [((x2, offset), quantized_as(x2, offset))],
+        "quantize_weight": [((x2, 0, 127), quantized_as(x2, 0, 127)), ((x2, 0, 63), quantized_as(x2, 0, 63))],
+        # the epilogues, every operand a tensor (`_epilogue`); _int_mm's int32 products too
+        "rescale": [((x2, rs, cs, cs, dtype), lambda got: close(got, _rescale(x2, rs, cs, cs, dtype)))] + (
+            [((i32, rs, cs, cs, dtype), lambda got: close(got, _rescale(i32, rs, cs, cs, dtype)))] if offset == 0 else []),
+        "rescale_add": [((x2, rs, cs, cs, dtype, x2), lambda got: close(got, _rescale(x2, rs, cs, cs, dtype) + x2))],
+        "rms_norm_quantize": [((x2, nw, eps, dtype, offset),
+                               quantized_as(rms_norm(x2, nw, eps).to(dtype), offset))],
+        "layer_norm_quantize": [((x2, nw.to(dtype), cs.to(dtype), eps, offset),
+                                 quantized_as(layer_norm(x2, nw.to(dtype), cs.to(dtype), eps), offset))],
+        "rescale_gelu_quantize": [((x2, rs, cs, dtype, offset),
+                                   quantized_as(gelu_tanh(_rescale(x2, rs, None, cs, dtype)), offset))],
+        "gated_gelu_quantize": [((gu, rs, offset),
+                                 quantized_as(_gated_gelu_eager((gu.float() * rs).to(dtype)), offset))],
     }
 
 
 @functools.cache
-def fusion_works(dtype: torch.dtype, device_type: str, name: str = "gated_gelu") -> tuple[bool, str]:
+def fusion_works(dtype: torch.dtype, device_type: str, name: str = "gated_gelu", offset: int = 128) -> tuple[bool, str]:
     """Does torch.compile build the fused kernel `name` here (the gated gelu: 3.3x; int8 quantisation and
-    rescaling: 7x / 30x fewer seconds than eager ops on the prefix)? Probed once per dtype, device type and
-    kernel by compiling it and checking it against eager ops on odd sizes (the vector loops' tails too); it
-    fails without a C++ compiler (CPU) or Triton (GPU), and miscompiles on some (torch 2.13 held to AVX2)."""
+    rescaling: 7x / 30x fewer seconds than eager ops on the prefix)? Probed once per dtype, device type,
+    kernel and activation zero point (`offset`: 128 for oneDNN, 0 for the others) by compiling it and checking it
+    against eager ops on odd sizes (the vector loops' tails too); it fails without a C++ compiler (CPU) or
+    Triton (GPU), and miscompiles on some (torch 2.13 held to AVX2)."""
     label = name.replace("_", " ")
     try:
-        good = all(ok(_compiled(name)(*args)) for args, ok in _fusion_checks(dtype, device_type)[name])
+        with torch.no_grad():  # as the engine runs them (grad mode is part of what Dynamo compiles for)
+            good = all(ok(_compiled(name)(*args)) for args, ok in _fusion_checks(dtype, device_type, offset)[name])
     except Exception as e:  # noqa: BLE001 - any compiler failure means eager ops
         return False, f"torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     return (True, f"torch.compile'd {label}") if good else (False, f"the compiled {label} disagrees with eager ops here")
@@ -174,20 +251,54 @@ def fusion_works(dtype: torch.dtype, device_type: str, name: str = "gated_gelu")
 def gated_gelu(gate_up: Tensor, fused: bool) -> Tensor:
     """[.., 2M] fused gate|up projection -> gelu_tanh(gate) * up [.., M]; `fused`: the compiled kernel
     (decided once per engine by `fusion_works`), else eager ops."""
-    return _compiled("gated_gelu")(gate_up) if fused else _gated_gelu_eager(gate_up)
+    if not fused:
+        return _gated_gelu_eager(gate_up)
+    out = _compiled("gated_gelu")(gate_up.reshape(-1, gate_up.shape[-1]))  # 2-D, as the int8 path calls it
+    return out.view(*gate_up.shape[:-1], out.shape[-1])
 
 
-def linear_gated_gelu(x: Tensor, w: Tensor | Int8Weight, fused: bool) -> Tensor:
+def linear_gated_gelu(x: Tensor | Quantized, w: Tensor | Int8Weight, fused: bool,
+                      then: Tensor | Int8Weight | None = None) -> Tensor | Quantized:
     """gated_gelu(linear(x, w)) for the fused gate|up weight; an int8 product's token scales are applied inside
-    the gelu instead of in a pass over the (widest) activations of their own."""
+    the gelu instead of in a pass over the (widest) activations of their own, and where `then` (the down
+    projection) is int8 too, the gelu's output is quantised for it in the same kernel."""
     if not isinstance(w, Int8Weight):
         return gated_gelu(linear(x, w), fused)
-    lead = x.shape[:-1]
-    y, s, side = _int8_product(x.reshape(-1, x.shape[-1]), w)
+    lead = _lead(x)
+    y, s, side = _int8_product(_rows(x), w)
     if side is not None:  # the outlier channels' product joins before the gelu
         y = (_rescale(y, s, None, None, torch.float32) + side.float()).to(w.dtype)
         return gated_gelu(y, "gated_gelu" in w.fused).view(*lead, y.shape[-1] // 2)
+    if _quantizes_for(then, "gated_gelu_quantize"):
+        return Quantized(*_compiled("gated_gelu_quantize")(y, s, _offset(then)), lead)
     return _run("gated_gelu", w.fused, y, s).view(*lead, y.shape[-1] // 2)
+
+
+def linear_gelu(x: Tensor | Quantized, w: Tensor | Int8Weight, b: Tensor,
+                then: Tensor | Int8Weight | None = None) -> Tensor | Quantized:
+    """gelu_tanh(linear(x, w, b)) (SigLIP's fc1); where w and `then` (fc2) are int8, fc1's epilogue, the gelu and
+    fc2's quantisation run as one compiled kernel."""
+    if isinstance(w, Int8Weight) and w.outlier_cols is None and _quantizes_for(then, "rescale_gelu_quantize"):
+        y, s, _ = _int8_product(_rows(x), w)
+        return Quantized(*_compiled("rescale_gelu_quantize")(y, s, b.float(), w.dtype, _offset(then)), _lead(x))
+    return gelu_tanh(linear(x, w, b))
+
+
+def rms_norm_for(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype,
+                 w: Tensor | Int8Weight) -> Tensor | Quantized:
+    """rms_norm(x).to(dtype), the input of the linear weight w; for an int8 w, quantised for it in the same
+    compiled kernel."""
+    if _quantizes_for(w, "rms_norm_quantize"):
+        return Quantized(*_compiled("rms_norm_quantize")(_rows(x), weight, eps, dtype, _offset(w)), _lead(x))
+    return rms_norm(x, weight, eps).to(dtype)
+
+
+def layer_norm_for(x: Tensor, weight: Tensor, bias: Tensor, eps: float, w: Tensor | Int8Weight) -> Tensor | Quantized:
+    """layer_norm(x), the input of the linear weight w; for an int8 w, quantised for it in the same compiled
+    kernel."""
+    if _quantizes_for(w, "layer_norm_quantize"):
+        return Quantized(*_compiled("layer_norm_quantize")(_rows(x), weight, bias, eps, _offset(w)), _lead(x))
+    return layer_norm(x, weight, bias, eps)
 
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -257,23 +368,40 @@ class Int8Weight:
 
 
 def quantize_weight(w: Tensor, dtype: torch.dtype | None = None, qmax: int = 127,
-                    outlier_cols: Tensor | None = None) -> Int8Weight:
+                    outlier_cols: Tensor | None = None, compiled: bool = False) -> Int8Weight:
     """[out, in] float -> Int8Weight: scale = max|w_row| / qmax per output row, q = round(w / scale), in fp32,
     a block of rows at a time (the embedding's 0.5 G values would otherwise need 2 GB per fp32 temporary).
     qmax 63 where the kernel would saturate with 8-bit weights (`int8_kernel`). outlier_cols: input channels kept
-    out of the int8 product (and out of the row scales), their columns stored in `dtype`."""
-    dtype = dtype or w.dtype
-    cols = outlier_cols if outlier_cols is not None and outlier_cols.numel() else None
-    q = torch.empty(w.shape, dtype=torch.int8)
-    scale = torch.empty(w.shape[0], dtype=torch.float32)
+    out of the int8 product (and out of the row scales), their columns stored in `dtype`. compiled: quantise with
+    the compiled kernel (only where `fusion_works(w.dtype, "cpu", "quantize_weight")` passed)."""
     step = max(1, (1 << 22) // max(1, w.shape[1]))
-    for r in range(0, w.shape[0], step):
-        block = w[r:r + step] if cols is None else w[r:r + step].float().index_fill(1, cols, 0.0)
-        q[r:r + step], s = _quantize_rows(block, 0, qmax)
-        scale[r:r + step] = s[:, 0]
-    if cols is None:
-        return Int8Weight(q, scale, dtype)
-    return Int8Weight(q, scale, dtype, outlier_cols=cols, outlier_w=w[:, cols].to(dtype))
+    return quantize_blocks(w.split(step), tuple(w.shape), dtype or w.dtype, qmax, outlier_cols, compiled)
+
+
+def quantize_blocks(blocks: Iterable[Tensor], shape: tuple[int, ...], dtype: torch.dtype, qmax: int = 127,
+                    outlier_cols: Tensor | None = None, compiled: bool = False) -> Int8Weight:
+    """`quantize_weight` of a weight [out, in] that arrives as consecutive blocks of whole rows (any float dtype;
+    a block may be reused by its producer once the next is asked for): the loader streams big weights from the
+    file this way, so their float values are never held at once. Per-row scales make the result the same for
+    any split into blocks."""
+    cols = outlier_cols if outlier_cols is not None and outlier_cols.numel() else None
+    q = torch.empty(shape, dtype=torch.int8)
+    scale = torch.empty(shape[0], dtype=torch.float32)
+    side = None if cols is None else torch.empty(shape[0], cols.numel(), dtype=dtype)
+    fn = _compiled("quantize_weight") if compiled else _quantize_rows
+    r = 0
+    for block in blocks:
+        n = block.shape[0]
+        assert r + n <= shape[0], f"quantize_blocks: blocks hold over {r + n} rows, the weight {shape[0]}"
+        if cols is not None:
+            side[r:r + n] = block[:, cols]
+            block = block.index_fill(1, cols, 0.0)
+        with torch.no_grad():  # as probed, whatever the caller's grad mode
+            q[r:r + n], s = fn(block, 0, qmax)
+        scale[r:r + n] = s[:, 0]
+        r += n
+    assert r == shape[0], f"quantize_blocks: blocks hold {r} rows, the weight {shape[0]}"
+    return Int8Weight(q, scale, dtype, outlier_cols=cols, outlier_w=side)
 
 
 def cat_rows(ws: list) -> Tensor | Int8Weight:
@@ -300,20 +428,70 @@ def scale_rows(w: Tensor | Int8Weight, c: float) -> Tensor | Int8Weight:
     return (w.float() * c).to(w.dtype)
 
 
-def _int8_product(x: Tensor, w: Int8Weight) -> tuple[Tensor, Tensor, Tensor | None]:
+@dataclass
+class Quantized:
+    """Activations [*lead, K] already quantised per token for an int8 weight by the kernel that made them (a
+    norm, a gelu): q [M, K] in that weight's activation form (`_offset`), s [M, 1] fp32."""
+
+    q: Tensor
+    s: Tensor
+    lead: tuple[int, ...]
+
+
+def _offset(w: Int8Weight) -> int:
+    """The activations' zero point for w's kernel: u8 around 128 for oneDNN, s8 otherwise."""
+    return 128 if w.kernel == "onednn" else 0
+
+
+def _quantizes_for(w: Tensor | Int8Weight | None, name: str) -> bool:
+    """Can w's input be quantised by its producer (compiled kernel `name`)? Only for an int8 w without outlier
+    channels (their float columns need the float input), where that kernel's probe passed."""
+    return isinstance(w, Int8Weight) and w.outlier_cols is None and name in w.fused
+
+
+def _rows(x: Tensor | Quantized) -> Tensor | Quantized:
+    return x if isinstance(x, Quantized) else x.reshape(-1, x.shape[-1])
+
+
+def _lead(x: Tensor | Quantized) -> tuple[int, ...]:
+    return x.lead if isinstance(x, Quantized) else tuple(x.shape[:-1])
+
+
+def _int8_product(x: Tensor | Quantized, w: Int8Weight) -> tuple[Tensor, Tensor, Tensor | None]:
     """x [M, K] float -> (y, s, side): y[m, n] = scale[n] * sum_k round(x[m, k] / s[m]) q[n, k] in w.dtype, the
     token scales s [M, 1] fp32 still to be applied (by `int8_linear` or inside the consumer, `linear_gated_gelu`),
     and the float product of the outlier channels (None without), to be added after them. The outlier channels
     are zeroed before the token scales are taken, so they cost the other channels no precision."""
     side = None
-    if w.outlier_cols is not None:
-        side = F.linear(x.index_select(1, w.outlier_cols), w.outlier_w)
-        x = x.index_fill(1, w.outlier_cols, 0)
-    xq, s = _run("quantize_rows", w.fused, x, 128 if w.kernel == "onednn" else 0)
+    if isinstance(x, Quantized):  # by its producer, for this weight (`_quantizes_for`)
+        assert w.outlier_cols is None, "activations quantised for an int8 weight with outlier channels"
+        xq, s = x.q, x.s
+    else:
+        if w.outlier_cols is not None:
+            side = F.linear(x.index_select(1, w.outlier_cols), w.outlier_w)
+            x = x.index_fill(1, w.outlier_cols, 0)
+        xq, s = _run("quantize_rows", w.fused, x, _offset(w))
     y = int8_matmul(xq, w)
     if w.kernel == "int_mm":
-        y = _run("rescale", w.fused, y, torch.ones_like(s), w.scale, None, w.dtype)
+        y = _epilogue(w, y, torch.ones_like(s), w.scale, None, None)
     return y, s, side
+
+
+def _epilogue(w: Int8Weight, y: Tensor, row_scale: Tensor, col_scale: Tensor | None, bias: Tensor | None,
+              residual: Tensor | None) -> Tensor:
+    """`_rescale` of w's product, every absent operand a tensor (ones / zeros: a few KB), so each compiled epilogue
+    keeps to one form per dtype."""
+    n, dev = y.shape[-1], y.device
+    col = _constant(1.0, n, dev) if col_scale is None else col_scale
+    b = _constant(0.0, n, dev) if bias is None else bias.float()
+    if residual is None:
+        return _run("rescale", w.fused, y, row_scale, col, b, w.dtype)
+    return _run("rescale_add", w.fused, y, row_scale, col, b, w.dtype, residual)
+
+
+@functools.cache
+def _constant(value: float, n: int, device: torch.device) -> Tensor:
+    return torch.full((n,), value, device=device)
 
 
 def int8_matmul(xq: Tensor, w: Int8Weight) -> Tensor:
@@ -333,14 +511,17 @@ def _zero_points(n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.long)
 
 
-def int8_linear(x: Tensor, w: Int8Weight, b: Tensor | None = None) -> Tensor:
-    """Dynamic W8A8: x [..., K] quantised per token, int32 accumulation in the kernel, the weight scales applied
-    in its epilogue and the token scales (and bias) after it. Returns [..., N] in w.dtype."""
-    lead = x.shape[:-1]
-    y, s, side = _int8_product(x.reshape(-1, x.shape[-1]), w)
+def int8_linear(x: Tensor | Quantized, w: Int8Weight, b: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """Dynamic W8A8: x [..., K] quantised per token (or already, by its producer), int32 accumulation in the
+    kernel, the weight scales applied in its epilogue and the token scales, bias and residual [..., N] after
+    it, in one pass. Returns [..., N] in w.dtype."""
+    lead = _lead(x)
+    y, s, side = _int8_product(_rows(x), w)
+    r = None if residual is None else residual.reshape(-1, y.shape[-1])
     if side is not None:
-        return (_rescale(y, s, None, b, torch.float32) + side.float()).to(w.dtype).view(*lead, y.shape[-1])
-    return _run("rescale", w.fused, y, s, None, b, w.dtype).view(*lead, y.shape[-1])
+        out = _rescale(y, s, None, b, torch.float32) + side.float()
+        return (out if r is None else out + r.float()).to(w.dtype).view(*lead, y.shape[-1])
+    return _epilogue(w, y, s, None, b, r).view(*lead, y.shape[-1])
 
 
 def pack_int8(w: Int8Weight, rows_hint: int, kernel: str, fused: frozenset[str] = frozenset()) -> Int8Weight:
@@ -359,7 +540,8 @@ def int8_weight(w: Tensor, rows_hint: int, dtype: torch.dtype, device_type: str 
     """`w` quantised and packed as an int8 engine does it here: the machine's kernel and weight range
     (`int8_kernel`), its quantise / rescale compiled where `fusion_works` passes them (benchmarks use it)."""
     kernel, qmax, _ = int8_kernel(dtype, device_type)
-    fused = frozenset(n for n in ("quantize_rows", "rescale") if fusion_works(dtype, device_type, n)[0])
+    offset = 128 if kernel == "onednn" else 0
+    fused = frozenset(n for n in ("quantize_rows", "rescale") if fusion_works(dtype, device_type, n, offset)[0])
     return pack_int8(quantize_weight(w, dtype, qmax), rows_hint, kernel, fused)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pi0.checkpoint import RowBlocks
 from pi0.config import Pi0Config, feeding_norm, norm_gain, norm_param
 from pi0.engine import ops
 
@@ -55,6 +56,7 @@ class Int8Quantizer:
         self.dtype, self.outlier_gain = dtype, outlier_gain
         self.qmax = ops.int8_kernel(dtype, "cpu")[1] if qmax is None else qmax
         self.pattern = re.compile("|".join(f"(?:{_INT8_NAMES[s]})" for s in stages)) if stages else None
+        self.compile = os.environ.get("PI0_COMPILE", "1") != "0"
         self.norms: dict[str, dict[str, Tensor]] = {}  # norm -> its parameters, as they are read
         self.outliers: dict[str, Tensor] = {}  # norm -> its outlier channels (decided at its first linear)
 
@@ -62,7 +64,12 @@ class Int8Quantizer:
         """Tensors to read before all others: the norm parameters the outlier channels are decided from."""
         return self.outlier_gain is not None and norm_param(name) is not None
 
-    def __call__(self, name: str, t: Tensor) -> Tensor | ops.Int8Weight:
+    def streams(self, name: str) -> bool:
+        """The weights the loader may hand over as row blocks (`pi0.checkpoint.RowBlocks`) instead of whole
+        tensors: those quantised here, so not even one of them is held in float at once."""
+        return self.pattern is not None and self.pattern.fullmatch(name) is not None
+
+    def __call__(self, name: str, t: Tensor | RowBlocks) -> Tensor | ops.Int8Weight:
         param = norm_param(name) if self.outlier_gain is not None else None
         if param is not None:
             if param[0] in self.outliers:
@@ -71,7 +78,11 @@ class Int8Quantizer:
             self.norms.setdefault(param[0], {})[param[1]] = t.detach().float().clone()
         if self.pattern is None or not self.pattern.fullmatch(name):
             return t
-        return ops.quantize_weight(t, self.dtype, self.qmax, self._outlier_cols(name))
+        # compiled where its probe passes for the dtype the weight arrives in (the file's when streamed)
+        compiled = self.compile and ops.fusion_works(t.dtype, "cpu", "quantize_weight")[0]
+        if isinstance(t, Tensor):
+            return ops.quantize_weight(t, self.dtype, self.qmax, self._outlier_cols(name), compiled)
+        return ops.quantize_blocks(t, t.shape, self.dtype, self.qmax, self._outlier_cols(name), compiled)
 
     def _outlier_cols(self, name: str) -> Tensor | None:
         norm = feeding_norm(name) if self.outlier_gain is not None else None
@@ -112,15 +123,17 @@ def choose_kernels(dtype: torch.dtype, vision_dtype: torch.dtype, device: torch.
     """Each fast path only where its probe passes on the machine (PI0_PACK=0 / PI0_COMPILE=0 turn them off)."""
     pack = pack and os.environ.get("PI0_PACK", "1") != "0"
     fuse = fuse and os.environ.get("PI0_COMPILE", "1") != "0"
-    names = ("gated_gelu", "quantize_rows", "rescale") if int8_tensors else ("gated_gelu",)
-    probes = {n: ops.fusion_works(dtype, device.type, n) if fuse else (False, "compiled kernels off") for n in names}
+    int8_kernel, why_int8 = ops.int8_kernel(dtype, device.type)[::2] if int8_tensors else (None, "")
+    offset = 128 if int8_kernel == "onednn" else 0  # the activations' zero point the int8 kernels are probed with
+    names = ("gated_gelu",) + (ops.INT8_FUSED if int8_tensors else ())
+    probes = {n: ops.fusion_works(dtype, device.type, n, offset) if fuse else (False, "compiled kernels off")
+              for n in names}
     packs = {d: ops.packing_works(d, device.type) if pack else (False, "packing off") for d in {dtype, vision_dtype}}
     report = {"packed_weights": packs[dtype][0], "fused_kernels": probes["gated_gelu"][0],
               "why": "; ".join([packs[dtype][1]] + sorted({why for _, why in probes.values()}))}
-    int8_kernel = None
     if int8_tensors:
-        int8_kernel, _, why_int8 = ops.int8_kernel(dtype, device.type)
-        report.update(int8_kernel=int8_kernel, int8_tensors=int8_tensors, why=report["why"] + "; " + why_int8)
+        report.update(int8_kernel=int8_kernel, int8_tensors=int8_tensors, why=report["why"] + "; " + why_int8,
+                      int8_fused=sorted(n for n in ops.INT8_FUSED if probes[n][0]))
     return Kernels(probes["gated_gelu"][0], frozenset(n for n, (ok, _) in probes.items() if ok),
                    {d: ok for d, (ok, _) in packs.items()}, int8_kernel, report)
 
