@@ -438,9 +438,13 @@ class Quantized:
     lead: tuple[int, ...]
 
 
+def activation_offset(kernel: str) -> int:
+    """The activations' zero point for an int8 kernel: u8 around 128 for oneDNN, s8 otherwise."""
+    return 128 if kernel == "onednn" else 0
+
+
 def _offset(w: Int8Weight) -> int:
-    """The activations' zero point for w's kernel: u8 around 128 for oneDNN, s8 otherwise."""
-    return 128 if w.kernel == "onednn" else 0
+    return activation_offset(w.kernel)
 
 
 def _quantizes_for(w: Tensor | Int8Weight | None, name: str) -> bool:
@@ -540,7 +544,7 @@ def int8_weight(w: Tensor, rows_hint: int, dtype: torch.dtype, device_type: str 
     """`w` quantised and packed as an int8 engine does it here: the machine's kernel and weight range
     (`int8_kernel`), its quantise / rescale compiled where `fusion_works` passes them (benchmarks use it)."""
     kernel, qmax, _ = int8_kernel(dtype, device_type)
-    offset = 128 if kernel == "onednn" else 0
+    offset = activation_offset(kernel)
     fused = frozenset(n for n in ("quantize_rows", "rescale") if fusion_works(dtype, device_type, n, offset)[0])
     return pack_int8(quantize_weight(w, dtype, qmax), rows_hint, kernel, fused)
 

@@ -124,10 +124,16 @@ def choose_kernels(dtype: torch.dtype, vision_dtype: torch.dtype, device: torch.
     pack = pack and os.environ.get("PI0_PACK", "1") != "0"
     fuse = fuse and os.environ.get("PI0_COMPILE", "1") != "0"
     int8_kernel, why_int8 = ops.int8_kernel(dtype, device.type)[::2] if int8_tensors else (None, "")
-    offset = 128 if int8_kernel == "onednn" else 0  # the activations' zero point the int8 kernels are probed with
     names = ("gated_gelu",) + (ops.INT8_FUSED if int8_tensors else ())
-    probes = {n: ops.fusion_works(dtype, device.type, n, offset) if fuse else (False, "compiled kernels off")
-              for n in names}
+    offset = ops.activation_offset(int8_kernel)  # the int8 kernels' probes use the chosen product's zero point
+
+    def probe(n: str) -> tuple[bool, str]:
+        if not fuse:
+            return False, "compiled kernels off"
+        if n in ops.INT8_FUSED:
+            return ops.fusion_works(dtype, device.type, n, offset)
+        return ops.fusion_works(dtype, device.type, n)
+    probes = {n: probe(n) for n in names}
     packs = {d: ops.packing_works(d, device.type) if pack else (False, "packing off") for d in {dtype, vision_dtype}}
     report = {"packed_weights": packs[dtype][0], "fused_kernels": probes["gated_gelu"][0],
               "why": "; ".join([packs[dtype][1]] + sorted({why for _, why in probes.values()}))}
