@@ -22,5 +22,5 @@ demo: $(STAMP)
 # ARGS selected none of them.
 JOBS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n $(JOBS) -m "not serial" $(ARGS) || [ $$? = 5 ]
+	$(VENV)/bin/python -m pytest -q -n $(JOBS) --dist loadgroup -m "not serial" $(ARGS) || [ $$? = 5 ]
 	$(VENV)/bin/python -m pytest -q -m serial $(ARGS) || [ $$? = 5 ]

@@ -2,8 +2,11 @@
 
 1. soak: R requests from 8 clients; the server's RSS after a warm-up and at the end (growth);
 2. flood: 64 clients sending maximum-size messages without reading replies, against --max-message-mb M and
-   --max-inflight-mb B: the server's peak RSS against its base + B, and a good robot's latency meanwhile;
-3. killed clients: clients that send a request and vanish (socket closed at once) beside a good robot;
+   --max-inflight-mb B: the server's peak RSS against its base + B, and a good robot's latency meanwhile
+   (target: at most FAIR x its latency alone);
+3. error loop: 2 clients sending a state of the wrong width in a loop beside a good robot: its latency
+   (target: at most FAIR x alone) and what the loopers got; killed clients: clients that send a request and
+   vanish (socket closed at once) beside a good robot;
 4. a bad row in every batch: explicit batches of 8 with one bad row against 8 good ones (latency ratio);
 5. restart: an ActionStream loop at 50 Hz while the server process is killed and started again (late ticks,
    errors, ticks until chunks come back).
@@ -33,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_load import robot_obs, rss_mb  # noqa: E402
+
+
+FAIR = 1.3  # a well-behaved robot's median latency beside abusive clients, over its latency alone
 
 
 def start(ckpt: str, tokenizer: str, port: int, *extra: str) -> subprocess.Popen:
@@ -127,7 +133,7 @@ def flood(ckpt: str, tokenizer: str, clients: int, message_mb: float, inflight_m
         from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
         good = WebsocketClientPolicy(host="127.0.0.1", port=port)  # connected before the flood: its share is reserved
-        alone = _latency(port, client=good)
+        alone = _latency(port, 20, client=good)
         base = rss_mb(proc.pid)
         payload = os.urandom(int(message_mb * 2**20) - 4096)  # just under the limit: accepted frames, then refused
         stop_at = time.perf_counter() + seconds
@@ -148,7 +154,7 @@ def flood(ckpt: str, tokenizer: str, clients: int, message_mb: float, inflight_m
             t.start()
         peak = base
         time.sleep(1.0)
-        during = _latency(port, 5, client=good)
+        during = _latency(port, 20, client=good)
         while time.perf_counter() < stop_at:
             peak = max(peak, rss_mb(proc.pid))
             time.sleep(0.1)
@@ -157,9 +163,44 @@ def flood(ckpt: str, tokenizer: str, clients: int, message_mb: float, inflight_m
         return {"scenario": "flood", "clients": clients, "message_mb": message_mb, "max_inflight_mb": inflight_mb,
                 "frames_sent": sent[0], "flooders_refused_or_blocked": refused[0], "rss_base_mb": base,
                 "rss_peak_mb": peak, "rss_over_base_mb": peak - base, "good_latency_alone_s": alone,
-                "good_latency_during_s": during}
+                "good_latency_during_s": during, "ratio": during / alone}
     finally:
         stop(proc)
+
+
+def error_loop(port: int, clients: int, seconds: float) -> dict:
+    """`clients` openpi clients in a loop sending a state of the wrong width (each catches its error and sends
+    again, reconnecting when closed) beside a good robot: its latency alone and meanwhile, and what the loopers
+    got (answers, connections closed)."""
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    good = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    alone = _latency(port, 20, client=good)
+    bad = {**robot_obs(3), "observation/state": np.zeros(3, np.float32)}
+    stop_at = time.perf_counter() + seconds
+    answered, closed = [0], [0]
+
+    def looper() -> None:
+        c = WebsocketClientPolicy(host="127.0.0.1", port=port)
+        while time.perf_counter() < stop_at:
+            try:
+                c.infer(bad)
+            except RuntimeError:  # the text error, as openpi's client raises it
+                answered[0] += 1
+            except Exception:  # noqa: BLE001 - closed for its errors: it comes back
+                closed[0] += 1
+                c = WebsocketClientPolicy(host="127.0.0.1", port=port)
+
+    threads = [threading.Thread(target=looper, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    during = _latency(port, 20, client=good)
+    for t in threads:
+        t.join(seconds + 30)
+    return {"scenario": "error_loop", "clients": clients, "seconds": seconds, "good_latency_alone_s": alone,
+            "good_latency_during_s": during, "ratio": during / alone,
+            "errors_answered_per_client_per_s": answered[0] / clients / seconds, "closed_for_errors": closed[0]}
 
 
 def killed_clients(port: int, n: int) -> dict:
@@ -272,6 +313,7 @@ def main() -> int:
     proc = start(ckpt, tokenizer, port)
     try:
         add(soak(port, proc, args.requests))
+        add(error_loop(port, 2, 4.0 if args.short else 15.0))
         add(killed_clients(port, 20))
         add(bad_row(port, 10 if args.short else 30))
     finally:
@@ -283,8 +325,10 @@ def main() -> int:
     if by["soak"]["rss_growth_mb"] > 20 or by["soak"]["errors"]:
         failed.append("soak")
     f = by["flood"]
-    if f["rss_over_base_mb"] > f["max_inflight_mb"] + 64:  # + one batch's working set
+    if f["rss_over_base_mb"] > f["max_inflight_mb"] + 64 or f["ratio"] > FAIR:  # + one batch's working set
         failed.append("flood")
+    if by["error_loop"]["ratio"] > FAIR:
+        failed.append("error_loop")
     if by["bad_row"]["ratio"] > 1.10:
         failed.append("bad_row")
     if by["restart"]["late_ticks"] or by["restart"]["chunks_after_restart"] < 1:

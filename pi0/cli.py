@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -228,16 +229,32 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    "(the pi05_libero choice)")
 
 
-def policy_kwargs(args: argparse.Namespace) -> dict:
-    """pi0.Policy's arguments from the command line (plain values: they also travel to Ray replicas)."""
+def rtc_defaults(args: argparse.Namespace):
+    """`pi0 serve --rtc-*`, checked (RTCDefaults raises ValueError naming the option)."""
     from pi0.policy import RTCDefaults
 
+    d = RTCDefaults()
+    return RTCDefaults(getattr(args, "rtc_horizon", d.execution_horizon), getattr(args, "rtc_schedule", d.schedule),
+                       getattr(args, "rtc_max_guidance", d.max_guidance_weight))
+
+
+def server_limits(args: argparse.Namespace):
+    """`pi0 serve`'s limits, checked (Limits raises ValueError naming the option)."""
+    from pi0.serving.service import Limits
+
+    mib = 1 << 20
+    return Limits(max_message_bytes=int(args.max_message_mb * mib), max_batch=args.max_batch,
+                  batch_wait_ms=args.batch_wait_ms, max_connections=args.max_connections,
+                  max_inflight_bytes=None if args.max_inflight_mb is None else int(args.max_inflight_mb * mib),
+                  max_errors=args.max_errors)
+
+
+def policy_kwargs(args: argparse.Namespace) -> dict:
+    """pi0.Policy's arguments from the command line (plain values: they also travel to Ray replicas)."""
     return dict(checkpoint=args.checkpoint, preset=args.preset, backend=args.backend, dtype=args.dtype,
                 device=args.device, tokenizer=args.tokenizer, asset_id=args.asset_id, num_steps=args.steps,
                 seed=args.seed, default_prompt=args.default_prompt, action_horizon=args.action_horizon,
-                state_in_prompt=False if args.no_state_in_prompt else None,
-                rtc_defaults=RTCDefaults(getattr(args, "rtc_horizon", 10), getattr(args, "rtc_schedule", "linear"),
-                                         getattr(args, "rtc_max_guidance", 10.0)))
+                state_in_prompt=False if args.no_state_in_prompt else None, rtc_defaults=rtc_defaults(args))
 
 
 def _policy(args: argparse.Namespace):
@@ -282,15 +299,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not loopback and key is None:
         print(f"pi0 serve: warning: listening on {args.host} without an API key: anyone who reaches this port "
               "can drive the policy (--api-key-file or PI0_API_KEY)", file=sys.stderr)
+    limits = server_limits(args)  # checked before the model loads: limits that admit no robot are refused now
+    rtc_defaults(args)
     if args.replicas is not None:
         from pi0.serving import ray_serve
 
-        return ray_serve.run(args, key, policy_kwargs(args))
+        return ray_serve.run(args, key, policy_kwargs(args), limits)
     policy = _policy(args)
     print(f"policy: {policy.metadata}", file=sys.stderr, flush=True)
-    server = PolicyServer(policy, args.host, args.port, api_key=key, max_message_bytes=int(args.max_message_mb * (1 << 20)),
-                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_connections=args.max_connections,
-                          max_inflight_bytes=None if args.max_inflight_mb is None else int(args.max_inflight_mb * (1 << 20)))
+    server = PolicyServer(policy, args.host, args.port, api_key=key, **dataclasses.asdict(limits))
     try:
         server.run()
     except KeyboardInterrupt:
@@ -400,8 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest request frame accepted (a larger one "
                    "closes its connection, code 1009, before it is buffered)")
     p.add_argument("--max-inflight-mb", type=float, default=None, help="memory the server may hold for its clients "
-                   "in all: every connection reserves one message, every request in flight twice its size (default: "
-                   "3 x max-message-mb x max-connections)")
+                   "in all: every connection reserves 3 x max-message-mb when it opens (a frame queued, one in flight "
+                   "raw and decoded), and one that does not fit is refused (default: 3 x max-message-mb x "
+                   "max-connections)")
+    p.add_argument("--max-errors", type=int, default=20, help="bad requests in a row before a connection is closed "
+                   "(code 1008); after the first 2 its next message is read only after a back-off from 50 ms to 2 s")
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one JSON object per log line, "
                    "for log shippers")
     p.add_argument("--max-batch", type=int, default=8, help="requests answered by one forward at most (1: no batching)")

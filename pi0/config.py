@@ -234,6 +234,45 @@ def read_config_json(path) -> dict[str, Any]:
     return d
 
 
+@dataclass(frozen=True)
+class Features:
+    """What a checkpoint's config.json says of the robot it was trained for (LeRobot's `input_features` and
+    `output_features`, which `pi0 train` writes too): camera keys in slot order with their [C, H, W], the state
+    key and width, the action width. None where config.json does not say."""
+
+    cameras: tuple[str, ...] = ()
+    camera_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    state_key: str | None = None
+    state: int | None = None
+    action: int | None = None
+
+
+def features(meta: Mapping[str, Any]) -> Features:
+    """The robot features of a parsed config.json (see `Features`); malformed entries raise ValueError."""
+    inputs = meta.get("input_features") if isinstance(meta.get("input_features"), dict) else {}
+    outputs = meta.get("output_features") if isinstance(meta.get("output_features"), dict) else {}
+
+    def kind(key: str, spec: Any) -> str:
+        t = str(spec.get("type", "")).upper() if isinstance(spec, dict) else ""
+        return t or ("VISUAL" if key.startswith("observation.images.") else "STATE" if key == "observation.state" else "")
+
+    def shape(key: str, spec: Any) -> tuple[int, ...] | None:
+        s = spec.get("shape") if isinstance(spec, dict) else None
+        if s is None:
+            return None
+        if not isinstance(s, (list, tuple)) or not all(isinstance(n, int) and n > 0 for n in s):
+            raise ValueError(f"config.json: feature {key} has shape {s!r}, expected a list of positive integers")
+        return tuple(s)
+
+    cameras = tuple(k for k, v in inputs.items() if kind(k, v) == "VISUAL")
+    state_key = next((k for k, v in inputs.items() if kind(k, v) == "STATE"), None)
+    state_shape = shape(state_key, inputs[state_key]) if state_key else None
+    action = next((v for k, v in outputs.items() if kind(k, v) in ("ACTION", "") and k == "action"), None)
+    action_shape = shape("action", action) if action is not None else None
+    return Features(cameras, {k: s for k in cameras if (s := shape(k, inputs[k])) is not None}, state_key,
+                    state_shape[0] if state_shape else None, action_shape[0] if action_shape else None)
+
+
 # ---------------------------------------------------------------------------------------------
 # The canonical layout (checkpoint.py maps every file layout onto these names)
 

@@ -95,12 +95,21 @@ def _gemm_rates(m: int = 128, k: int = 1024, n: int = 1024, repeats: int = 5) ->
     return tuple(2 * m * k * n / best[dt] / 1e9 for dt in (torch.float32, torch.bfloat16))
 
 
-@functools.cache
 def native_bf16(device_type: str) -> tuple[bool, str]:
-    """(does torch run bf16 GEMMs natively on this device type, why we think so)."""
-    forced = os.environ.get("PI0_NATIVE_BF16")
+    """(does torch run bf16 GEMMs natively on this device type, why we think so): PI0_NATIVE_BF16=0|1 if set, else
+    the probe. Any other value of PI0_NATIVE_BF16 is an error."""
+    forced = os.environ.get("PI0_NATIVE_BF16", "")
     if forced in ("0", "1"):
         return forced == "1", f"PI0_NATIVE_BF16={forced}"
+    if forced:
+        raise ValueError(f"PI0_NATIVE_BF16 is {forced!r}: set it to 0 (fp32 for dtype auto) or 1 (bf16), or unset it "
+                         "to let pi0 probe the machine")
+    return probe_bf16(device_type)
+
+
+@functools.cache
+def probe_bf16(device_type: str) -> tuple[bool, str]:
+    """What the device itself says (once per process): CPU flags and oneDNN's check, or timed GEMMs."""
     if device_type == "cuda":
         ok = torch.cuda.is_bf16_supported(including_emulation=False)
         return ok, f"{torch.cuda.get_device_name()} {'has' if ok else 'has no'} native bf16"
@@ -144,8 +153,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
         return dtype, f"dtype int8 -> int8 weights and activations, {_name(compute)} between them ({why})"
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype {dtype} is not supported: choose one of {', '.join(DTYPE_CHOICES)}")
-    if dtype == torch.bfloat16:
-        ok, why = native_bf16(dev.type)
+    if dtype == torch.bfloat16:  # asked for: PI0_NATIVE_BF16 only colours the note (the probe where it is unusable)
+        forced = os.environ.get("PI0_NATIVE_BF16", "")
+        ok, why = native_bf16(dev.type) if forced in ("", "0", "1") else probe_bf16(dev.type)
         if not ok:
             return dtype, f"dtype bfloat16 as asked, but this {dev.type} has no native bf16 ({why}): expect it to be slow here"
     return dtype, f"dtype {_name(dtype)} as asked"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pi0.config import Pi0Config
+from pi0.config import Pi0Config, features
 from pi0.observation import Observation
 from pi0.errors import BadRequest, MissingKey
 from pi0.processing import checked_image, prompt_text
@@ -86,9 +86,10 @@ def resize_with_pad(image: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(x, (left, left + rem_w, top, top + rem_h), mode="constant", value=0.0)[0]
 
 
-def to_float_chw(image: Any, name: str) -> torch.Tensor:
-    """CHW float in [0, 1] as LeRobot takes it (no uint8 step), or HWC / CHW integers (x / 255) -> float32 [3, H, W]."""
-    a = np.ascontiguousarray(np.transpose(checked_image(image, name, prefer_chw=True), (2, 0, 1)))
+def to_float_chw(image: np.ndarray) -> torch.Tensor:
+    """An image `checked_image` passed (HWC) -> float32 [3, H, W]: floats in [0, 1] as LeRobot takes them (no uint8
+    step), integers / 255."""
+    a = np.ascontiguousarray(np.transpose(image, (2, 0, 1)))
     if a.dtype.kind in "ui":
         return torch.from_numpy(a).float() / 255
     return torch.from_numpy(a.astype(np.float32, copy=False))
@@ -111,16 +112,17 @@ class LeRobotPipeline:
         self.root, self.config = root, config
         self.pre = self._steps(root / "policy_preprocessor.json", PRE_STEPS)
         self.post = self._steps(root / "policy_postprocessor.json", POST_STEPS)
-        feats = meta.get("input_features") if isinstance(meta.get("input_features"), dict) else {}
-        self.cameras = [k for k, v in feats.items() if str(v.get("type", "")).upper() == "VISUAL"]
+        feats = features(meta)
+        self.cameras = list(feats.cameras)
         if not self.cameras:
             raise ValueError(f"{root}/config.json lists no VISUAL input_features: cannot tell the cameras")
-        self.state_key = next((k for k, v in feats.items() if str(v.get("type", "")).upper() == "STATE"), None)
-        shape = feats.get(self.state_key, {}).get("shape") if self.state_key else None
-        self.state_dim = int(shape[0]) if shape else None  # what the normaliser's stats cover
-        out = meta.get("output_features") if isinstance(meta.get("output_features"), dict) else {}
-        act = out.get("action", {}).get("shape") if isinstance(out.get("action"), dict) else None
-        self.action_dim = min(int(act[0]), config.action_dim) if act else config.action_dim
+        self.state_key, self.state_dim = feats.state_key, feats.state  # the width the normaliser's stats cover
+        if self.state_dim is not None and self.state_dim > config.state_dim:
+            raise ValueError(f"{root}/config.json: {self.state_key} has {self.state_dim} values, the model takes at "
+                             f"most {config.state_dim}")
+        if feats.action is not None and feats.action > config.action_dim:
+            raise ValueError(f"{root}/config.json: action has {feats.action} values, the model makes {config.action_dim}")
+        self.action_dim = feats.action or config.action_dim
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_path))
         self.tokenizer_path = Path(tokenizer_path)
 
@@ -169,37 +171,52 @@ class LeRobotPipeline:
         return tokens, mask
 
     def prepare(self, obs: dict[str, Any]) -> Observation:
-        """A raw LeRobot frame -> the model's Observation (batch 1)."""
+        """A raw LeRobot frame -> the model's Observation (batch 1). The frame is checked against the checkpoint's
+        features (cameras, state width, the task) before any tensor is made."""
         if not isinstance(obs, dict):
             raise BadRequest(f"an observation must be a dict, got {type(obs).__name__}")
         obs = dict(obs)
         if "task" not in obs and "prompt" in obs:
             obs["task"] = obs.pop("prompt")
-        frame: dict[str, Any] = {}
-        for key, value in obs.items():
-            if key.startswith("observation.images."):
-                frame[key] = to_float_chw(value, key)
-            elif key == self.state_key:
-                s = np.asarray(value)
-                if s.dtype.kind not in "uif" or s.ndim != 1:
-                    raise BadRequest(f"{key} must be a 1-D numeric array, got dtype {s.dtype} shape {list(s.shape)}")
-                if self.state_dim is not None and len(s) != self.state_dim:
-                    raise BadRequest(f"{key} has {len(s)} values; this checkpoint expects {self.state_dim} "
-                                     "(its config.json input_features)")
-                if not np.isfinite(s).all():
-                    raise BadRequest(f"{key} holds NaN or infinite values")
-                frame[key] = torch.from_numpy(s.astype(np.float32))
-            else:
-                frame[key] = value
-        if self.state_key and self.state_key not in frame:
-            raise MissingKey(f"observation is missing '{self.state_key}' (this checkpoint expects: {self.expected_keys})")
-        tokens = mask = None
-        for name, cfg, norm in self.pre:
+        for name, cfg, _ in self.pre:  # the names the checks below see are the renamed ones
             if name == "rename_observations_processor":
                 for old, new in (cfg.get("rename_map") or {}).items():
-                    if old in frame:
-                        frame[new] = frame.pop(old)
-            elif name == "pi0_new_line_processor":
+                    if old in obs:
+                        obs[new] = obs.pop(old)
+        images = {k: checked_image(v, k, prefer_chw=True) for k, v in obs.items()
+                  if isinstance(k, str) and k.startswith("observation.images.")}
+        unknown = sorted(set(images) - set(self.cameras))
+        if unknown:
+            raise BadRequest(f"{', '.join(unknown)}: not a camera of this checkpoint (its cameras: {self.cameras}); "
+                             "rename the key or leave it out")
+        if not images:
+            raise MissingKey(f"observation has none of this checkpoint's cameras {self.cameras}: at least one is needed")
+        state = None
+        if self.state_key:
+            if self.state_key not in obs:
+                raise MissingKey(f"observation is missing '{self.state_key}' (this checkpoint expects: "
+                                 f"{self.expected_keys})")
+            state = np.asarray(obs[self.state_key])
+            if state.dtype.kind not in "uif" or state.ndim != 1:
+                raise BadRequest(f"{self.state_key} must be a 1-D numeric array, got dtype {state.dtype} shape "
+                                 f"{list(state.shape)}")
+            if self.state_dim is not None and len(state) != self.state_dim:
+                raise BadRequest(f"{self.state_key} has {len(state)} values; this checkpoint expects {self.state_dim} "
+                                 "(its config.json input_features)")
+            if len(state) > self.config.state_dim:
+                raise BadRequest(f"{self.state_key} has {len(state)} values; the model takes at most "
+                                 f"{self.config.state_dim}")
+            if not np.isfinite(state).all():
+                raise BadRequest(f"{self.state_key} holds NaN or infinite values")
+        self._task(obs)
+        # checked: now the pipeline's steps
+        frame: dict[str, Any] = {k: v for k, v in obs.items() if k not in images and k != self.state_key}
+        frame.update({k: to_float_chw(v) for k, v in images.items()})
+        if state is not None:
+            frame[self.state_key] = torch.from_numpy(state.astype(np.float32))
+        tokens = mask = None
+        for name, cfg, norm in self.pre:
+            if name == "pi0_new_line_processor":
                 task = self._task(frame)
                 frame["task"] = task if task.endswith("\n") else task + "\n"
             elif name == "normalizer_processor":
@@ -207,8 +224,7 @@ class LeRobotPipeline:
                     if isinstance(frame[key], torch.Tensor):
                         frame[key] = norm(key, frame[key])
             elif name == "pi05_prepare_state_tokenizer_processor_step":
-                state = frame[self.state_key].numpy()
-                bins = np.digitize(state, np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+                bins = np.digitize(frame[self.state_key].numpy(), np.linspace(-1, 1, 256 + 1)[:-1]) - 1
                 clean = self._task(frame).strip().replace("_", " ").replace("\n", " ")
                 frame["task"] = f"Task: {clean}, State: {' '.join(map(str, bins))};\nAction: "
             elif name == "tokenizer_processor":

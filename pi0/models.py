@@ -53,33 +53,55 @@ def random_state_dict(config: Pi0Config, seed: int, dtype: torch.dtype, device: 
     (seeded by seed, tensor index, block index), so the values do not depend on the thread count, and the
     blocks are filled on all cores. Values are drawn in fp32 and rounded to `dtype`, so a bf16 build holds
     the bf16-rounded weights of the fp32 build with the same seed. The tensors `transform.first` picks, if it has
-    that attribute, are made first."""
+    that attribute, are made first; those its `streams` picks reach it as fp32 `RandomRows`, never whole."""
     shapes = sorted(canonical_shapes(config).items())
     total = sum(math.prod(s) for _, s in shapes)
     done = 0
     out = {}
     first = getattr(transform, "first", None)
+    streams = getattr(transform, "streams", None)
     order = sorted(range(len(shapes)), key=lambda i: not first(shapes[i][0])) if first else range(len(shapes))
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         for i in order:  # the values depend on the tensor's index in `shapes`, not on the order they are made in
             name, shape = shapes[i]
-            t = torch.empty(shape, dtype=dtype, device=device)
-            mean, std = _init_rule(name, tuple(shape))
-            step = max(1, _BLOCK // max(1, math.prod(shape[1:])))
-
-            def fill(j: int, t=t, mean=mean, std=std, step=step, i=i) -> None:
-                r0 = j * step
-                block = torch.empty((min(t.shape[0], r0 + step) - r0, *t.shape[1:]), dtype=torch.float32)
-                block.normal_(mean, std, generator=torch.Generator().manual_seed(seed * 2**40 + i * 2**20 + j))
-                t[r0:r0 + len(block)].copy_(block)
-
-            list(pool.map(fill, range(math.ceil(shape[0] / step))))
-            out[name] = t if transform is None else transform(name, t)
-            del t
+            rows = RandomRows(tuple(shape), seed * 2**40 + i * 2**20, *_init_rule(name, tuple(shape)), pool)
+            if streams is not None and len(shape) >= 2 and streams(name):
+                out[name] = transform(name, rows)  # fp32 blocks, as a loader streams an fp32 file
+            else:
+                t = torch.empty(shape, dtype=dtype, device=device)
+                r0 = 0
+                for block in rows:
+                    t[r0:r0 + len(block)].copy_(block)
+                    r0 += len(block)
+                out[name] = t if transform is None else transform(name, t)
+                del t
             done += math.prod(shape)
             if progress is not None:
                 progress(done / total)
     return out
+
+
+class RandomRows:
+    """One seeded random tensor as consecutive fp32 blocks of whole rows (block j from its own generator, so the
+    values depend neither on the thread count nor on how they are consumed), drawn a few blocks at a time on the
+    pool's threads. `random_state_dict` copies them into a tensor of its dtype, or hands them to a transform that
+    `streams` the tensor (int8 then quantises the fp32 values, as it does reading an fp32 file). Iterate once."""
+
+    def __init__(self, shape: tuple[int, ...], seed: int, mean: float, std: float, pool: ThreadPoolExecutor):
+        self.shape, self.dtype = shape, torch.float32
+        self.seed, self.mean, self.std, self.pool = seed, mean, std, pool
+        self.step = max(1, _BLOCK // max(1, math.prod(shape[1:])))
+
+    def _block(self, j: int) -> torch.Tensor:
+        r0 = j * self.step
+        block = torch.empty((min(self.shape[0], r0 + self.step) - r0, *self.shape[1:]), dtype=torch.float32)
+        return block.normal_(self.mean, self.std, generator=torch.Generator().manual_seed(self.seed + j))
+
+    def __iter__(self):
+        blocks = math.ceil(self.shape[0] / self.step)
+        ahead = max(1, torch.get_num_threads())
+        for j in range(0, blocks, ahead):
+            yield from self.pool.map(self._block, range(j, min(blocks, j + ahead)))
 
 
 def outlier_channels(config: Pi0Config, channels: int = 4, factor: float = 100.0, seed: int = 0) -> Transform:

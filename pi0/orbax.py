@@ -260,12 +260,13 @@ def load(params: OrbaxParams, rec: dict[str, tuple[str, Transform]], dtype: torc
          transform: Callable[[str, torch.Tensor], Any] | None = None) -> dict[str, Any]:
     """Every canonical tensor in `dtype`. Leaves are read one at a time, largest first (so the one
     transient leaf coincides with a small state), each sliced straight into its target tensors (one copy)
-    and then freed. transform(name, tensor), if given, is applied to each tensor as soon as it is made; the
-    leaves holding tensors its optional `first(name)` picks are read before all others."""
+    and then freed. transform(name, tensor), if given, is applied to each tensor as soon as it is made (those its
+    optional `streams(name)` picks in the leaf's stored dtype); the leaves holding tensors its optional
+    `first(name)` picks are read before all others."""
     by_leaf: dict[str, list[tuple[str, Transform]]] = {}
     for c, (leaf, fn) in rec.items():
         by_leaf.setdefault(leaf, []).append((c, fn))
-    first = getattr(transform, "first", None)
+    first, streams = getattr(transform, "first", None), getattr(transform, "streams", None)
     early = {n for n, cs in by_leaf.items() if first and any(first(c) for c, _ in cs)}
     order = sorted(by_leaf, key=lambda n: (n not in early, -math.prod(params.leaves[n].shape)))
     total = sum(math.prod(params.leaves[n].shape) for n in order)
@@ -276,6 +277,9 @@ def load(params: OrbaxParams, rec: dict[str, tuple[str, Transform]], dtype: torc
         a = params.read(leaf)
         for c, fn in by_leaf[name]:
             view = fn(a)
+            if streams is not None and view.ndim >= 2 and streams(c):  # in the stored dtype, as the file loaders do
+                out[c] = transform(c, view.contiguous())
+                continue
             if view.data_ptr() == a.data_ptr() and view.is_contiguous() and view.shape == a.shape and a.dtype == dtype:
                 out[c] = a  # the whole leaf as it is (the embedding, 1-D leaves)
             else:

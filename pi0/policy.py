@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pi0.checkpoint import inspect_checkpoint
+from pi0.config import features
 from pi0.errors import BadRequest, MissingKey
 from pi0.hardware import resolve_device, resolve_dtype
 from pi0.lerobot_pipeline import LeRobotPipeline, is_lerobot_pipeline
@@ -22,16 +23,27 @@ from pi0.processing import (
     PRESETS, PromptTokenizer, RobotPreset, finite_vector, find_tokenizer, generic_preset, image_to_model,
     load_norm_stats, lookup, prompt_text, to_uint8_hwc,
 )
-from pi0.rtc import RTC
+from pi0.rtc import RTC, SCHEDULES
 
 
 @dataclass(frozen=True)
 class RTCDefaults:
-    """What a request's "rtc" map may leave out (`pi0 serve --rtc-horizon --rtc-schedule --rtc-max-guidance`)."""
+    """What a request's "rtc" map may leave out (`pi0 serve --rtc-horizon --rtc-schedule --rtc-max-guidance`),
+    checked when made: a server whose defaults would make every RTC request fail does not start."""
 
     execution_horizon: int = 10
     schedule: str = "linear"
     max_guidance_weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        h, beta = self.execution_horizon, self.max_guidance_weight
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+            raise ValueError(f"--rtc-horizon must be an integer >= 1 (how far into a new chunk the previous one still "
+                             f"pulls), got {h!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--rtc-schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+            raise ValueError(f"--rtc-max-guidance must be a finite number > 0, got {beta!r}")
 
 
 class Policy:
@@ -82,34 +94,63 @@ class Policy:
         self.model = load_from_info(self.info, backend=backend, dtype=torch_dtype, device=self.device, progress=progress)
         if self.pipeline is not None:
             self.action_dim = self.pipeline.action_dim
+            self.state_len = self.pipeline.state_dim
             return
-        stats_dim = None
-        if self.normalizer is not None and self.normalizer.actions is not None:
-            stats_dim = self.normalizer.actions.width
-        self.action_dim = min(self.preset.action_dim or stats_dim or cfg.action_dim, cfg.action_dim)
+        self.state_len, self.action_dim = self._check_widths()
 
     def _resolve_preset(self, name: str | None) -> RobotPreset:
-        meta = self.info.meta
-        feats = meta.get("input_features") if isinstance(meta.get("input_features"), dict) else {}
-        cams = [k for k in feats if k.startswith("observation.images.")]
-        out = meta.get("output_features") if isinstance(meta.get("output_features"), dict) else {}
-        act = out.get("action", {}).get("shape", [None])[0] if isinstance(out.get("action"), dict) else None
+        feats = features(self.info.meta)
         if name is None:
-            if not cams:
+            if not feats.cameras:
                 raise ValueError(f"choose a robot preset ({', '.join(PRESETS)}, generic): the checkpoint's config.json "
                                  "describes no camera features")
             name = "generic"
         if name == "generic":
-            return generic_preset(cams, act)
+            return generic_preset(feats.cameras, feats.action, feats.state)
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}, generic")
         return PRESETS[name]
 
+    def _check_widths(self) -> tuple[int | None, int]:
+        """(robot state values a request must carry (None: any up to the model's), robot action values answered),
+        from the preset, the checkpoint's features and its norm stats, which must agree: a preset for another robot
+        than the checkpoint's is refused here, before any request."""
+        cfg, preset, feats = self.config, self.preset, features(self.info.meta)
+        stats = {"state": None, "actions": None}
+        if self.normalizer is not None:
+            stats = {k: getattr(self.normalizer, k).width if getattr(self.normalizer, k) is not None else None
+                     for k in ("state", "actions")}
+
+        def agree(what: str, model_width: int, sources: list[tuple[str, int | None]]) -> int | None:
+            known = [(name, n) for name, n in sources if n]
+            # norm stats padded to the model's width cover any robot width
+            exact = [(name, n) for name, n in known if not (name.startswith("norm stats") and n == model_width)]
+            widths = {n for _, n in exact}
+            if len(widths) > 1:
+                raise ValueError(f"{what} widths disagree: " + ", ".join(f"{name} {n}" for name, n in exact)
+                                 + f" (stats from {self.stats_source}): choose the preset of the robot this checkpoint "
+                                 "was trained for (--preset), or its stats (--asset-id)")
+            width = widths.pop() if widths else None
+            if width is not None and width > model_width:
+                raise ValueError(f"{what}: {width} values, but the model takes at most {model_width}")
+            return width
+
+        state = agree("state", cfg.state_dim, [(f"preset {preset.name}", preset.state_len),
+                                               ("config.json input_features", feats.state),
+                                               ("norm stats", stats["state"])])
+        actions = agree("actions", cfg.action_dim, [(f"preset {preset.name}", preset.action_dim),
+                                                    ("config.json output_features", feats.action),
+                                                    ("norm stats", stats["actions"])])
+        return state, actions or cfg.action_dim
+
     @property
     def metadata(self) -> dict[str, Any]:
         cfg = self.config
+        shapes = features(self.info.meta).camera_shapes
         common = {
             "model": cfg.kind, "action_horizon": cfg.action_horizon, "action_dim": self.action_dim,
+            "state_len": self.state_len, "image_hw": list(next(iter(shapes.values()))[-2:]) if shapes else
+            [cfg.vision.image_size] * 2,
             "backend": self.backend, "dtype": self.dtype, "device": str(self.device), "norm_stats": self.stats_source,
             "rtc_defaults": dataclasses.asdict(self.rtc_defaults),
         }
@@ -133,39 +174,44 @@ class Policy:
                              f"{self.preset.description or self.preset.state_keys})") from None
 
     def prepare(self, obs: dict[str, Any]) -> Observation:
-        """A robot observation dict -> model-level Observation (batch 1). Raises BadRequest (MissingKey)
-        naming the offending key, what it should be and what came."""
+        """A robot observation dict -> model-level Observation (batch 1). Everything is checked against what the
+        checkpoint expects before any image is resized or any tensor made: BadRequest (MissingKey) names the
+        offending key, what it should be and what came."""
         if self.pipeline is not None:
             return self.pipeline.prepare(obs)
         if not isinstance(obs, dict):
             raise BadRequest(f"an observation must be a dict, got {type(obs).__name__}")
-        cfg = self.config
-        size = cfg.vision.image_size
-        images, masks = [], []
-        for key, required in self.preset.cameras:
-            img = None if key is None else self._get(obs, key, required)
-            if img is None:
-                images.append(np.zeros((3, size, size), dtype=np.float32) - 1.0)  # a zero image in [-1, 1]
-                masks.append(False)
-            else:
-                images.append(image_to_model(to_uint8_hwc(img, key), size))
-                masks.append(True)
-        state = np.concatenate([finite_vector(self._get(obs, k), k) for k in self.preset.state_keys])
-        if self.preset.state_len is not None and len(state) != self.preset.state_len:
-            raise BadRequest(f"{' + '.join(self.preset.state_keys)} has {len(state)} values; preset {self.preset.name} "
-                             f"expects {self.preset.state_len}")
-        state = self.preset.state_in(state.copy())
+        preset = self.preset
+        cameras = [(key, None if key is None else self._get(obs, key, required)) for key, required in preset.cameras]
+        cameras = [(key, None if img is None else to_uint8_hwc(img, key)) for key, img in cameras]
+        if preset.name == "generic":
+            known = {k for k, _ in preset.cameras}
+            unknown = sorted(k for k in obs if isinstance(k, str) and k.startswith("observation.images.") and k not in known)
+            if unknown:
+                raise BadRequest(f"{', '.join(unknown)}: not a camera of this checkpoint (its cameras: {sorted(known)}); "
+                                 "rename the key or leave it out")
+            if all(img is None for _, img in cameras):
+                raise MissingKey(f"observation has none of this checkpoint's cameras {sorted(known)}: send at least one")
+        state = np.concatenate([finite_vector(self._get(obs, k), k) for k in preset.state_keys])
+        if self.state_len is not None and len(state) != self.state_len:
+            raise BadRequest(f"{' + '.join(preset.state_keys)} has {len(state)} values; preset {preset.name} expects "
+                             f"{self.state_len} (checked against the checkpoint's features and norm stats)")
+        if len(state) > self.config.state_dim:
+            raise BadRequest(f"state has {len(state)} values, the model takes at most {self.config.state_dim}")
+        prompt = prompt_text(obs.get("prompt", self.default_prompt), "prompt", "no default prompt is set")
+        # checked: now the work
+        state = preset.state_in(state.copy())
         if self.normalizer is not None:
             state = self.normalizer.state_in(state)
-        if len(state) > cfg.state_dim:
-            raise BadRequest(f"state has {len(state)} dims, the model takes at most {cfg.state_dim}")
-        prompt = prompt_text(obs.get("prompt", self.default_prompt), "prompt", "no default prompt is set")
+        size = self.config.vision.image_size
+        images = [np.zeros((3, size, size), dtype=np.float32) - 1.0 if img is None else image_to_model(img, size)
+                  for _, img in cameras]  # a missing camera: a zero image in [-1, 1], masked
         tokens, token_mask = self.tokenizer(prompt, state if self.state_in_prompt else None)
-        padded = np.zeros(cfg.state_dim, dtype=np.float32)
+        padded = np.zeros(self.config.state_dim, dtype=np.float32)
         padded[: len(state)] = state
         return Observation(
             images=[torch.from_numpy(im)[None] for im in images],
-            image_masks=[torch.tensor([m]) for m in masks],
+            image_masks=[torch.tensor([img is not None]) for _, img in cameras],
             tokens=torch.from_numpy(tokens)[None],
             token_masks=torch.from_numpy(token_mask)[None],
             state=torch.from_numpy(padded)[None],
@@ -217,12 +263,25 @@ class Policy:
                 return int(value)
             raise BadRequest(f"rtc {key} must be an integer, got {value!r}")
 
+        def number(key: str, value: Any) -> float:
+            if isinstance(value, (np.integer, np.floating, int, float)) and not isinstance(value, (bool, np.bool_)):
+                return float(value)
+            raise BadRequest(f"rtc {key} must be a number, got {value!r}")
+
+        def text(key: str, value: Any) -> str:
+            if isinstance(value, (bytes, np.bytes_)):
+                value = bytes(value).decode(errors="replace")
+            if isinstance(value, (str, np.str_)):
+                return str(value)
+            raise BadRequest(f"rtc {key} must be a string, got {value!r}")
+
         d = self.rtc_defaults
         rtc = RTC(prev_actions=torch.from_numpy(prev.astype(np.float32))[None],
                   inference_delay=integer("inference_delay", request["inference_delay"]),
                   execution_horizon=integer("execution_horizon", request.get("execution_horizon", d.execution_horizon)),
-                  schedule=str(request.get("schedule", d.schedule)),
-                  max_guidance_weight=float(request.get("max_guidance_weight", d.max_guidance_weight)))
+                  schedule=text("schedule", request.get("schedule", d.schedule)),
+                  max_guidance_weight=number("max_guidance_weight", request.get("max_guidance_weight",
+                                                                                 d.max_guidance_weight)))
         try:
             rtc.validate(1, self.config.action_horizon, self.config.action_dim)
         except ValueError as e:

@@ -390,11 +390,14 @@ PRESETS: dict[str, RobotPreset] = {
 }
 
 
-def generic_preset(camera_keys: list[str], action_dim: int | None) -> RobotPreset:
-    """Described by the checkpoint's features: `observation.images.*` cameras in order, `observation.state`."""
+def generic_preset(camera_keys: tuple[str, ...] | list[str], action_dim: int | None,
+                   state_len: int | None = None) -> RobotPreset:
+    """Described by the checkpoint's features: its cameras in slot order (each may be left out, at least one sent,
+    as LeRobot's policies take them), `observation.state` of its width, the action width."""
     cams = [(k, False) for k in camera_keys] or [("observation.image", True)]
-    return RobotPreset("generic", cams, ["observation.state"], action_dim,
-                       description=f"cameras {camera_keys}, observation.state, prompt")
+    state = f"observation.state ({state_len})" if state_len else "observation.state"
+    return RobotPreset("generic", cams, ["observation.state"], action_dim, state_len=state_len,
+                       description=f"cameras {list(camera_keys)} (at least one), {state}, prompt")
 
 
 def lookup(obs: dict[str, Any], key: str) -> Any:

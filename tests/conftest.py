@@ -16,6 +16,30 @@ import pi0
 # A compiled kernel that hits Dynamo's recompile limit silently runs eager ops from then on: in tests, an error
 torch._dynamo.config.fail_on_recompile_limit_hit = True
 
+# dtype "auto" is bf16 on CPUs with native bf16 and fp32 elsewhere, so a test that lets it choose checks only the
+# side of the CPU it runs on. Here no test may let it choose unseen: outside the tests marked `auto_dtype`,
+# PI0_NATIVE_BF16 holds a value that makes "auto" raise (in this process and the ones it starts), and every marked
+# test runs twice, as on a CPU with native bf16 and as on one without (PI0_NATIVE_BF16=1 and =0).
+UNPINNED = "unpinned: this test lets dtype 'auto' choose; pin a dtype or mark the test auto_dtype"
+
+
+def pytest_configure(config):
+    os.environ["PI0_NATIVE_BF16"] = UNPINNED  # for module- and session-scoped fixtures too (under pytest only)
+    config.addinivalue_line("markers", "auto_dtype: lets dtype 'auto' choose: runs with PI0_NATIVE_BF16=1 and =0")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("auto_dtype"):
+        metafunc.parametrize("native_bf16_side", ["bf16", "fp32"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def native_bf16_side(request, monkeypatch):
+    """PI0_NATIVE_BF16 for one test: 1 or 0 for `auto_dtype` tests, else the value that makes "auto" raise."""
+    side = getattr(request, "param", None)
+    monkeypatch.setenv("PI0_NATIVE_BF16", {"bf16": "1", "fp32": "0", None: UNPINNED}[side])
+    return side
+
 warnings.filterwarnings("ignore", message="SigLIP width .* records no head count")
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 openpi_client = pytest.importorskip("openpi_client.websocket_client_policy")
-from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 from pi0.errors import BadRequest  # noqa: E402
@@ -67,21 +66,6 @@ class Faulty:
 
 # ---------------------------------------------------------------------------------------------
 # The server
-
-
-def test_oversized_frames_are_refused_before_they_are_buffered(policy):
-    s = Running(policy, max_message_bytes=1 << 20)
-    try:
-        with connect(f"ws://127.0.0.1:{s.port}", max_size=None) as ws:
-            ws.recv()
-            ws.send(b"\x00" * (2 << 20))
-            with pytest.raises(ConnectionClosed) as e:
-                ws.recv(timeout=30)
-        assert e.value.rcvd.code == 1009  # message too big, from websockets itself
-        reply = _ask(s.port, msgpack_numpy.packb(libero_obs(0)))
-        assert isinstance(reply, bytes)
-    finally:
-        s.close()
 
 
 def test_batches_are_capped_and_bad_rows_never_cost_a_forward(policy):
@@ -181,19 +165,14 @@ def test_fuzzed_observations_are_bad_requests_never_crashes(which, policy, lerob
     assert failures >= 100
 
 
-def test_metrics_and_json_logs(policy):
+def test_metrics_content_type_and_json_logs(policy):
+    """/metrics is Prometheus text (what each stage observes: tests/test_served.py, for both servers)."""
     s = Running(policy)
     try:
-        _ask(s.port, msgpack_numpy.packb(libero_obs(0)))
-        _ask(s.port, msgpack_numpy.packb({**libero_obs(0), "observation/state": "x"}))
         with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/metrics", timeout=10) as r:
             text = r.read().decode()
             assert r.headers["Content-Type"].startswith("text/plain")
-        assert 'pi0_requests_total{outcome="ok"} 1.0' in text
-        assert 'pi0_requests_total{outcome="bad_request"} 1.0' in text
-        for needle in ('pi0_stage_seconds_bucket{le="0.001",stage="denoise"}', 'stage="queue"', 'stage="preprocess"',
-                       "pi0_batch_rows_count 1.0", "pi0_connections", "pi0_inflight_bytes",
-                       "process_resident_memory_bytes", "pi0_gpu_memory_bytes"):
+        for needle in ("pi0_connections", "pi0_inflight_bytes", "process_resident_memory_bytes", "pi0_gpu_memory_bytes"):
             assert needle in text, needle
     finally:
         s.close()
@@ -203,33 +182,6 @@ def test_metrics_and_json_logs(policy):
     import json
 
     assert json.loads(JsonFormatter().format(record))["message"] == "bad request: x"
-
-
-@pytest.mark.serial  # timed: run alone (make test runs these after the parallel part)
-def test_the_in_flight_budget_holds_against_any_mix_of_clients(policy):
-    # each connection reserves all it can make the server hold (3 messages: queued, raw and decoded in flight)
-    s = Running(policy, max_message_bytes=1 << 20, max_inflight_bytes=(6 << 20) + (512 << 10))
-    try:
-        first = connect(f"ws://127.0.0.1:{s.port}", max_size=None)
-        first.recv()
-        second = connect(f"ws://127.0.0.1:{s.port}", max_size=None)
-        second.recv()  # two connections reserve 6 MiB of the 6.5
-        assert s.server.budget.used == 6 << 20
-        with connect(f"ws://127.0.0.1:{s.port}", max_size=None) as third:
-            with pytest.raises(ConnectionClosed) as e:
-                third.recv(timeout=10)
-        assert e.value.rcvd.code == 1013 and "max-inflight-mb" in e.value.rcvd.reason
-        # a connection that got in is never refused a request, however full the budget: a message near the
-        # limit from one, a normal one from the other, both answered
-        second.send(msgpack_numpy.packb({**libero_obs(0), "pad": np.zeros(600 << 10, np.uint8)}))
-        first.send(msgpack_numpy.packb(libero_obs(0)))
-        assert isinstance(first.recv(timeout=30), bytes) and isinstance(second.recv(timeout=30), bytes)
-        first.close()
-        second.close()
-        time.sleep(0.5)
-        assert s.server.budget.used == 0
-    finally:
-        s.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ def forced_bf16(monkeypatch):
     """Set PI0_NATIVE_BF16 for one test, with the probe's cache cleared before and after."""
     def force(value: str) -> None:
         monkeypatch.setenv("PI0_NATIVE_BF16", value)
-        hardware.native_bf16.cache_clear()
+        hardware.probe_bf16.cache_clear()
 
     yield force
     monkeypatch.delenv("PI0_NATIVE_BF16", raising=False)
-    hardware.native_bf16.cache_clear()
+    hardware.probe_bf16.cache_clear()
 
 
 def test_auto_dtype_follows_native_bf16(forced_bf16):
@@ -52,25 +52,25 @@ def test_explicit_bf16_without_native_bf16_runs_and_says_it_is_slow(forced_bf16)
 
 def test_the_real_probe_reads_flags_or_times_gemms(forced_bf16, monkeypatch):
     monkeypatch.delenv("PI0_NATIVE_BF16", raising=False)
-    hardware.native_bf16.cache_clear()
+    hardware.probe_bf16.cache_clear()
     native, why = hardware.native_bf16("cpu")
     assert isinstance(native, bool) and why
     # an AVX2-only CPU's flags: no bf16, whatever oneDNN says
     monkeypatch.setattr(hardware, "_cpu_flags", lambda: {"avx2", "fma", "avx512f"})
-    hardware.native_bf16.cache_clear()
+    hardware.probe_bf16.cache_clear()
     assert hardware.native_bf16("cpu") == (False, "CPU (%s) has no native bf16 (no avx512_bf16 / amx_bf16 / bf16 flag)"
                                            % torch.backends.cpu.get_cpu_capability())
     monkeypatch.setattr(hardware, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
-    hardware.native_bf16.cache_clear()
+    hardware.probe_bf16.cache_clear()
     assert hardware.native_bf16("cpu")[0] == torch.ops.mkldnn._is_mkldnn_bf16_supported()
     # no flags to read (not Linux): timing decides
     monkeypatch.setattr(hardware, "_cpu_flags", lambda: None)
     monkeypatch.setattr(hardware, "_gemm_rates", lambda: (300.0, 40.0))
-    hardware.native_bf16.cache_clear()
+    hardware.probe_bf16.cache_clear()
     assert hardware.native_bf16("cpu") == (False, "CPU (%s) bf16 GEMM 40 GFLOP/s vs fp32 300 GFLOP/s"
                                            % torch.backends.cpu.get_cpu_capability())
     monkeypatch.setattr(hardware, "_gemm_rates", lambda: (250.0, 1100.0))
-    hardware.native_bf16.cache_clear()
+    hardware.probe_bf16.cache_clear()
     assert hardware.native_bf16("cpu")[0] is True
 
 

@@ -140,7 +140,7 @@ def test_generic_preset_from_lerobot_features(tmp_path, tokenizer_path):
     inputs = pol.prepare(obs)
     assert [m.item() for m in inputs.image_masks] == [True, False, False]
     assert pol.infer(obs)["actions"].shape == (50, 6)
-    with pytest.raises(ValueError, match="at most 32"):
+    with pytest.raises(ValueError, match="observation.state has 40 values; preset generic expects 6"):
         pol.infer({**obs, "observation.state": np.zeros(40)})
 
 
@@ -156,13 +156,15 @@ def test_pi0_infer_cli(tmp_path, libero_ckpt):
     js = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in obs.items()}
     (tmp_path / "obs.json").write_text(json.dumps(js))
     r = subprocess.run([sys.executable, "-m", "pi0.cli", "infer", "--checkpoint", str(libero_ckpt), "--preset", "libero",
-                        "--obs", str(tmp_path / "obs.json")], capture_output=True, text=True, timeout=300)
+                        "--obs", str(tmp_path / "obs.json"), "--dtype", "float32"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     assert "actions [50, 7]" in r.stdout
     bad = {k: v for k, v in js.items() if k != "observation/state"}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     r = subprocess.run([sys.executable, "-m", "pi0.cli", "infer", "--checkpoint", str(libero_ckpt), "--preset", "libero",
-                        "--obs", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=300)
+                        "--obs", str(tmp_path / "bad.json"), "--dtype", "float32"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 2 and "observation/state" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -1,7 +1,8 @@
-"""`pi0 serve --replicas 2` on Ray Serve (a local Ray instance, tiny weights): openpi's client is answered by
-both replicas with the same actions as the policy alone, /healthz goes through Ray's proxy, and SIGTERM
-leaves no Ray process behind. Slow (Ray starts in ~30 s on 2 cores)."""
+"""`pi0 serve --replicas 2` on Ray Serve (a local Ray instance, tiny weights): openpi's clients are spread over both
+replicas and answered with the policy's actions, /healthz and /metrics go through Ray's proxy, and SIGTERM leaves
+no Ray process behind. Slow (Ray starts in ~30 s on 2 cores). The service's rules under Ray: tests/test_served.py."""
 
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ pytest.importorskip("ray.serve")
 openpi_client = pytest.importorskip("openpi_client.websocket_client_policy")
 
 from pi0.policy import Policy  # noqa: E402
+from pi0.serving.ray_serve import REPORT_S  # noqa: E402
 from tests.conftest import free_port, wait_healthy, write_policy_checkpoint  # noqa: E402
 from tests.test_policy import libero_obs  # noqa: E402
 
@@ -23,8 +25,15 @@ def _ray_processes() -> list[str]:
     return [p for p in out if "raylet" in p or "gcs_server" in p or p.startswith("ray::")]
 
 
-@pytest.mark.skipif(bool(_ray_processes()), reason="another Ray instance is running")
+@pytest.mark.xdist_group("ray")  # one Ray instance at a time (tests/test_served.py starts one too)
 def test_two_ray_serve_replicas_answer_openpi_clients_and_stop_cleanly(tmp_path, tokenizer_path):
+    """Robots connecting at once are spread over the replicas (the fewest connections first), each answered as the
+    policy alone answers; /metrics shows every replica's counts; SIGTERM leaves no Ray process."""
+    deadline = time.time() + 60
+    while _ray_processes():  # another test's Ray instance shutting down
+        if time.time() > deadline:
+            pytest.skip("another Ray instance is running")
+        time.sleep(1)
     ck = write_policy_checkpoint(tmp_path / "ck", "tiny", tokenizer_path)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", str(ck), "--preset", "libero",
@@ -33,43 +42,30 @@ def test_two_ray_serve_replicas_answer_openpi_clients_and_stop_cleanly(tmp_path,
     try:
         wait_healthy(proc, port, 240)
         want = Policy(ck, preset="libero", dtype="float32", seed=0).infer(libero_obs(0))["actions"]
-        replicas = set()
-        for _ in range(12):
-            c = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=port)
+        clients = [openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=port) for _ in range(4)]
+        replicas = []
+        for c in clients:
             assert c.get_server_metadata()["preset"] == "libero"
             r = c.infer(libero_obs(0))
             assert np.abs(r["actions"] - want).max() <= 1e-5
-            replicas.add(r["server_timing"]["replica"])
-            with pytest.raises(RuntimeError, match="observation/state"):
-                c.infer({k: v for k, v in libero_obs(0).items() if k != "observation/state"})
-            assert c.infer(libero_obs(0))["actions"].shape == (50, 7)  # the connection lives on
-            if len(replicas) == 2:
-                break
-        assert len(replicas) == 2, replicas
-        # the single-process server's rules, per replica
+            replicas.append(r["server_timing"]["replica"])
+        assert sorted(replicas.count(r) for r in set(replicas)) == [2, 2], replicas
         with pytest.raises(RuntimeError, match="bad request: observation/state has 3 values"):
-            c.infer({**libero_obs(0), "observation/state": np.zeros(3, np.float32)})
-        with pytest.raises(RuntimeError, match="at least 8 px"):
-            c.infer({**libero_obs(0), "observation/image": np.zeros((1, 1000, 3), np.uint8)})
-        from websockets.sync.client import connect
-
-        from pi0.serving import msgpack_numpy
-
-        with connect(f"ws://127.0.0.1:{port}", max_size=None) as ws:
-            ws.recv()
-            ws.send(msgpack_numpy.packb({"batch": [libero_obs(i) for i in range(9)]}))
-            assert "at most 8" in ws.recv(timeout=60)
-            bad = {**libero_obs(1), "observation/state": np.zeros(3, np.float32)}
-            ws.send(msgpack_numpy.packb({"batch": [libero_obs(0), bad]}))
-            reply = msgpack_numpy.unpackb(ws.recv(timeout=60))
-            assert reply["server_timing"]["batch_size"] == 1 and "bad request" in reply["batch"][1]["error"]
+            clients[0].infer({**libero_obs(0), "observation/state": np.zeros(3, np.float32)})
+        assert clients[0].infer(libero_obs(0))["actions"].shape == (50, 7)  # the connection lives on
         import urllib.request
 
+        time.sleep(REPORT_S + 0.5)  # each replica reports its numbers to the board every REPORT_S
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
             text = r.read().decode()
-        assert "pi0_requests_total" in text and 'replica="' in text
+        ok = {name: float(v) for name, v in re.findall(r'pi0_requests_total\{outcome="ok",replica="(\w+)"\} (\S+)', text)}
+        assert set(ok) == set(replicas) and all(ok[r] >= replicas.count(r) for r in ok), (ok, replicas)
+        for c in clients:
+            c._ws.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
-    time.sleep(2)
+    deadline = time.time() + 30
+    while _ray_processes() and time.time() < deadline:
+        time.sleep(0.5)
     assert not _ray_processes(), _ray_processes()

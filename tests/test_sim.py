@@ -99,6 +99,7 @@ def _eval_args(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
+@pytest.mark.auto_dtype  # what make demo runs: bf16 where the CPU has it, fp32 elsewhere
 def test_the_shipped_model_solves_its_task_in_closed_loop(tmp_path):
     """The short closed loop CI runs: the small pi0 shipped in pi0/assets/metaworld, three episodes of one task
     on seeds it never saw, each must succeed; the video is written."""
@@ -119,7 +120,7 @@ def test_the_shipped_model_through_pi0_serve_with_rtc():
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", str(SHIPPED), "--preset",
-                             "metaworld", "--port", str(port), "--seed", "0"], stdout=subprocess.PIPE,
+                             "metaworld", "--port", str(port), "--seed", "0", "--dtype", "float32"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         wait_healthy(proc, port, 120)

@@ -578,6 +578,17 @@ def _probe_int8(kernel: str, dtype: torch.dtype, qmax: int, m: int, k: int, n: i
 
 
 PATHOLOGICAL = 3.0  # a kernel this many times slower than dequantised fp32 math is ruled out (not raced)
+SCREEN = 20.0  # x PATHOLOGICAL on a product 64x smaller: ruled out at once (a reference implementation, say, where
+# the full-size measurement would take minutes); a kernel's fixed costs per call are far below this there
+
+
+def slow_int8(kernel: str, dtype: torch.dtype, qmax: int) -> float | None:
+    """How many times slower than the plain path `kernel` computes a small product ([64, 1024] x [1024, 64]) here,
+    if that is over SCREEN x PATHOLOGICAL (else None): a kernel no CPU would choose, screened out in seconds."""
+    plain = _probe_int8("plain", dtype, qmax, 64, 1024, 64)[0]
+    t = _probe_int8(kernel, dtype, qmax, 64, 1024, 64)[0]
+    ratio = t / plain
+    return ratio if ratio > SCREEN * PATHOLOGICAL else None
 
 
 @functools.cache
@@ -604,12 +615,18 @@ def int8_kernel(dtype: torch.dtype, device_type: str) -> tuple[str, int, str]:
     plain_s = _probe_int8("plain", dtype, qmax, 64, 1024, 4096)[0]
     for kn in [forced] if forced else ["onednn", "int_mm"]:
         for q in ((qmax,) if isa else (127, 63)):
-            t, msg = _probe_int8(kn, dtype, q, 64, 1024, 4096)
+            t, msg = _probe_int8(kn, dtype, q, 8, 64, 64)  # the exactness check alone
             if not math.isinf(t):
                 break
-        why.append(msg)
         if math.isinf(t):
+            why.append(msg)
             continue
+        slow = None if forced else slow_int8(kn, dtype, q)
+        if slow is not None:
+            why.append(f"{kn} ruled out: {slow:.0f}x slower than dequantised fp32 math on a small product")
+            continue
+        t, msg = _probe_int8(kn, dtype, q, 64, 1024, 4096)
+        why.append(msg)
         if t > PATHOLOGICAL * plain_s and not forced:
             why.append(f"{kn} ruled out: {t / plain_s:.1f}x slower than dequantised fp32 math")
             continue

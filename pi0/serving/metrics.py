@@ -6,13 +6,15 @@ from typing import Any
 
 STAGES = ("queue", "preprocess", "vision", "prefix", "denoise", "postprocess")
 OUTCOMES = ("ok", "bad_request", "internal_error", "dropped")
+REFUSALS = ("limit", "budget", "errors")  # connections refused at the limit or the budget, or closed after bad requests
 # seconds: from a tiny model's milliseconds to a full-size CPU forward
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class ServerMetrics:
     """requests_total{outcome}, stage_seconds{stage} histograms, batch_rows histogram, connections,
-    inflight_bytes, the process's memory (prometheus_client's process collector) and GPU memory."""
+    inflight_bytes, connections_refused_total{reason}, held_back_seconds_total, the process's memory
+    (prometheus_client's process collector) and GPU memory."""
 
     def __init__(self, replica: str | None = None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -31,6 +33,11 @@ class ServerMetrics:
         self.connections = Gauge("pi0_connections", "Open websocket connections", names, registry=self.registry)
         self.inflight_bytes = Gauge("pi0_inflight_bytes", "Bytes of the in-flight budget reserved by open connections", names,
                                     registry=self.registry)
+        self.refusals = Counter("pi0_connections_refused", "Connections refused at --max-connections (limit) or the "
+                                "in-flight budget (budget), or closed after --max-errors bad requests in a row (errors)",
+                                ["reason", *names], registry=self.registry)
+        self.held = Counter("pi0_held_back_seconds", "Seconds connections were held back after bad requests in a row",
+                            names, registry=self.registry)
         gpu = Gauge("pi0_gpu_memory_bytes", "GPU memory allocated by torch (0 without a GPU)", names,
                     registry=self.registry)
         gpu_labelled = gpu.labels(**labels) if labels else gpu
@@ -39,6 +46,8 @@ class ServerMetrics:
             self._l(self.requests, outcome=outcome)
         for stage in STAGES:
             self._l(self.stage_seconds, stage=stage)
+        for reason in REFUSALS:
+            self._l(self.refusals, reason=reason)
 
     def _l(self, metric: Any, **labels: str) -> Any:
         labels = {**labels, **self._labels}
@@ -49,6 +58,12 @@ class ServerMetrics:
 
     def observe(self, stage: str, seconds: float) -> None:
         self._l(self.stage_seconds, stage=stage).observe(max(0.0, seconds))
+
+    def refused(self, reason: str) -> None:
+        self._l(self.refusals, reason=reason).inc()
+
+    def held_back(self, seconds: float) -> None:
+        self._l(self.held).inc(seconds)
 
     def batch(self, rows: int) -> None:
         self._l(self.batch_rows).observe(rows)
