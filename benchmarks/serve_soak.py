@@ -124,58 +124,39 @@ def _latency(port: int, n: int = 10, client=None) -> float:
     return float(np.median(t))
 
 
-def flood(ckpt: str, tokenizer: str, clients: int, message_mb: float, inflight_mb: float, seconds: float) -> dict:
+def _flooders(port: int, clients: int, message_mb: float, seconds: float, started, out) -> None:
+    """In a process of its own (so that the good robot's client shares no interpreter with them): `clients`
+    threads, each connecting and sending maximum-size frames without reading a reply."""
     from websockets.sync.client import connect
 
-    port = free_port()
-    proc = start(ckpt, tokenizer, port, "--max-message-mb", str(message_mb), "--max-inflight-mb", str(inflight_mb))
-    try:
-        from openpi_client.websocket_client_policy import WebsocketClientPolicy
+    payload = os.urandom(int(message_mb * 2**20) - 4096)  # just under the limit: accepted frames, then refused
+    stop_at = time.perf_counter() + seconds
+    refused, sent = [0], [0]
 
-        good = WebsocketClientPolicy(host="127.0.0.1", port=port)  # connected before the flood: its share is reserved
-        alone = _latency(port, 20, client=good)
-        base = rss_mb(proc.pid)
-        payload = os.urandom(int(message_mb * 2**20) - 4096)  # just under the limit: accepted frames, then refused
-        stop_at = time.perf_counter() + seconds
-        refused, sent = [0], [0]
+    def flooder() -> None:
+        try:
+            with connect(f"ws://127.0.0.1:{port}", max_size=None, open_timeout=30) as ws:
+                ws.socket.settimeout(2.0)
+                while time.perf_counter() < stop_at:
+                    ws.send(payload)
+                    sent[0] += 1
+        except Exception:  # noqa: BLE001 - refused by the budget (503), closed, or blocked by backpressure
+            refused[0] += 1
 
-        def flooder() -> None:
-            try:
-                with connect(f"ws://127.0.0.1:{port}", max_size=None, open_timeout=30) as ws:
-                    ws.socket.settimeout(2.0)
-                    while time.perf_counter() < stop_at:
-                        ws.send(payload)
-                        sent[0] += 1
-            except Exception:  # noqa: BLE001 - closed by the budget (1013) or blocked by backpressure
-                refused[0] += 1
-
-        threads = [threading.Thread(target=flooder, daemon=True) for _ in range(clients)]
-        for t in threads:
-            t.start()
-        peak = base
-        time.sleep(1.0)
-        during = _latency(port, 20, client=good)
-        while time.perf_counter() < stop_at:
-            peak = max(peak, rss_mb(proc.pid))
-            time.sleep(0.1)
-        for t in threads:
-            t.join(5)
-        return {"scenario": "flood", "clients": clients, "message_mb": message_mb, "max_inflight_mb": inflight_mb,
-                "frames_sent": sent[0], "flooders_refused_or_blocked": refused[0], "rss_base_mb": base,
-                "rss_peak_mb": peak, "rss_over_base_mb": peak - base, "good_latency_alone_s": alone,
-                "good_latency_during_s": during, "ratio": during / alone}
-    finally:
-        stop(proc)
+    threads = [threading.Thread(target=flooder, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    started.set()
+    for t in threads:
+        t.join(seconds + 10)
+    out.put({"frames_sent": sent[0], "flooders_refused_or_blocked": refused[0]})
 
 
-def error_loop(port: int, clients: int, seconds: float) -> dict:
-    """`clients` openpi clients in a loop sending a state of the wrong width (each catches its error and sends
-    again, reconnecting when closed) beside a good robot: its latency alone and meanwhile, and what the loopers
-    got (answers, connections closed)."""
+def _error_loopers(port: int, clients: int, seconds: float, started, out) -> None:
+    """In a process of its own: `clients` openpi clients in a loop sending a state of the wrong width (each catches
+    its error and sends again, and reconnects when closed)."""
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
-    good = WebsocketClientPolicy(host="127.0.0.1", port=port)
-    alone = _latency(port, 20, client=good)
     bad = {**robot_obs(3), "observation/state": np.zeros(3, np.float32)}
     stop_at = time.perf_counter() + seconds
     answered, closed = [0], [0]
@@ -194,13 +175,68 @@ def error_loop(port: int, clients: int, seconds: float) -> dict:
     threads = [threading.Thread(target=looper, daemon=True) for _ in range(clients)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
-    during = _latency(port, 20, client=good)
+    started.set()
     for t in threads:
         t.join(seconds + 30)
+    out.put({"errors_answered_per_client_per_s": answered[0] / clients / seconds, "closed_for_errors": closed[0]})
+
+
+def _beside(port: int, target, args: tuple, good, settle_s: float, n: int = 40) -> tuple[float, float, dict]:
+    """A good robot's median latency alone, then while `target(port, *args)` runs in another process (from
+    settle_s after it started), then alone again: (alone, during, what the other process reported)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    before = _latency(port, n, client=good)
+    started, out = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=target, args=(port, *args, started, out), daemon=True)
+    proc.start()
+    started.wait(60)
+    time.sleep(settle_s)
+    during = _latency(port, n, client=good)
+    report = out.get(timeout=300)
+    proc.join(30)
+    after = _latency(port, n, client=good)
+    return float(np.median([before, after])), during, report
+
+
+def flood(ckpt: str, tokenizer: str, clients: int, message_mb: float, inflight_mb: float, seconds: float) -> dict:
+    port = free_port()
+    proc = start(ckpt, tokenizer, port, "--max-message-mb", str(message_mb), "--max-inflight-mb", str(inflight_mb))
+    try:
+        from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+        good = WebsocketClientPolicy(host="127.0.0.1", port=port)  # connected before the flood: its share is reserved
+        base = rss_mb(proc.pid)
+        peak = [base]
+        watching = threading.Event()
+
+        def watch() -> None:
+            while not watching.is_set():
+                peak[0] = max(peak[0], rss_mb(proc.pid))
+                time.sleep(0.1)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        alone, during, report = _beside(port, _flooders, (clients, message_mb, seconds), good, settle_s=0.5)
+        watching.set()
+        watcher.join()
+        return {"scenario": "flood", "clients": clients, "message_mb": message_mb, "max_inflight_mb": inflight_mb,
+                **report, "rss_base_mb": base, "rss_peak_mb": peak[0], "rss_over_base_mb": peak[0] - base,
+                "good_latency_alone_s": alone, "good_latency_during_s": during, "ratio": during / alone}
+    finally:
+        stop(proc)
+
+
+def error_loop(port: int, clients: int, seconds: float) -> dict:
+    """`clients` clients sending a state of the wrong width in a loop (another process) beside a good robot: its
+    latency alone and meanwhile, and what the loopers got (answers per second, connections closed)."""
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    good = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    alone, during, report = _beside(port, _error_loopers, (clients, seconds), good, settle_s=0.5)
     return {"scenario": "error_loop", "clients": clients, "seconds": seconds, "good_latency_alone_s": alone,
-            "good_latency_during_s": during, "ratio": during / alone,
-            "errors_answered_per_client_per_s": answered[0] / clients / seconds, "closed_for_errors": closed[0]}
+            "good_latency_during_s": during, "ratio": during / alone, **report}
 
 
 def killed_clients(port: int, n: int) -> dict:

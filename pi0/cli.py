@@ -98,7 +98,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def save_action_plot(actions: torch.Tensor, path: Path, title: str) -> None:
-    """One small panel per action dimension: the value over the horizon."""
+    """The chunk as a heat map (step x action dimension) beside the first dimensions' curves: one figure of two
+    axes (a panel per dimension took seconds to lay out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,18 +107,18 @@ def save_action_plot(actions: torch.Tensor, path: Path, title: str) -> None:
 
     a = actions.float().cpu().numpy()  # [H, D]
     h, d = a.shape
-    cols = min(8, d)
-    rows = (d + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.6 * rows), sharex=True, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        if i >= d:
-            ax.axis("off")
-            continue
-        ax.plot(range(h), a[:, i], lw=1.2)
-        ax.set_title(f"dim {i}", fontsize=8)
-        ax.tick_params(labelsize=6)
+    fig, (heat, lines) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [3, 2]})
+    im = heat.imshow(a.T, aspect="auto", cmap="coolwarm", interpolation="nearest")
+    heat.set_xlabel("step in the action chunk", fontsize=8)
+    heat.set_ylabel("action dimension", fontsize=8)
+    fig.colorbar(im, ax=heat, fraction=0.04)
+    for i in range(min(8, d)):
+        lines.plot(range(h), a[:, i], lw=1.2, label=f"dim {i}")
+    lines.set_xlabel("step in the action chunk", fontsize=8)
+    lines.legend(fontsize=6, ncol=2)
+    for ax in (heat, lines):
+        ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.supxlabel("step in the action chunk", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -113,6 +113,13 @@ def write_policy_checkpoint(directory, preset_name: str, tokenizer: str, layout:
     return d
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a `pi0` command a test starts: the test's own, without compiled kernels (each new process
+    would spend ~10 s probing them; the engine's tests check them in process, test_bench_json_reports_every_field
+    and the README's commands through the command line), plus `extra`."""
+    return {**os.environ, "PI0_COMPILE": "0", **extra}
+
+
 def free_port() -> int:
     import socket
 

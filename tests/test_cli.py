@@ -8,12 +8,14 @@ import sys
 import pytest
 
 import pi0
+from tests.conftest import cli_env
 
 
-def run(*args, timeout=300, **env):
-    """`pi0 ARGS` in a fresh process; keyword arguments are extra environment variables."""
+def run(*args, timeout=300, compiled=False, **env):
+    """`pi0 ARGS` in a fresh process (compiled kernels only if asked); keyword arguments are extra environment
+    variables."""
     return subprocess.run([sys.executable, "-m", "pi0.cli", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **env})
+                          env={**os.environ, **env} if compiled else cli_env(**env))
 
 
 @pytest.mark.parametrize("preset_name,layout,tensors", [
@@ -73,7 +75,7 @@ def test_bad_path_is_one_clear_line(tmp_path):
 def test_bench_json_reports_every_field(native, dtype):
     """--dtype auto (the default) follows the bf16 probe, forced both ways here; --json says what it chose."""
     r = run("bench", "--size", "tiny", "--json", "--repeats", "2", "--masked-cameras", "1", "--valid-tokens", "5",
-            PI0_NATIVE_BF16=native)
+            compiled=True, PI0_NATIVE_BF16=native)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     for k in ("latency_s", "first_call_s", "load_s", "model_tflop", "achieved_gflops", "gemm_gflops", "efficiency",

@@ -11,6 +11,7 @@ import pytest
 from safetensors import safe_open
 
 import pi0
+from tests.conftest import cli_env
 from tests.fixtures_lib import scaled_err
 
 ROOT = Path(__file__).parent / "fixtures" / "pipeline"
@@ -87,7 +88,7 @@ def test_inspect_shows_the_pipeline():
     import sys
 
     r = subprocess.run([sys.executable, "-m", "pi0.cli", "inspect", str(ROOT / "pi05_default"), "--json"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env=cli_env())
     rep = json.loads(r.stdout)
     assert rep["pipeline"]["convention"] == "lerobot"
     assert "pi05_prepare_state_tokenizer_processor_step" in rep["pipeline"]["preprocessor"]
@@ -102,7 +103,8 @@ def test_pi0_infer_takes_a_lerobot_observation_file(tmp_path):
     np.savez(tmp_path / "obs.npz", **obs)
     r = subprocess.run([sys.executable, "-m", "pi0.cli", "infer", "--checkpoint", str(ROOT / "pi05_default"),
                         "--obs", str(tmp_path / "obs.npz"), "--tokenizer", str(TOKENIZER), "--dtype", "float32",
-                        "--seed", "0", "--out", str(tmp_path / "a.npy")], capture_output=True, text=True, timeout=120)
+                        "--seed", "0", "--out", str(tmp_path / "a.npy")], capture_output=True, text=True, timeout=120,
+                       env=cli_env())
     assert r.returncode == 0, r.stderr
     want = pi0.Policy(ROOT / "pi05_default", dtype="float32", tokenizer=TOKENIZER, seed=0).infer(obs)["actions"]
     assert np.array_equal(np.load(tmp_path / "a.npy"), want)

@@ -14,7 +14,7 @@ import torch
 
 import pi0
 from pi0.checkpoint import CheckpointError
-from tests.conftest import make_noise, make_obs, write_policy_checkpoint
+from tests.conftest import cli_env, make_noise, make_obs, write_policy_checkpoint
 from tests.orbax_writer import jax_tree, write_orbax
 
 pytest.importorskip("tensorstore")
@@ -100,10 +100,9 @@ def test_loading_imports_no_jax(tmp_path):
 
 
 def _cli(*args, **env):
-    import os
 
     return subprocess.run([sys.executable, "-m", "pi0.cli", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+                          env=cli_env(**env))
 
 
 def test_convert_orbax_to_openpi_and_inspect(tmp_path, tokenizer_path):

@@ -11,7 +11,7 @@ import torch
 import pi0
 from pi0.policy import Policy
 from pi0.processing import ALOHA_JOINT_FLIP, _gripper_from_angular, _gripper_to_angular
-from tests.conftest import write_policy_checkpoint
+from tests.conftest import cli_env, write_policy_checkpoint
 
 
 def libero_obs(seed=0, prompt="put the red cup in the bowl"):
@@ -149,7 +149,7 @@ def test_pi0_infer_cli(tmp_path, libero_ckpt):
     np.savez(tmp_path / "obs.npz", **obs)
     r = subprocess.run([sys.executable, "-m", "pi0.cli", "infer", "--checkpoint", str(libero_ckpt), "--preset", "libero",
                         "--obs", str(tmp_path / "obs.npz"), "--seed", "3", "--dtype", "float32", "--backend", "reference",
-                        "--out", str(tmp_path / "a.npy")], capture_output=True, text=True, timeout=300)
+                        "--out", str(tmp_path / "a.npy")], capture_output=True, text=True, timeout=300, env=cli_env())
     assert r.returncode == 0, r.stderr
     want = Policy(libero_ckpt, preset="libero", backend="reference", dtype="float32", seed=3).infer(obs)["actions"]
     assert np.allclose(np.load(tmp_path / "a.npy"), want, atol=1e-6)
@@ -157,14 +157,14 @@ def test_pi0_infer_cli(tmp_path, libero_ckpt):
     (tmp_path / "obs.json").write_text(json.dumps(js))
     r = subprocess.run([sys.executable, "-m", "pi0.cli", "infer", "--checkpoint", str(libero_ckpt), "--preset", "libero",
                         "--obs", str(tmp_path / "obs.json"), "--dtype", "float32"], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env=cli_env())
     assert r.returncode == 0, r.stderr
     assert "actions [50, 7]" in r.stdout
     bad = {k: v for k, v in js.items() if k != "observation/state"}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     r = subprocess.run([sys.executable, "-m", "pi0.cli", "infer", "--checkpoint", str(libero_ckpt), "--preset", "libero",
                         "--obs", str(tmp_path / "bad.json"), "--dtype", "float32"], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env=cli_env())
     assert r.returncode == 2 and "observation/state" in r.stderr and "Traceback" not in r.stderr
 
 

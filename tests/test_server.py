@@ -19,7 +19,7 @@ from websockets.sync.client import connect  # noqa: E402
 from pi0.policy import Policy  # noqa: E402
 from pi0.serving import msgpack_numpy  # noqa: E402
 from pi0.serving.server import PolicyServer  # noqa: E402
-from tests.conftest import free_port, wait_healthy, write_policy_checkpoint  # noqa: E402
+from tests.conftest import cli_env, free_port, wait_healthy, write_policy_checkpoint  # noqa: E402
 from tests.test_policy import libero_obs  # noqa: E402
 
 
@@ -268,7 +268,7 @@ def test_pi0_serve_command(tmp_path, tokenizer_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", str(ck), "--preset", "libero",
                              "--port", str(port), "--seed", "0", "--dtype", "float32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
     try:
         wait_healthy(proc, port, 120)
         client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=port)

@@ -15,6 +15,7 @@ pytest.importorskip("metaworld")
 pytest.importorskip("av")
 
 from pi0.dataset import LeRobotDataset  # noqa: E402
+from tests.conftest import cli_env  # noqa: E402
 
 SHIPPED_TASK = "drawer-close-v3"
 
@@ -121,7 +122,7 @@ def test_the_shipped_model_through_pi0_serve_with_rtc():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", str(SHIPPED), "--preset",
                              "metaworld", "--port", str(port), "--seed", "0", "--dtype", "float32"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=cli_env())
     try:
         wait_healthy(proc, port, 120)
         report = run_eval(_eval_args(checkpoint=None, server=f"127.0.0.1:{port}", rtc=True, episodes=2))

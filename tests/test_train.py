@@ -3,7 +3,6 @@ continues bit for bit, data-parallel runs (DDP, FSDP over gloo) follow one proce
 and what it saves serves."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pi0  # noqa: E402
 from pi0.dataset import DatasetError, LeRobotDatasetWriter  # noqa: E402
 from pi0.lora import add_lora, merge_lora  # noqa: E402
 from pi0.train import Trainer, TrainArgs, TrainingData, learning_rate  # noqa: E402
+from tests.conftest import cli_env  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "datasets" / "videos"
 TASKS = ["open the drawer", "close the drawer"]
@@ -155,7 +155,7 @@ def test_resume_continues_bit_for_bit_and_ctrl_c_keeps_the_last_checkpoint(tmp_p
 
 
 def _torchrun(nproc: int, *argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = cli_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "pi0.train", *argv]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
@@ -212,16 +212,17 @@ def test_lerobot_written_dataset_trains_converts_and_serves(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pi0.cli", "train", "--dataset", str(FIXTURE), "--size", "tiny-pi05",
                         "--out", str(out), "--steps", "2", "--batch", "2", "--action-horizon", "5", "--quiet",
                         "--dtype", "float32"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=cli_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert "saved" in r.stderr and (out / "loss.png").is_file()
     conv = subprocess.run([sys.executable, "-m", "pi0.cli", "convert", str(out / "latest"), str(tmp_path / "lr"),
-                           "--layout", "lerobot"], capture_output=True, text=True, timeout=300)
+                           "--layout", "lerobot"], capture_output=True, text=True, timeout=300, env=cli_env())
     assert conv.returncode == 0, conv.stderr
     assert pi0.inspect_checkpoint(tmp_path / "lr").layout == "lerobot"
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", str(out / "latest"), "--port",
-                             str(port), "--dtype", "float32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(port), "--dtype", "float32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=cli_env())
     try:
         wait_healthy(proc, port, 120)
         client = websocket_client_policy.WebsocketClientPolicy("127.0.0.1", port)
