@@ -159,9 +159,10 @@ def resolve_gcs(url: str) -> Path:
     return local
 
 
-def resolve(path_or_repo_id: str | os.PathLike) -> CheckpointFiles:
+def resolve(path_or_repo_id: str | os.PathLike, download: bool = False) -> CheckpointFiles:
     """A local directory or .safetensors file, an openpi Orbax checkpoint (its directory, a training step or
-    `params/`), a gs:// name in openpi's download cache, or a hub repo id found in the huggingface_hub cache."""
+    `params/`), a gs:// name in openpi's download cache, or a hub repo id found in the huggingface_hub cache (or,
+    with download, fetched into it: nothing is downloaded otherwise)."""
     if str(path_or_repo_id).startswith(GCS_PREFIX):
         path_or_repo_id = resolve_gcs(str(path_or_repo_id))
     p = Path(path_or_repo_id).expanduser()
@@ -170,7 +171,7 @@ def resolve(path_or_repo_id: str | os.PathLike) -> CheckpointFiles:
         cfg = root / "config.json"
         return CheckpointFiles(root, [params], cfg if cfg.exists() else None)
     if not p.exists() and _is_repo_id(str(path_or_repo_id)):
-        p = _from_hub_cache(str(path_or_repo_id))
+        p = _from_hub_cache(str(path_or_repo_id), download)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist: give a checkpoint directory, a .safetensors file or a hub repo id")
     if p.is_file():
@@ -202,7 +203,7 @@ def resolve(path_or_repo_id: str | os.PathLike) -> CheckpointFiles:
     return CheckpointFiles(p, shards, cfg if cfg.exists() else None)
 
 
-def _from_hub_cache(repo_id: str) -> Path:
+def _from_hub_cache(repo_id: str, download: bool) -> Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.constants import HF_HUB_CACHE
@@ -211,19 +212,21 @@ def _from_hub_cache(repo_id: str) -> Path:
     patterns = ["*.json", "*.safetensors", "assets/**"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception as cached_err:  # noqa: BLE001 - any miss: try the network, then explain
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            err = cached_err
-        else:
-            try:
-                return Path(snapshot_download(repo_id, allow_patterns=patterns))
-            except Exception as e:  # noqa: BLE001
-                err = e
+    except Exception as cached_err:  # noqa: BLE001 - any miss: download only if asked, then explain
+        err = cached_err
+    if not download:
+        raise CheckpointError(
+            f"hub repo '{repo_id}' is not in the huggingface_hub cache ({HF_HUB_CACHE}) and pi0 downloads nothing "
+            f"unless asked: pass --download (download=True in Python) to fetch it into that cache, or fetch it "
+            f"yourself with `huggingface-cli download {repo_id} --include '*.json' '*.safetensors' 'assets/*'`.")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001
+        err = e
     raise CheckpointError(
-        f"hub repo '{repo_id}' is not in the huggingface_hub cache ({HF_HUB_CACHE}) and could not be "
-        f"downloaded ({type(err).__name__}). Fetch it on a machine with network access with "
-        f"`huggingface-cli download {repo_id} --include '*.json' '*.safetensors' 'assets/*'` and copy the "
-        f"cache, or pass a local directory holding model.safetensors."
+        f"hub repo '{repo_id}' could not be downloaded ({type(err).__name__}: {err}). On a machine without network "
+        f"access, fetch it elsewhere with `huggingface-cli download {repo_id} --include '*.json' '*.safetensors' "
+        "'assets/*'` and copy the cache, or pass a local directory holding model.safetensors."
     )
 
 
@@ -268,11 +271,12 @@ def _open(path: Path):
         ) from e
 
 
-def inspect_checkpoint(path_or_repo_id: str | os.PathLike, *, action_horizon: int | None = None) -> CheckpointInfo:
+def inspect_checkpoint(path_or_repo_id: str | os.PathLike, *, action_horizon: int | None = None,
+                       download: bool = False) -> CheckpointInfo:
     """Read headers only (no tensor data): layout, config, tensor map. Raises CheckpointError.
     action_horizon: override the horizon (openpi's DROID / LIBERO fine-tunes use 10 or 15), which no
-    weight shape tells and only a config.json records."""
-    files = resolve(path_or_repo_id)
+    weight shape tells and only a config.json records. download: fetch a hub id missing from the cache."""
+    files = resolve(path_or_repo_id, download)
     meta = read_config_json(files.config_json) if files.config_json else {}
     info = _inspect_orbax(files, meta) if _is_orbax(files) else _inspect_safetensors(files, meta)
     if action_horizon is not None:
@@ -667,7 +671,7 @@ def stored_dtype(info: CheckpointInfo) -> torch.dtype:
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, layout: str = "openpi",
                        dtype: torch.dtype | None = None, action_horizon: int | None = None,
-                       progress: Callable[[float], None] | None = None) -> Path:
+                       progress: Callable[[float], None] | None = None, download: bool = False) -> Path:
     """Any readable checkpoint -> `layout` (openpi / lerobot / lerobot_legacy) in `dtype` (default: the
     source's), with config.json (the source's fields kept), assets/, the tokenizer and LeRobot's stats and
     processor files copied alongside. For openpi_orbax -> openpi the tensors are those openpi's
@@ -676,7 +680,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, layout: s
 
     if layout not in LAYOUTS:
         raise CheckpointError(f"cannot write layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
-    info = inspect_checkpoint(src, action_horizon=action_horizon)
+    info = inspect_checkpoint(src, action_horizon=action_horizon, download=download)
     out = Path(dst).expanduser()
     if out.exists() and out.resolve() == info.files.root.resolve():
         raise CheckpointError(f"{out} is the source checkpoint's own directory: convert into another one")

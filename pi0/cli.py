@@ -15,7 +15,7 @@ import pi0
 from pi0.checkpoint import CheckpointError, CheckpointInfo
 from pi0.hardware import resolve_dtype
 from pi0.options import add_device_args, device_and_dtype
-from pi0.sim.metaworld import SimError
+from pi0.sim import SimError
 from pi0.timing import Progress
 
 
@@ -71,7 +71,7 @@ def inspect_report(info: CheckpointInfo) -> dict:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = pi0.inspect_checkpoint(args.path, action_horizon=args.action_horizon)
+    info = pi0.inspect_checkpoint(args.path, action_horizon=args.action_horizon, download=args.download)
     rep = inspect_report(info)
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -131,7 +131,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         done = cmd_demo_closed_loop(args)
         if done is not None:
             return done
-        print("pi0 demo: running the full-size timing demo instead", file=sys.stderr, flush=True)
+        # never a full-size model (13 GB in fp32) by surprise: the tiny one shows the whole path in seconds
+        print("pi0 demo: running the timing demo at tiny size instead (pi0 demo --size pi0: the full-size model, "
+              "random weights)", file=sys.stderr, flush=True)
+        args.size = "tiny"
     args.size = args.size or "pi0"
     torch.manual_seed(args.seed)
     device, dtype, _ = device_and_dtype(args)
@@ -141,7 +144,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
         show = Progress()
         model = pi0.load_model(args.checkpoint, backend=args.backend, dtype=dtype, device=device,
-                               action_horizon=args.action_horizon, progress=lambda f: show("  reading", f))
+                               action_horizon=args.action_horizon, progress=lambda f: show("  reading", f),
+                               download=args.download)
         source = str(args.checkpoint)
     else:
         cfg = pi0.preset(args.size)
@@ -210,12 +214,15 @@ def _param_shapes(cfg: pi0.Pi0Config):
 
 
 CHECKPOINT_HELP = ("checkpoint directory, .safetensors file, openpi Orbax checkpoint (directory, training step "
-                   "or params/), gs://openpi-assets/... in openpi's download cache, or hub repo id")
+                   "or params/), gs://openpi-assets/... in openpi's download cache, or hub repo id in the "
+                   "huggingface_hub cache (--download fetches it)")
 HORIZON_HELP = "actions per chunk, overriding the checkpoint's config.json (openpi Orbax checkpoints record none: 50)"
+DOWNLOAD_HELP = "fetch a hub repo id that is not in the huggingface_hub cache (pi0 downloads nothing otherwise)"
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)
     p.add_argument("--preset", default=None, help="robot preset: libero, aloha, droid or generic "
                    "(default: generic, from the checkpoint's LeRobot features)")
@@ -255,7 +262,8 @@ def policy_kwargs(args: argparse.Namespace) -> dict:
     return dict(checkpoint=args.checkpoint, preset=args.preset, backend=args.backend, dtype=args.dtype,
                 device=args.device, tokenizer=args.tokenizer, asset_id=args.asset_id, num_steps=args.steps,
                 seed=args.seed, default_prompt=args.default_prompt, action_horizon=args.action_horizon,
-                state_in_prompt=False if args.no_state_in_prompt else None, rtc_defaults=rtc_defaults(args))
+                state_in_prompt=False if args.no_state_in_prompt else None, rtc_defaults=rtc_defaults(args),
+                download=args.download)
 
 
 def _policy(args: argparse.Namespace):
@@ -326,7 +334,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     show = Progress()
     t0 = time.perf_counter()
     out = convert_checkpoint(args.src, args.dst, layout=args.layout, dtype=dtype, action_horizon=args.action_horizon,
-                             progress=lambda f: show("  reading", f))
+                             progress=lambda f: show("  reading", f), download=args.download)
     info = inspect_checkpoint(out)
     print(f"{out}: {info.config.kind} checkpoint, {info.layout} layout, {info.num_file_tensors} tensors, "
           f"dtypes {info.file_dtypes}, in {time.perf_counter() - t0:.1f} s")
@@ -376,11 +384,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pi0", description="pi0 / pi0.5 inference")
+    ap = argparse.ArgumentParser(prog="pi0", description="pi0 and pi0.5 robot policies: run, serve, fine-tune, "
+                                 "evaluate in simulation, convert and inspect checkpoints")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("inspect", help="report a checkpoint's layout, model kind, sizes and tensors")
     p.add_argument("path", help=CHECKPOINT_HELP)
+    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
@@ -392,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=3, help="closed-loop demo: episodes per task")
     p.add_argument("--out-dir", default="pi0_demo", help="closed-loop demo: where the video, plot and report go")
     p.add_argument("--checkpoint", help="real weights instead of random ones: " + CHECKPOINT_HELP)
+    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)
     add_device_args(p)
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's, 10)")
@@ -447,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="openpi: what openpi's convert_jax_model_to_pytorch.py writes (default)")
     p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: the source's)")
     p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)
+    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.set_defaults(func=cmd_convert)
 
     from pi0.sim import commands as sim

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +165,50 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
 def compute_dtype(dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
     """The float dtype a model of (resolved) `dtype` computes in: itself, or for int8 the "auto" float dtype."""
     return resolve_dtype("auto", device)[0] if dtype == torch.int8 else dtype
+
+
+def describe_machine() -> str:
+    """The machine by its model, as the project's records name it: "2-core AMD EPYC (family 25 model 1), AVX2, no
+    native bf16", the CPU from the kernel's report (cores this process may use), a CUDA GPU by its name."""
+    model, family, number = "CPU", None, None
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "model name" and model == "CPU":
+                model = value
+            elif key == "cpu family" and family is None:
+                family = value
+            elif key == "model" and number is None:
+                number = value
+    except OSError:
+        import platform
+
+        model = platform.processor() or platform.machine() or "CPU"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    flags = _cpu_flags() or set()
+    isa = next((name for name, flag in (("AMX", "amx_bf16"), ("AVX-512", "avx512f"), ("AVX2", "avx2"))
+                if flag in flags), torch.backends.cpu.get_cpu_capability())
+    cpu = f"{cores}-core {model}" + (f" (family {family} model {number})" if family and number else "")
+    bf16 = "native bf16" if probe_bf16("cpu")[0] else "no native bf16"
+    gpu = f"; {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {isa}, {bf16}{gpu}"
+
+
+def provenance(argv: list[str] | None = None) -> dict[str, Any]:
+    """What a report must say of how it was made: the command, the versions and the machine."""
+    import platform
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("pi0", "numpy", "metaworld", "mujoco"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return {"command": " ".join(["pi0", *(sys.argv[1:] if argv is None else argv)]), "versions": versions,
+            "machine": describe_machine()}
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -146,11 +146,12 @@ def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0,
 
 def load_model(path_or_repo_id: str | os.PathLike, *, backend: str = "reference", device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "float32", action_horizon: int | None = None,
-               progress: Callable[[float], None] | None = None):
+               progress: Callable[[float], None] | None = None, download: bool = False):
     """Load a checkpoint in any known layout (directory, .safetensors file, sharded, hub id, openpi Orbax
     directory or gs:// name in openpi's cache). dtype and device may be "auto" (pi0.hardware).
-    action_horizon: override what config.json says (or openpi's default, 50, where there is none)."""
-    info = inspect_checkpoint(path_or_repo_id, action_horizon=action_horizon)
+    action_horizon: override what config.json says (or openpi's default, 50, where there is none). download: fetch
+    a hub id missing from the huggingface_hub cache (nothing is downloaded otherwise)."""
+    info = inspect_checkpoint(path_or_repo_id, action_horizon=action_horizon, download=download)
     return load_from_info(info, backend=backend, dtype=dtype, device=device, progress=progress)
 
 

@@ -56,14 +56,16 @@ class Policy:
     `pi05_libero` choice of leaving the discretised state out of the prompt. dtype / device: "auto" picks
     bf16 where the machine runs it natively (else fp32) and a CUDA GPU when there is one
     (`self.dtype_reason` says why). action_horizon: override the checkpoint's (openpi Orbax checkpoints
-    record none: 50 is assumed). progress: called with the fraction of the weights read (Orbax)."""
+    record none: 50 is assumed). progress: called with the fraction of the weights read (Orbax). download: fetch
+    a hub id missing from the huggingface_hub cache (nothing is downloaded otherwise)."""
 
     def __init__(self, checkpoint: str | os.PathLike, *, preset: str | None = None, backend: str = "engine",
                  dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", tokenizer: str | os.PathLike | None = None,
                  asset_id: str | None = None, state_in_prompt: bool | None = None, num_steps: int | None = None,
                  default_prompt: str | None = None, seed: int | None = None, action_horizon: int | None = None,
-                 progress: Callable[[float], None] | None = None, rtc_defaults: RTCDefaults | None = None):
-        self.info = inspect_checkpoint(checkpoint, action_horizon=action_horizon)
+                 progress: Callable[[float], None] | None = None, rtc_defaults: RTCDefaults | None = None,
+                 download: bool = False):
+        self.info = inspect_checkpoint(checkpoint, action_horizon=action_horizon, download=download)
         cfg = self.info.config
         self.config = cfg
         root = self.info.files.root

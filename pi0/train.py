@@ -52,6 +52,7 @@ class TrainArgs:
     dataset: str
     out: str
     init: str | None = None  # a checkpoint to fine-tune
+    download: bool = False  # fetch --init's hub id if it is not in the huggingface_hub cache
     size: str | None = None  # or a preset name / a Pi0Config JSON file: seeded random weights
     steps: int = 1000
     batch: int = 8
@@ -319,7 +320,7 @@ class Trainer:
             from pi0.checkpoint import inspect_checkpoint
             from pi0.processing import find_tokenizer
 
-            info = inspect_checkpoint(a.init, action_horizon=a.action_horizon)
+            info = inspect_checkpoint(a.init, action_horizon=a.action_horizon, download=a.download)
             self.init_meta = info.meta
             self.tokenizer_path = find_tokenizer(a.tokenizer, info.files.root)
             self.model = pi0.load_model(a.init, backend="reference", action_horizon=a.action_horizon,
@@ -734,6 +735,8 @@ def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="a LeRobot v3 dataset: a directory or a hub repo id in the local cache")
     p.add_argument("--init", default=None, help="the checkpoint to fine-tune (any layout pi0 reads)")
+    p.add_argument("--download", action="store_true", help="fetch --init's hub repo id if it is not in the "
+                   "huggingface_hub cache (pi0 downloads nothing otherwise)")
     p.add_argument("--size", default=None, help="train from seeded random weights instead: tiny, tiny-pi05, pi0, pi05, "
                    "or a JSON file with a Pi0Config")
     p.add_argument("--out", help="output directory (checkpoints step-NNNNNN/, latest, train_log.jsonl, loss.png)")
@@ -795,10 +798,30 @@ def resume_dir(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"nothing to resume at {p}: no {TRAIN_STATE} there or under {p}/latest")
 
 
+RESUME_MAY_CHANGE = ("steps", "progress")  # what --resume takes from the command line; the rest is the run's
+
+
+def resume_conflicts(ns: argparse.Namespace, saved: dict[str, Any]) -> list[str]:
+    """The options given with --resume (other than --steps and --quiet) that differ from the resumed run's."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = vars(parser.parse_args([]))
+    fields = {f.name for f in dataclasses.fields(TrainArgs)} - set(RESUME_MAY_CHANGE)
+    given = {k: v for k, v in vars(ns).items() if k in fields and v != default.get(k)}
+    if isinstance(given.get("cameras"), str):
+        given["cameras"] = [c.strip() for c in given["cameras"].split(",") if c.strip()]
+    return [f"--{k.replace('_', '-')} {v} (the run has {saved.get(k)})" for k, v in given.items() if v != saved.get(k)]
+
+
 def main(ns: argparse.Namespace) -> int:
     if ns.resume:
         step_dir = resume_dir(ns.resume)
         saved = torch.load(step_dir / TRAIN_STATE, map_location="cpu", weights_only=False)["args"]
+        conflicts = resume_conflicts(ns, saved)
+        if conflicts:
+            raise ValueError(f"--resume continues {step_dir} as it was started; these options differ from it: "
+                             f"{'; '.join(conflicts)}. Drop them (only --steps and --quiet may change), or start a "
+                             "new run with --out")
         args = TrainArgs(**{**saved, "steps": ns.steps or saved["steps"], "progress": ns.progress})
         trainer = Trainer(args)
         trainer.resume(step_dir)

@@ -211,5 +211,7 @@ def test_hub_repo_id_from_the_huggingface_cache(tmp_path, tiny_ckpt):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["layout"] == "openpi"
     r = _cli("inspect", "someone/not-cached", env=env)
-    assert r.returncode == 2
-    assert "someone/not-cached" in r.stderr and "huggingface-cli download" in r.stderr
+    assert r.returncode == 2  # nothing is downloaded unless asked
+    assert "someone/not-cached" in r.stderr and "--download" in r.stderr and "huggingface-cli download" in r.stderr
+    r = _cli("inspect", "someone/not-cached", "--download", env=env)  # asked, but the hub is out of reach
+    assert r.returncode == 2 and "could not be downloaded" in r.stderr and "Traceback" not in r.stderr

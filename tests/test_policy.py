@@ -1,6 +1,7 @@
 """pi0.Policy: robot dict in, robot actions out, for each preset; `pi0 infer`."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import pi0
+from pi0.errors import BadRequest
 from pi0.policy import Policy
 from pi0.processing import ALOHA_JOINT_FLIP, _gripper_from_angular, _gripper_to_angular
 from tests.conftest import cli_env, write_policy_checkpoint
@@ -199,3 +201,48 @@ def test_lerobot_normalization_mapping_is_honoured(tmp_path, tokenizer_path):
     obs = libero_obs()
     want = (obs["observation/state"] - np.asarray(stats["mean"])) / (np.asarray(stats["std"]) + 1e-6)
     assert np.allclose(pol.prepare(obs).state[0, :8].numpy(), want, atol=1e-5)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "pi0" / "assets" / "metaworld"
+
+
+def metaworld_obs(**kw):
+    rng = np.random.default_rng(0)
+    return {"observation.images.image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+            "observation.state": rng.normal(size=4).astype(np.float32), "prompt": "open the drawer", **kw}
+
+
+@pytest.mark.parametrize("preset", [None, "generic"])
+def test_the_generic_preset_checks_every_input_against_the_checkpoint(preset):
+    """The shipped Meta-World model (a pi0 train checkpoint) served with the generic preset: the state width, the
+    cameras and the prompt are checked against its features before any work, and named in the error."""
+    pol = Policy(SHIPPED, preset=preset, dtype="float32", seed=0)
+    assert pol.metadata["preset"] == "generic" and pol.metadata["state_len"] == 4 and pol.action_dim == 4
+    assert pol.metadata["image_hw"] == [64, 64]
+    assert pol.infer(metaworld_obs())["actions"].shape == (10, 4)
+    for width in (3, 14):
+        with pytest.raises(BadRequest, match=f"observation.state has {width} values; preset generic expects 4"):
+            pol.prepare(metaworld_obs(**{"observation.state": np.zeros(width, np.float32)}))
+    with pytest.raises(BadRequest, match="observation.images.front: not a camera of this checkpoint"):
+        pol.prepare(metaworld_obs(**{"observation.images.front": np.zeros((64, 64, 3), np.uint8)}))
+    with pytest.raises(BadRequest, match="none of this checkpoint's cameras"):
+        pol.prepare({k: v for k, v in metaworld_obs().items() if k != "observation.images.image"})
+    with pytest.raises(BadRequest, match="prompt"):
+        pol.prepare({k: v for k, v in metaworld_obs().items() if k != "prompt"})
+
+
+def test_a_preset_for_another_robot_is_refused_at_load():
+    """libero sends 8 state values and takes 7 actions; the shipped model's features and norm stats say 4 and 4."""
+    with pytest.raises(ValueError, match="state widths disagree: preset libero 8, config.json input_features 4"):
+        Policy(SHIPPED, preset="libero", dtype="float32")
+    assert Policy(SHIPPED, preset="metaworld", dtype="float32").metadata["state_len"] == 4
+
+
+def test_norm_stats_for_another_robot_are_refused_at_load(tmp_path, tokenizer_path):
+    """A checkpoint whose stats cover 14 state values under the libero preset (8): the stats would normalise the
+    wrong joints. Stats padded to the model's width (openpi's older assets) cover any robot."""
+    ck = write_policy_checkpoint(tmp_path / "aloha", "tiny", tokenizer_path, robot_dim=14, action_dim=14)
+    with pytest.raises(ValueError, match="state widths disagree: preset libero 8, norm stats 14"):
+        Policy(ck, preset="libero", dtype="float32")
+    padded = write_policy_checkpoint(tmp_path / "padded", "tiny", tokenizer_path, robot_dim=32, action_dim=32)
+    assert Policy(padded, preset="libero", dtype="float32").metadata["state_len"] == 8

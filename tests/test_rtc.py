@@ -148,12 +148,24 @@ def test_policy_replies_carry_model_actions_and_take_rtc(policy):
     ({"prev_actions": np.zeros((5,), np.float32), "inference_delay": 2}, r"\[T_prev, D_prev\]"),
     ({"prev_actions": np.full((5, 7), np.nan, np.float32), "inference_delay": 2}, "NaN"),
     ({"prev_actions": np.zeros((5, 7), np.float32), "inference_delay": 2, "speed": 3}, "unknown fields"),
+    ({"prev_actions": np.zeros((5, 7), np.float32), "inference_delay": 2, "max_guidance_weight": "abc"},
+     "max_guidance_weight must be a number"),
+    ({"prev_actions": np.zeros((5, 7), np.float32), "inference_delay": 2, "max_guidance_weight": -1.0},
+     "max_guidance_weight must be a finite number > 0"),
+    ({"prev_actions": np.zeros((5, 7), np.float32), "inference_delay": 2, "schedule": 5}, "schedule must be a string"),
+    ({"prev_actions": np.zeros((5, 7), np.float32), "inference_delay": 2, "schedule": "cubic"}, "schedule must be one of"),
+    ({"prev_actions": np.zeros((5, 7), np.float32), "inference_delay": 2, "execution_horizon": 0}, "execution_horizon"),
+    ({"prev_actions": np.zeros((5, 7), np.float32), "inference_delay": "2"}, "inference_delay must be an integer"),
+    ({"prev_actions": np.array([["a"]]), "inference_delay": 2}, "numeric array"),
     ("yes", "must be a map"),
 ])
 def test_bad_rtc_requests_are_named(policy, rtc, match):
+    """Every field of the wrong type or value is a bad request (an exception of another type would reach the client
+    as an internal error)."""
+    from pi0.errors import BadRequest
     from tests.test_policy import libero_obs
 
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(BadRequest, match=match):
         policy.infer({**libero_obs(0), "rtc": rtc})
 
 

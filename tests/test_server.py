@@ -321,3 +321,22 @@ def test_a_lerobot_checkpoint_is_served_with_lerobots_keys():
         assert np.array_equal(client.infer(obs)["actions"], pol.infer(obs)["actions"])
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--max-inflight-mb", "32"], "--max-inflight-mb 32 cannot admit a single robot"),
+    (["--max-message-mb", "0"], "--max-message-mb must be a positive number"),
+    (["--max-batch", "0"], "--max-batch must be a positive integer"),
+    (["--batch-wait-ms", "-5"], "--batch-wait-ms must be a number from 0"),
+    (["--max-errors", "0"], "--max-errors must be a positive integer"),
+    (["--rtc-horizon", "0"], "--rtc-horizon must be an integer >= 1"),
+    (["--rtc-max-guidance", "nan"], "--rtc-max-guidance must be a finite number > 0"),
+])
+def test_impossible_settings_refuse_to_start(flags, needle, capsys):
+    """Limits that admit no robot and RTC defaults that fail every RTC request stop `pi0 serve` before it loads
+    anything (the checkpoint path does not even exist), with the reason."""
+    from pi0.cli import main
+
+    assert main(["serve", "--checkpoint", "/nonexistent", *flags]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err

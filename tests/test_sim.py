@@ -1,6 +1,7 @@
 """Meta-World: expert demonstrations as a LeRobot dataset, the closed loop with the shipped small pi0 (in process,
 and through `pi0 serve` with real-time chunking), rendering failures explained."""
 
+import json
 import os
 import subprocess
 import sys
@@ -94,7 +95,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "pi0" / "assets" / "metaworld"
 def _eval_args(**kw):
     import argparse
 
-    base = dict(env="metaworld", checkpoint=str(SHIPPED), server=None, tasks=SHIPPED_TASK, episodes=3,
+    base = dict(env="metaworld", checkpoint=None, server=None, tasks=SHIPPED_TASK, episodes=3,
                 backend="engine", dtype="auto", device="auto", rtc=False, stream=False, control_hz=10.0, replan=None,
                 max_steps=200, seed=None, wrist=None, video=None, plot=None, expert=False, json=True, workers=1)
     return argparse.Namespace(**{**base, **kw})
@@ -102,14 +103,53 @@ def _eval_args(**kw):
 
 @pytest.mark.auto_dtype  # what make demo runs: bf16 where the CPU has it, fp32 elsewhere
 def test_the_shipped_model_solves_its_task_in_closed_loop(tmp_path):
-    """The short closed loop CI runs: the small pi0 shipped in pi0/assets/metaworld, three episodes of one task
-    on seeds it never saw, each must succeed; the video is written."""
+    """The short closed loop CI runs: the small pi0 shipped in pi0/assets/metaworld (what pi0 eval runs without
+    --checkpoint), three episodes of one task on seeds it never saw, each must succeed; the video is written, and
+    the report says how it was made."""
     from pi0.sim.commands import run_eval
 
-    report = run_eval(_eval_args(video=str(tmp_path / "ep.mp4")))
+    report = run_eval(_eval_args(video=str(tmp_path / "ep.mp4"), out=str(tmp_path / "eval.json")))
     row = report["tasks"][SHIPPED_TASK]
     assert row["success"] == 1.0, report
+    assert report["source"] == str(SHIPPED)
     assert (tmp_path / "ep.mp4").stat().st_size > 1000
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["seeds"] == [10000, 10002] and saved["provenance"]["command"].startswith("pi0")
+    assert {"torch", "metaworld", "mujoco", "pi0"} <= set(saved["provenance"]["versions"])
+    assert "core" in saved["provenance"]["machine"]
+
+
+def test_eval_never_starts_more_workers_than_episodes(monkeypatch):
+    import pi0.sim.metaworld as mw
+    from pi0.sim.commands import run_eval
+
+    asked = []
+    monkeypatch.setattr(mw, "evaluate", lambda *a, workers, **kw: asked.append(workers) or {"tasks": {}})
+    run_eval(_eval_args(episodes=2, workers=8, dtype="float32"))
+    assert asked == [2]
+
+
+def test_a_server_is_driven_in_the_keys_and_image_size_its_metadata_gives():
+    from pi0.sim.commands import server_keys
+
+    assert server_keys({"preset": "metaworld", "cameras": ["observation/image"], "state_len": 4, "action_dim": 4,
+                        "image_hw": [96, 96]}) == ({}, 96, False)
+    rename, size, wrist = server_keys({"preset": "generic", "cameras": ["observation.images.wrist_cam",
+                                       "observation.images.top"], "state_keys": ["observation.state"],
+                                       "state_len": 4, "action_dim": 4, "image_hw": [48, 48]})
+    assert rename == {"observation/image": "observation.images.top", "observation/state": "observation.state",
+                      "observation/wrist_image": "observation.images.wrist_cam"} and size == 48 and wrist
+    with pytest.raises(ValueError, match="takes 8 state values; Meta-World's robot has 4"):
+        server_keys({"preset": "libero", "cameras": ["observation/image"], "state_len": 8, "action_dim": 7})
+
+
+def test_without_opengl_the_demo_says_how_to_get_it_and_runs_at_tiny_size(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pi0.cli", "demo", "--episodes", "1", "--out-dir", str(tmp_path),
+                        "--out", str(tmp_path / "actions.png"), "--dtype", "float32"], capture_output=True, text=True,
+                       timeout=300, env=cli_env(MUJOCO_GL="bogus"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "libegl1" in r.stderr and "libosmesa6" in r.stderr and "at tiny size" in r.stderr
+    assert "tiny" in r.stdout and (tmp_path / "actions.png").is_file()
 
 
 @pytest.mark.serial  # timed: run alone (make test runs these after the parallel part)

@@ -181,6 +181,19 @@ def test_two_processes_follow_one(tmp_path, dataset, mode, dtype):
         assert len(losses(tmp_path / "two")) == 4 and (tmp_path / "two" / "step-000004").is_dir()
 
 
+def test_resume_refuses_options_that_change_the_run(tmp_path, dataset, capsys):
+    """`pi0 train --resume DIR` continues the run as it was started: another --lr (say) is an error naming it, while
+    --steps extends the run."""
+    from pi0.cli import main
+
+    Trainer(args(dataset, tmp_path / "run", steps=2)).run()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--lr", "0.5", "--batch", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.5 (the run has 0.001)" in err and "--batch" not in err.split("differ from it")[1], err
+    assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "3", "--quiet"]) == 0
+    assert len(losses(tmp_path / "run")) == 3
+
+
 def test_bad_datasets_are_named(tmp_path, dataset):
     with pytest.raises(DatasetError, match="no camera 'observation.images.side'"):
         Trainer(args(dataset, tmp_path / "a", cameras=["observation.images.side"]))

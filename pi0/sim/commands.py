@@ -66,12 +66,13 @@ def cmd_collect(args: argparse.Namespace) -> int:
 # pi0 eval
 
 
-def add_eval_arguments(p: argparse.ArgumentParser, checkpoint_default: str | None = None) -> None:
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", default="metaworld", help="the simulator (metaworld)")
-    src = p.add_mutually_exclusive_group(required=checkpoint_default is None)
-    src.add_argument("--checkpoint", default=checkpoint_default, help="run the policy in this process")
-    src.add_argument("--server", default=None, help="HOST:PORT of `pi0 serve --preset metaworld`: run as a robot "
-                     "would, through openpi's websocket client and pi0.stream.ActionStream")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", default=None, help="run this policy in this process (default: the small pi0 "
+                     f"shipped in {SHIPPED.relative_to(SHIPPED.parents[2])})")
+    src.add_argument("--server", default=None, help="HOST:PORT of `pi0 serve`: run as a robot would, through openpi's "
+                     "websocket client and pi0.stream.ActionStream (keys and image size from the server's metadata)")
     p.add_argument("--tasks", default=None, help="comma-separated Meta-World tasks (default: the five of the demo)")
     p.add_argument("--episodes", type=int, default=20, help="episodes per task")
     add_device_args(p)
@@ -90,32 +91,75 @@ def add_eval_arguments(p: argparse.ArgumentParser, checkpoint_default: str | Non
     p.add_argument("--plot", default=None, help="write the success table as a bar chart (png)")
     p.add_argument("--no-expert", dest="expert", action="store_false", help="skip the scripted expert's table")
     p.add_argument("--workers", type=int, default=1, help="processes running episodes side by side (rendering is "
-                   "single-threaded: up to one per core), each with its own policy or client")
+                   "single-threaded: up to one per core), each with its own policy or client; never more than episodes")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--out", default=None, help="write the report as JSON to this file, with how it was made (command, "
+                   "seeds, versions, machine)")
 
 
 def _checkpoint_cameras(path: str) -> tuple[int, bool]:
     """(image size, whether it was trained with the gripper camera) from a checkpoint's config.json."""
     from pi0.checkpoint import inspect_checkpoint
+    from pi0.config import features
 
     info = inspect_checkpoint(path)
-    feats = info.meta.get("input_features") if isinstance(info.meta.get("input_features"), dict) else {}
-    cams = [k for k in feats if k.startswith("observation.images.")]
-    size = feats[cams[0]]["shape"][-1] if cams else info.config.vision.image_size
-    return int(size), any("wrist" in k for k in cams)
+    feats = features(info.meta)
+    size = feats.camera_shapes[feats.cameras[0]][-1] if feats.camera_shapes else info.config.vision.image_size
+    return int(size), any("wrist" in k for k in feats.cameras)
+
+
+class KeyedClient:
+    """openpi's client to a server whose policy names its inputs otherwise (the `generic` preset of a `pi0 train`
+    checkpoint, a LeRobot checkpoint): the environment's `metaworld` keys renamed to the server's cameras and state
+    key, as its metadata lists them."""
+
+    def __init__(self, client: Any, rename: dict[str, str]):
+        self.client, self.rename = client, rename
+
+    def get_server_metadata(self) -> dict[str, Any]:
+        return self.client.get_server_metadata()
+
+    def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
+        return self.client.infer({self.rename.get(k, k): v for k, v in obs.items()})
+
+
+def server_keys(meta: dict[str, Any]) -> tuple[dict[str, str], int, bool]:
+    """(how the environment's keys are renamed for the server, the image size it expects, whether it takes the
+    gripper camera) from a server's metadata. Raises ValueError where its robot is not Meta-World's."""
+    env_state = 4  # the hand's xyz and the gripper: the actions have 4 values too
+    size = int(meta.get("image_hw", [64])[-1])
+    cameras, state_keys = list(meta.get("cameras") or []), list(meta.get("state_keys") or [])
+    for what, n in (("state", meta.get("state_len")), ("action", meta.get("action_dim"))):
+        if n is not None and n != env_state:
+            raise ValueError(f"the server's policy (preset {meta.get('preset')}) takes {n} {what} values; Meta-World's "
+                             f"robot has {env_state}: serve a checkpoint trained on Meta-World")
+    if meta.get("preset") == "metaworld":
+        return {}, size, "observation/wrist_image" in cameras
+    if len(state_keys) != 1 or not cameras:
+        raise ValueError(f"the server's policy (preset {meta.get('preset')}) lists cameras {cameras} and state keys "
+                         f"{state_keys}: cannot tell where Meta-World's camera and state go (serve it with --preset "
+                         "metaworld)")
+    wrist = next((c for c in cameras if "wrist" in c), None)
+    main = next((c for c in cameras if c != wrist), cameras[0])
+    rename = {"observation/image": main, "observation/state": state_keys[0]}
+    if wrist is not None:
+        rename["observation/wrist_image"] = wrist
+    return rename, size, wrist is not None
 
 
 class RunnerSpec:
     """How to build the policy's runner, picklable so that evaluation worker processes build their own: in
-    process (pi0.Policy with the `metaworld` preset) or a client of `pi0 serve`; synchronous chunking, or
-    streamed through ActionStream (RTC on or off) on a simulated clock charged `latency_s` per chunk."""
+    process (pi0.Policy with the `metaworld` preset) or a client of `pi0 serve` (its keys renamed as the server's
+    metadata says); synchronous chunking, or streamed through ActionStream (RTC on or off) on a simulated clock
+    charged `latency_s` per chunk."""
 
-    def __init__(self, args: argparse.Namespace, wrist: bool, latency_s: float | None = None):
+    def __init__(self, args: argparse.Namespace, wrist: bool, latency_s: float | None = None,
+                 rename: dict[str, str] | None = None):
         self.checkpoint, self.server = args.checkpoint, args.server
         self.backend, self.dtype, self.device = args.backend, args.dtype, args.device
         self.stream = bool(args.rtc or args.stream or args.server)
         self.rtc, self.control_hz, self.replan = bool(args.rtc), args.control_hz, args.replan
-        self.wrist, self.latency_s = wrist, latency_s
+        self.wrist, self.latency_s, self.rename = wrist, latency_s, rename or {}
         self.built = None  # the policy already made in this process (never pickled: each worker makes its own)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -128,7 +172,8 @@ class RunnerSpec:
             from openpi_client import websocket_client_policy
 
             host, _, port = self.server.rpartition(":")
-            return websocket_client_policy.WebsocketClientPolicy(host or "127.0.0.1", int(port))
+            client = websocket_client_policy.WebsocketClientPolicy(host or "127.0.0.1", int(port))
+            return KeyedClient(client, self.rename) if self.rename else client
         from pi0.policy import Policy
 
         return Policy(self.checkpoint, preset="metaworld", backend=self.backend, dtype=self.dtype, device=self.device)
@@ -160,41 +205,54 @@ def measure_latency(policy, task: str, size: int, wrist: bool, repeats: int = 4)
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from pi0.hardware import provenance
     from pi0.sim.metaworld import EVAL_SEED, evaluate, expert_success
 
     _check_env(args.env)
     tasks = _tasks(args.tasks)
     seed = EVAL_SEED if args.seed is None else args.seed
+    if not args.server and not args.checkpoint:
+        args.checkpoint = str(SHIPPED)
+        _say(f"pi0 eval: the small pi0 shipped in {SHIPPED} (--checkpoint or --server for another policy)")
     meta: dict[str, Any] = {}
+    rename: dict[str, str] = {}
     if args.server:
-        size, wrist = 64, bool(args.wrist)
+        from openpi_client import websocket_client_policy
+
+        host, _, port = args.server.rpartition(":")
+        probe = websocket_client_policy.WebsocketClientPolicy(host or "127.0.0.1", int(port))
+        meta["server"] = probe.get_server_metadata()
+        rename, size, wrist = server_keys(meta["server"])
+        wrist = wrist if args.wrist is None else args.wrist
     else:
         size, wrist = _checkpoint_cameras(args.checkpoint)
         wrist = wrist if args.wrist is None else args.wrist
-    spec = RunnerSpec(args, wrist)
+    spec = RunnerSpec(args, wrist, rename=rename)
+    workers = max(1, min(args.workers, args.episodes * len(tasks)))
     if spec.stream or not args.server:
         policy = spec.policy()
-        if args.server:
-            meta["server"] = policy.get_server_metadata()
-        else:
+        if not args.server:
             meta.update(backend=policy.backend, dtype=policy.dtype, device=str(policy.device), reason=policy.dtype_reason)
         if spec.stream:
             spec.latency_s = measure_latency(policy, tasks[0], size, wrist)
             meta.update(latency_ms=spec.latency_s * 1000, control_hz=args.control_hz, rtc=spec.rtc,
                         inference_delay_ticks=int(np.ceil(spec.latency_s * args.control_hz)))
-        if args.workers <= 1:
+        if workers <= 1:
             spec.built = policy  # the episodes run in this process: no second load
         del policy
-    meta.update(image_size=size, wrist=wrist, workers=args.workers)
+    meta.update(image_size=size, wrist=wrist, workers=workers)
     t0 = time.perf_counter()
     report = evaluate(spec, tasks, args.episodes, size=size, wrist=wrist, max_steps=args.max_steps, seed=seed,
-                      video=args.video, workers=args.workers)
-    report.update(seconds=time.perf_counter() - t0, seed=seed, max_steps=args.max_steps,
-                  source=args.server or str(args.checkpoint), **meta)
+                      video=args.video, workers=workers)
+    report.update(seconds=time.perf_counter() - t0, seed=seed, seeds=[seed, seed + args.episodes - 1],
+                  max_steps=args.max_steps, source=args.server or str(args.checkpoint), **meta)
     if args.expert:
         report["expert"] = expert_success(tasks, args.episodes, seed=seed, max_steps=args.max_steps)
+    report["provenance"] = provenance()
     if args.plot:
         plot_success(report, args.plot)
+    if getattr(args, "out", None):
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -255,7 +313,7 @@ def cmd_demo_closed_loop(args: argparse.Namespace) -> int | None:
     """The shipped small pi0 on the five Meta-World tasks, a few episodes each: the success table next to the
     scripted expert's, a video and a plot. Returns None when the simulator cannot run here (the reason
     printed), so that the caller can fall back to the timing demo."""
-    from pi0.sim.metaworld import SimError
+    from pi0.sim import SimError
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +321,8 @@ def cmd_demo_closed_loop(args: argparse.Namespace) -> int | None:
         env="metaworld", checkpoint=args.checkpoint or str(SHIPPED), server=None, tasks=None, episodes=args.episodes,
         backend=args.backend, device=args.device, dtype=args.dtype, rtc=False, stream=False, control_hz=10.0,
         replan=None, max_steps=200, seed=None, wrist=None, video=str(out / "metaworld.mp4"),
-        plot=str(out / "metaworld_success.png"), expert=True, json=False, workers=os.cpu_count() or 1)
+        plot=str(out / "metaworld_success.png"), expert=True, json=False, workers=os.cpu_count() or 1,
+        out=str(out / "metaworld_report.json"))
     _say(f"pi0 demo: the small pi0 shipped in {ns.checkpoint} on Meta-World, {ns.episodes} episodes per task "
          "(pi0 demo --size pi0 for the full-size timing demo)")
     try:
@@ -272,6 +331,6 @@ def cmd_demo_closed_loop(args: argparse.Namespace) -> int | None:
         _say(f"pi0 demo: the closed-loop demo cannot run here: {e}")
         return None
     print_table(report)
-    print(f"video     {ns.video}\nframes    {Path(ns.video).with_suffix('.png')}\nplot      {ns.plot}")
-    (out / "metaworld_report.json").write_text(json.dumps(report, indent=2))
+    print(f"video     {ns.video}\nframes    {Path(ns.video).with_suffix('.png')}\nplot      {ns.plot}\n"
+          f"report    {ns.out}")
     return 0

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pi0.sim import SimError
+
 # the tasks whose goal a small policy can see at 64 px, with an instruction each (Meta-World ships none)
 INSTRUCTIONS = {
     "drawer-open-v3": "open the drawer",
@@ -38,10 +40,6 @@ DEFAULT_TASKS = ("drawer-open-v3", "drawer-close-v3", "button-press-topdown-v3",
 CAMERA, WRIST_CAMERA = "corner", "gripperPOV"
 FPS = 20  # the dataset's frame rate (Meta-World's control step is 12.5 ms of simulated time; nothing depends on it)
 EVAL_SEED = 10_000  # evaluation episodes start here; collection starts at 0: no episode is seen in both
-
-
-class SimError(RuntimeError):
-    """The simulator cannot run here (missing package, no OpenGL): the message says how to fix it."""
 
 
 # headless rendering (EGL) unless the user chose otherwise; read by MuJoCo and PyOpenGL when first imported
