@@ -278,6 +278,8 @@ def inspect_checkpoint(path_or_repo_id: str | os.PathLike, *, action_horizon: in
     weight shape tells and only a config.json records. download: fetch a hub id missing from the cache."""
     files = resolve(path_or_repo_id, download)
     meta = read_config_json(files.config_json) if files.config_json else {}
+    if (files.root / PI0_CONFIG).is_file():  # what a LeRobot-layout config.json cannot hold (LeRobot parses it strictly)
+        meta = {**meta, **read_config_json(files.root / PI0_CONFIG)}
     info = _inspect_orbax(files, meta) if _is_orbax(files) else _inspect_safetensors(files, meta)
     if action_horizon is not None:
         if action_horizon < 1:
@@ -557,6 +559,38 @@ def load_state_dict(info: CheckpointInfo, dtype: torch.dtype, device: str | torc
 # Writing
 
 
+PI0_CONFIG = "pi0_config.json"
+PALIGEMMA_VOCAB = 257_152  # beside a LeRobot-layout config.json: pi0's exact config and its other fields
+
+
+def lerobot_config(config: Pi0Config, meta: dict[str, Any]) -> dict[str, Any]:
+    """config.json as LeRobot 0.6.1 writes it for PI0Config / PI05Config (they share their fields, and LeRobot
+    refuses any other): the sizes from `config`, the robot's features and normalisation from `meta` (a source
+    checkpoint's config.json) where it has them."""
+    default_norm = "QUANTILES" if config.pi05 else "MEAN_STD"
+    norm = meta.get("normalization_mapping") if isinstance(meta.get("normalization_mapping"), dict) else {}
+    return {
+        "type": config.kind, "n_obs_steps": 1,
+        "input_features": meta.get("input_features") or {}, "output_features": meta.get("output_features") or {},
+        "device": "cpu", "use_amp": False, "use_peft": False, "push_to_hub": False, "repo_id": None, "private": None,
+        "tags": None, "license": None, "pretrained_path": None, "pretrained_revision": None,
+        "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m", "dtype": "float32",
+        "chunk_size": config.action_horizon, "n_action_steps": config.action_horizon,
+        "max_state_dim": config.state_dim, "max_action_dim": config.action_dim, "num_inference_steps": config.num_steps,
+        "time_sampling_beta_alpha": 1.5, "time_sampling_beta_beta": 1.0, "time_sampling_scale": 0.999,
+        "time_sampling_offset": 0.001, "min_period": config.min_period, "max_period": config.max_period,
+        "use_relative_actions": False, "relative_exclude_joints": ["gripper"], "action_feature_names": None,
+        "rtc_config": None, "image_resolution": [config.vision.image_size] * 2, "empty_cameras": 0,
+        "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": default_norm, "ACTION": default_norm,
+                                  **{str(k).upper(): str(v).upper() for k, v in norm.items()}},
+        "gradient_checkpointing": False, "compile_model": False, "compile_mode": "max-autotune",
+        "freeze_vision_encoder": False, "train_expert_only": False, "optimizer_lr": 2.5e-05,
+        "optimizer_betas": [0.9, 0.95], "optimizer_eps": 1e-08, "optimizer_weight_decay": 0.01,
+        "optimizer_grad_clip_norm": 1.0, "scheduler_warmup_steps": 1000, "scheduler_decay_steps": 30000,
+        "scheduler_decay_lr": 2.5e-06, "tokenizer_max_length": config.max_token_len,
+    }
+
+
 def _config_json(config: Pi0Config, layout: str) -> dict[str, Any]:
     ours = {"pi0": config.to_dict()}
     if layout == "openpi":
@@ -564,14 +598,6 @@ def _config_json(config: Pi0Config, layout: str) -> dict[str, Any]:
             "action_dim": config.action_dim, "action_horizon": config.action_horizon,
             "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m",
             "precision": "float32", **ours,
-        }
-    if layout == "lerobot":
-        return {
-            "type": config.kind, "chunk_size": config.action_horizon, "n_action_steps": config.action_horizon,
-            "max_state_dim": config.state_dim, "max_action_dim": config.action_dim,
-            "num_inference_steps": config.num_steps, "tokenizer_max_length": config.max_token_len,
-            "image_resolution": [config.vision.image_size] * 2, "empty_cameras": 0, "dtype": "float32",
-            "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m", **ours,
         }
     return {
         "type": config.kind, "chunk_size": config.action_horizon, "n_action_steps": config.action_horizon,
@@ -600,6 +626,9 @@ def file_tensors(state_dict: dict[str, torch.Tensor], config: Pi0Config, layout:
         out[pre + _PG + "gemma_expert.lm_head.weight"] = zeros.clone()
     else:
         out[pre + _PG + "paligemma.lm_head.weight"] = embed.clone() if layout == "lerobot" else embed.contiguous()
+        if layout == "lerobot":  # LeRobot builds the expert's (unused) lm_head with PaliGemma's vocabulary whatever
+            # the model's, and loads strictly: any other shape and it keeps its random weights
+            zeros = torch.zeros(PALIGEMMA_VOCAB, config.expert.width, dtype=embed.dtype, device=embed.device)
         out[pre + _PG + "gemma_expert.lm_head.weight"] = zeros
     return out
 
@@ -635,7 +664,15 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], config: Pi0Config, dire
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = file_tensors(state_dict, config, layout)
-    (d / "config.json").write_text(json.dumps({**(extra_config or {}), **_config_json(config, layout)}, indent=2))
+    extra = dict(extra_config or {})
+    if layout == "lerobot":  # LeRobot reads config.json strictly: everything of pi0's goes beside it
+        fields = lerobot_config(config, extra)
+        (d / "config.json").write_text(json.dumps(fields, indent=2))
+        ours = {k: v for k, v in extra.items() if k not in fields}
+        (d / PI0_CONFIG).write_text(json.dumps({**ours, "pi0": config.to_dict()}, indent=2))
+    else:
+        (d / PI0_CONFIG).unlink(missing_ok=True)
+        (d / "config.json").write_text(json.dumps({**extra, **_config_json(config, layout)}, indent=2))
     if max_shard_bytes is None:
         write_safetensors(d / "model.safetensors", tensors, {"format": "pt"})
         return d

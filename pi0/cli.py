@@ -13,6 +13,7 @@ import torch
 
 import pi0
 from pi0.checkpoint import CheckpointError, CheckpointInfo
+from pi0.config import features
 from pi0.hardware import resolve_dtype
 from pi0.options import add_device_args, device_and_dtype
 from pi0.sim import SimError
@@ -338,6 +339,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     info = inspect_checkpoint(out)
     print(f"{out}: {info.config.kind} checkpoint, {info.layout} layout, {info.num_file_tensors} tensors, "
           f"dtypes {info.file_dtypes}, in {time.perf_counter() - t0:.1f} s")
+    if args.layout == "lerobot":
+        from pi0.lerobot_export import write_pipelines
+        from pi0.lerobot_pipeline import is_lerobot_pipeline
+
+        source = inspect_checkpoint(args.src, action_horizon=args.action_horizon)
+        if is_lerobot_pipeline(source.files.root):
+            print("  LeRobot's processor pipeline: the source's own, copied")
+        elif features(source.meta).cameras:
+            print(f"  LeRobot's processor pipeline: {', '.join(write_pipelines(source, out))}")
+        else:
+            print("  no LeRobot processor pipeline: the source's config.json describes no cameras (input_features), "
+                  "so LeRobot could load the weights but not run them on a robot's observations", file=sys.stderr)
     return 0
 
 

@@ -168,7 +168,10 @@ def train_tokenizer(texts: list[str], model_prefix: str | os.PathLike, vocab_siz
     """A small SentencePiece model over `texts` with PaliGemma's special ids (pad 0, eos 1, bos 2, unk 3) and
     the symbols pi0's prompts use, for models trained from scratch on a few instructions (the real PaliGemma
     tokenizer has 257 152 ids: an embedding table far larger than a small model). Every digit and letter is
-    kept, so pi0.5's "State: 12 250 ..." strings and unseen words still tokenize. Returns the .model path."""
+    kept, so pi0.5's "State: 12 250 ..." strings and unseen words still tokenize. PaliGemma's settings too
+    (BPE, identity normaliser, no dummy prefix, "\n" a piece of its own), so that Hugging Face's
+    GemmaTokenizer made from it (LeRobot's tokenizer step, `pi0 convert --layout lerobot`) gives the same ids.
+    Returns the .model path."""
     import sentencepiece as spm
 
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -178,8 +181,10 @@ def train_tokenizer(texts: list[str], model_prefix: str | os.PathLike, vocab_siz
     corpus += [chars] + [f"Task: {t}, State: 0 128 255;\nAction: " for t in texts]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_prefix=str(model_prefix), vocab_size=vocab_size, pad_id=0, eos_id=1,
-        bos_id=2, unk_id=3, user_defined_symbols=["\n", ":", ",", ";"], character_coverage=1.0, minloglevel=2,
-        hard_vocab_limit=False, model_type="bpe",
+        bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["\n", ":", ",", ";"], character_coverage=1.0, minloglevel=2, hard_vocab_limit=False,
+        model_type="bpe", normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
     )
     return Path(str(model_prefix) + ".model")
 

@@ -68,7 +68,8 @@ def test_config_is_inferred_from_shapes_not_config_json(tmp_path):
     model = pi0.build_model(cfg, seed=1)
     model.save_pretrained(tmp_path, layout="lerobot")
     meta = json.loads((tmp_path / "config.json").read_text())
-    del meta["pi0"]  # only LeRobot's own fields remain
+    assert "pi0" not in meta  # LeRobot's own fields only: pi0's exact config is beside it, and goes
+    (tmp_path / "pi0_config.json").unlink()
     meta.update(paligemma_variant="gemma_2b", some_training_field={"lr": 1e-4}, type="pi0")
     (tmp_path / "config.json").write_text(json.dumps(meta))
     info = pi0.inspect_checkpoint(tmp_path)

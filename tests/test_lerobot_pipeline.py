@@ -107,4 +107,4 @@ def test_pi0_infer_takes_a_lerobot_observation_file(tmp_path):
                        env=cli_env())
     assert r.returncode == 0, r.stderr
     want = pi0.Policy(ROOT / "pi05_default", dtype="float32", tokenizer=TOKENIZER, seed=0).infer(obs)["actions"]
-    assert np.array_equal(np.load(tmp_path / "a.npy"), want)
+    assert np.allclose(np.load(tmp_path / "a.npy"), want, atol=1e-5)  # eager ops there, compiled kernels here
