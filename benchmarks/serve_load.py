@@ -3,6 +3,7 @@ thread each), batching on (--max-batch 8) and off (--max-batch 1), and the serve
 that floods it with requests it never reads. One JSON line per measurement.
 
     .venv/bin/python benchmarks/serve_load.py --size tiny --seconds 10
+    .venv/bin/python benchmarks/serve_load.py --size tiny --seconds 10 --replicas 2 --robots 1 8   # Ray Serve
     .venv/bin/python benchmarks/serve_load.py --checkpoint DIR --preset libero --seconds 60   # full size
 
 --size tiny writes a tiny checkpoint (with a small tokenizer) to a temporary directory first.
@@ -26,6 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+DTYPE = "float32"  # --dtype
+
+
 def robot_obs(i: int) -> dict:
     rng = np.random.default_rng(i)
     return {"observation/image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
@@ -40,15 +44,19 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(ckpt: str, preset: str, max_batch: int, tokenizer: str | None) -> tuple[subprocess.Popen, int]:
+def start_server(ckpt: str, preset: str, max_batch: int, tokenizer: str | None,
+                 replicas: int | None = None) -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", ckpt, "--preset", preset, "--port", str(port),
+           "--dtype", DTYPE,
            "--max-batch", str(max_batch), "--batch-wait-ms", "5"]
     if tokenizer:
         cmd += ["--tokenizer", tokenizer]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if replicas:
+        cmd += ["--replicas", str(replicas)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while True:
         try:
@@ -126,7 +134,12 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--robots", type=int, nargs="*", default=[1, 4, 8], help="none: only the flood")
+    ap.add_argument("--replicas", type=int, default=None, help="serve from N Ray Serve replicas (pi0 serve "
+                    "--replicas N), batching on only")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
+    global DTYPE
+    DTYPE = args.dtype
     ckpt, tokenizer = args.checkpoint, args.tokenizer
     if args.size == "tiny":
         from tests.conftest import train_tokenizer, write_policy_checkpoint
@@ -134,16 +147,17 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp())
         tokenizer = train_tokenizer(tmp / "sp")
         ckpt = str(write_policy_checkpoint(tmp / "ck", "tiny", tokenizer))
-    for max_batch in (1, 8) if args.robots else (8,):
-        proc, port = start_server(ckpt, args.preset, max_batch, tokenizer)
+    for max_batch in (1, 8) if args.robots and not args.replicas else (8,):
+        proc, port = start_server(ckpt, args.preset, max_batch, tokenizer, args.replicas)
         try:
             for robots in args.robots:
-                print(json.dumps({"max_batch": max_batch, **throughput(port, robots, args.seconds)}), flush=True)
-            if max_batch == 8:
+                print(json.dumps({"max_batch": max_batch, "replicas": args.replicas,
+                                  **throughput(port, robots, args.seconds)}), flush=True)
+            if max_batch == 8 and not args.replicas:
                 print(json.dumps({"max_batch": max_batch, **flood_rss(proc, port, args.seconds)}), flush=True)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            proc.terminate()  # SIGTERM: a Ray deployment is deleted and its Ray instance stopped
+            proc.wait(120)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,21 @@ mkdir -p "$WORK"
 
 if [ ! -f "$WORK/data/meta/info.json" ]; then
   rm -rf "$WORK/data"
-  /usr/bin/time -v "$PI0" sim collect --env metaworld --tasks "$TASKS" --episodes "$EPISODES" --out "$WORK/data" \
+  "$PI0" sim collect --env metaworld --tasks "$TASKS" --episodes "$EPISODES" --out "$WORK/data" \
     --image-size 64 --camera corner --noise 0.3 --seed 0 > "$WORK/collect.json" 2> "$WORK/collect.log"
 fi
 
-"$PI0" train --dataset "$WORK/data" --size configs/metaworld_small.json --out "$WORK/run" --steps "$STEPS" \
-  --batch "$BATCH" --lr "$LR" --ema "$EMA" --seed 0 --save-every 1000 --log-every 20 --tokenizer-vocab 128 \
-  $( [ -f "$WORK/run/latest/train_state.pt" ] && echo "--resume $WORK/run" )
+start=$(date +%s)
+if [ -f "$WORK/run/latest/train_state.pt" ]; then
+  "$PI0" train --resume "$WORK/run" --steps "$STEPS"
+else
+  "$PI0" train --dataset "$WORK/data" --size configs/metaworld_small.json --out "$WORK/run" --steps "$STEPS" \
+    --batch "$BATCH" --lr "$LR" --ema "$EMA" --seed 0 --save-every 1000 --log-every 20 --tokenizer-vocab 128
+fi
+echo "{\"train_seconds\": $(( $(date +%s) - start ))}" > "$WORK/train_time.json"
 
 "$PI0" eval --env metaworld --checkpoint "$WORK/run/latest" --tasks "$TASKS" --episodes "$EVAL_EPISODES" \
-  --workers 2 --json --video "$WORK/eval.mp4" --plot "$WORK/eval.png" > "$WORK/eval.json"
+  --workers 2 --out "$WORK/eval.json" --video "$WORK/eval.mp4" --plot "$WORK/eval.png" > /dev/null
 .venv/bin/python - "$WORK/eval.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -43,6 +48,7 @@ if [ "${SHIP:-0}" = 1 ]; then
   mkdir -p pi0/assets/metaworld
   src=$(readlink -f "$WORK/run/latest")
   cp -r "$src"/{model.safetensors,config.json,paligemma_tokenizer.model,stats.safetensors,assets} pi0/assets/metaworld/
-  cp "$WORK/eval.json" pi0/assets/metaworld/eval.json
+  cp "$WORK/eval.json" pi0/assets/metaworld/eval.json            # written by pi0 eval --out: command, seeds, machine
+  cp "$WORK/collect.json" pi0/assets/metaworld/collect.json      # the demonstrations' report, the same way
   echo "shipped $src -> pi0/assets/metaworld ($(du -sh pi0/assets/metaworld | cut -f1))"
 fi

@@ -56,8 +56,11 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from pi0.sim.metaworld import collect
 
     _check_env(args.env)
+    from pi0.hardware import provenance
+
     r = collect(_tasks(args.tasks), args.episodes, args.out, size=args.image_size, camera=args.camera, wrist=args.wrist,
                 noise=args.noise, max_steps=args.max_steps, seed=args.seed, workers=args.workers, log=_say)
+    r["provenance"] = provenance()
     print(json.dumps(r, indent=2))
     return 0
 
