@@ -5,9 +5,10 @@ row held back and then cut off, batched rows equal to each row alone, and /metri
 
 import contextlib
 import dataclasses
-import functools
+import json
 import re
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -22,7 +23,7 @@ from websockets.sync.client import connect  # noqa: E402
 
 from pi0.serving import msgpack_numpy  # noqa: E402
 from pi0.serving.metrics import STAGES  # noqa: E402
-from tests.conftest import free_port, write_policy_checkpoint  # noqa: E402
+from tests.conftest import cli_env, free_port, write_policy_checkpoint  # noqa: E402
 from tests.served import PROFILES, refusal, switchable  # noqa: E402
 from tests.test_policy import libero_obs  # noqa: E402
 from tests.test_server import Running  # noqa: E402
@@ -78,37 +79,17 @@ def served(request, tmp_path_factory, tokenizer_path):
         if time.time() > deadline:
             pytest.skip("another Ray instance is running")
         time.sleep(1)
-    import ray
-    from ray import serve
-
-    from pi0.serving.ray_serve import deploy
-
-    root = str(Path(__file__).resolve().parents[1])
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": root}})  # the replicas import tests.served
     port = free_port()
-    paths = {"budget": "", "connections": "/connections"}
-    boards = {name: deploy(functools.partial(switchable, ck), limits, None, 1, 1, "127.0.0.1", port, app=name,
-                           route_prefix=paths[name] or "/") for name, limits in PROFILES.items()}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "ray_deploy.py"), ck, str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=cli_env())
     try:
-        deadline = time.time() + 240
-        for name in PROFILES:
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{paths[name]}/healthz", timeout=5) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert time.time() < deadline, "the Ray deployment did not come up"
-                time.sleep(0.5)
+        line = proc.stdout.readline()  # once every replica has been reached through the proxy
+        assert line, f"the Ray deployment did not come up (exit {proc.wait(60)})"
+        paths = json.loads(line)["paths"]
         yield Served("ray", {n: port for n in PROFILES}, paths)
     finally:
-        for name, board in boards.items():
-            serve.delete(name)
-            ray.kill(board)
-        serve.shutdown()
-        ray.shutdown()
+        proc.terminate()
+        proc.wait(120)
         deadline = time.time() + 30
         while _ray_processes() and time.time() < deadline:
             time.sleep(0.5)
