@@ -414,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the timing demo: this architecture with seeded random weights")
     p.add_argument("--episodes", type=int, default=3, help="closed-loop demo: episodes per task")
     p.add_argument("--out-dir", default="pi0_demo", help="closed-loop demo: where the video, plot and report go")
+    p.add_argument("--tasks", default=None, help="closed-loop demo: comma-separated Meta-World tasks (default: the "
+                   "five the shipped model was trained on)")
     p.add_argument("--checkpoint", help="real weights instead of random ones: " + CHECKPOINT_HELP)
     p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)

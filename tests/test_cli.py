@@ -22,12 +22,13 @@ def run(*args, timeout=300, compiled=False, **env):
     ("tiny", "openpi", 89), ("tiny", "lerobot", 90), ("tiny", "lerobot_legacy", 90),
     ("tiny-pi05", "openpi", 92), ("tiny-pi05", "lerobot", 93), ("tiny-pi05", "lerobot_legacy", 93),
 ])
-def test_inspect_json_for_every_layout(tmp_path, preset_name, layout, tensors):
+def test_inspect_json_for_every_layout(tmp_path, preset_name, layout, tensors, capsys):
+    from pi0.cli import main
+
     cfg = pi0.preset(preset_name)
     pi0.build_model(cfg, seed=0).save_pretrained(tmp_path, layout=layout)
-    r = run("inspect", str(tmp_path), "--json")
-    assert r.returncode == 0, r.stderr
-    rep = json.loads(r.stdout)
+    assert main(["inspect", str(tmp_path), "--json"]) in (0, None)  # in process: a reader, no global state
+    rep = json.loads(capsys.readouterr().out)
     assert rep["layout"] == layout
     assert rep["model"] == cfg.kind
     assert rep["num_tensors"] == tensors
@@ -36,8 +37,8 @@ def test_inspect_json_for_every_layout(tmp_path, preset_name, layout, tensors):
     unused = {"openpi": 1, "lerobot": 2, "lerobot_legacy": 2}[layout]
     assert len(rep["dropped"]) == unused and all("lm_head" in d or "embed_tokens" in d for d in rep["dropped"])
     assert rep["num_params"] > rep["num_used_params"]
-    r = run("inspect", str(tmp_path))
-    assert r.returncode == 0 and f"{layout} layout" in r.stdout
+    assert main(["inspect", str(tmp_path)]) in (0, None)
+    assert f"{layout} layout" in capsys.readouterr().out
 
 
 def test_demo_tiny_prints_stages_and_saves_a_plot(tmp_path):

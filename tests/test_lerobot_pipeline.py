@@ -76,6 +76,15 @@ def test_bad_pipelines_and_observations_are_named(tmp_path):
         pol.infer({k: v for k, v in obs.items() if not k.startswith("observation.images")})
     with pytest.raises(ValueError, match=r"float images must be in \[0, 1\]"):
         pol.infer({**obs, "observation.images.base": np.full((3, 28, 28), 2.0, np.float32)})
+    from pi0.errors import BadRequest
+
+    with pytest.raises(BadRequest, match="observation.images.front: not a camera of this checkpoint"):
+        pol.prepare({**obs, "observation.images.front": obs["observation.images.base"]})
+    for width in (7, 9):  # its config.json input_features say 8
+        with pytest.raises(BadRequest, match=f"observation.state has {width} values; this checkpoint expects 8"):
+            pol.prepare({**obs, "observation.state": np.zeros(width, np.float32)})
+    with pytest.raises(BadRequest, match="observation.state holds NaN"):
+        pol.prepare({**obs, "observation.state": np.full(8, np.nan, np.float32)})
     spec = json.loads((d / "policy_preprocessor.json").read_text())
     spec["steps"].insert(2, {"registry_name": "my_custom_augmenter", "config": {}})
     (d / "policy_preprocessor.json").write_text(json.dumps(spec))

@@ -6,7 +6,9 @@ row held back and then cut off, batched rows equal to each row alone, and /metri
 import contextlib
 import dataclasses
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -80,17 +82,21 @@ def served(request, tmp_path_factory, tokenizer_path):
             pytest.skip("another Ray instance is running")
         time.sleep(1)
     port = free_port()
+    log = tmp_path_factory.mktemp("ray") / "ray_deploy.log"
     proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "ray_deploy.py"), ck, str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=cli_env())
+                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=cli_env(),
+                            start_new_session=True)  # Ray's processes in a group of their own: stopped at once
     try:
         line = proc.stdout.readline()  # once every replica has been reached through the proxy
-        assert line, f"the Ray deployment did not come up (exit {proc.wait(60)})"
+        assert line, f"the Ray deployment did not come up (exit {proc.wait(60)}): {log.read_text()[-3000:]}"
         paths = json.loads(line)["paths"]
         yield Served("ray", {n: port for n in PROFILES}, paths)
     finally:
-        proc.terminate()
-        proc.wait(120)
-        deadline = time.time() + 30
+        # SIGKILL to the whole group: ray_deploy.py's orderly stop takes a minute on 2 cores, and what it tears down
+        # (`pi0 serve --replicas` on SIGTERM) is tests/test_ray_serve.py's to test
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.time() + 90
         while _ray_processes() and time.time() < deadline:
             time.sleep(0.5)
 

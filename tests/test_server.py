@@ -2,6 +2,7 @@
 server nor the connection; /healthz answers during a long request; the API key is enforced."""
 
 import asyncio
+import os
 import threading
 import statistics
 import time
@@ -81,6 +82,22 @@ def test_openpi_client_round_trips(server, policy):
         assert out["policy_timing"]["infer_ms"] > 0 and out["server_timing"]["infer_ms"] > 0
         if seed:
             assert out["server_timing"]["prev_total_ms"] > 0
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are Linux's")
+def test_requests_are_prepared_below_the_models_priority(server):
+    """Decoding and validation run in threads niced to PREPARE_NICE (or the process's own, if lower still), the model's
+    forward at the process's priority: a flood of requests to decode never takes the cores from the forward."""
+    from pi0.serving.service import PREPARE_NICE
+
+    client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=server.port)
+    client.infer(libero_obs(0))  # the preparing threads exist once a request has been decoded
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    nice = {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id) for t in threading.enumerate()
+            if t.name.startswith(("pi0-prepare", "pi0-infer"))}
+    preparing = [n for name, n in nice.items() if name.startswith("pi0-prepare")]
+    assert preparing and all(n == max(own, PREPARE_NICE) for n in preparing), nice
+    assert nice["pi0-infer"] == own, nice
 
 
 def test_two_clients_at_once_get_their_own_answers(server, policy):
@@ -274,7 +291,8 @@ def test_pi0_serve_command(tmp_path, tokenizer_path):
         client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=port)
         assert client.get_server_metadata()["preset"] == "libero"
         want = Policy(ck, preset="libero", dtype="float32", seed=0).infer(libero_obs(0))["actions"]
-        assert np.array_equal(client.infer(libero_obs(0))["actions"], want)
+        # the server runs without compiled kernels (cli_env), this process with them: equal to fp32 rounding
+        assert np.abs(client.infer(libero_obs(0))["actions"] - want).max() <= 1e-5
     finally:
         proc.terminate()
         proc.wait(30)

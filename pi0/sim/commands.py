@@ -248,7 +248,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     report = evaluate(spec, tasks, args.episodes, size=size, wrist=wrist, max_steps=args.max_steps, seed=seed,
                       video=args.video, workers=workers)
     report.update(seconds=time.perf_counter() - t0, seed=seed, seeds=[seed, seed + args.episodes - 1],
-                  max_steps=args.max_steps, source=args.server or str(args.checkpoint), **meta)
+                  max_steps=args.max_steps, source=args.server or _source(args.checkpoint), **meta)
     if args.expert:
         report["expert"] = expert_success(tasks, args.episodes, seed=seed, max_steps=args.max_steps)
     report["provenance"] = provenance()
@@ -297,6 +297,14 @@ def plot_success(report: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
+def _source(checkpoint: str) -> str:
+    """The checkpoint as a report names it: the shipped model by its place in the package, not this install's path."""
+    path = Path(checkpoint)
+    if path.exists() and path.resolve() == SHIPPED:
+        return str(SHIPPED.relative_to(SHIPPED.parents[2]))
+    return str(checkpoint)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     report = run_eval(args)
     if args.json:
@@ -321,7 +329,7 @@ def cmd_demo_closed_loop(args: argparse.Namespace) -> int | None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ns = argparse.Namespace(
-        env="metaworld", checkpoint=args.checkpoint or str(SHIPPED), server=None, tasks=None, episodes=args.episodes,
+        env="metaworld", checkpoint=args.checkpoint or str(SHIPPED), server=None, tasks=args.tasks, episodes=args.episodes,
         backend=args.backend, device=args.device, dtype=args.dtype, rtc=False, stream=False, control_hz=10.0,
         replan=None, max_steps=200, seed=None, wrist=None, video=str(out / "metaworld.mp4"),
         plot=str(out / "metaworld_success.png"), expert=True, json=False, workers=os.cpu_count() or 1,

@@ -117,6 +117,10 @@ class MetaWorldEnv:
                 raise SimError(gl_help(e)) from e
             for flag in ("mjRND_SHADOW", "mjRND_REFLECTION"):
                 r.scene.flags[getattr(self.mujoco.mjtRndFlag, flag)] = 0
+            if not self._renderers:
+                # after the first renderer: MuJoCo registers EGL's teardown when it makes its first context, and
+                # exit handlers run last-registered first, so the contexts are freed while EGL still runs
+                atexit.register(self.close)
             self._renderers[key] = r
         return self._renderers[key]
 
@@ -152,6 +156,7 @@ class MetaWorldEnv:
     def close(self) -> None:
         for r in self._renderers.values():
             r.close()
+        self._renderers.clear()
         self.env.close()
 
 
@@ -192,7 +197,6 @@ def _worker_env(task: str, size: int, camera: str, wrist: bool) -> MetaWorldEnv:
     key = (task, size, camera, wrist)
     if key not in _ENVS:
         _ENVS[key] = MetaWorldEnv(task, size, camera, wrist)
-        atexit.register(_ENVS[key].close)  # GL contexts freed before the interpreter tears EGL down
     return _ENVS[key]
 
 
