@@ -78,7 +78,7 @@ def soak(port: int, proc: subprocess.Popen, total: int, clients: int = 8) -> dic
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
     per = total // clients
-    warm = min(25, per // 4)
+    warm = min(25, per // 3)  # the same warm-up (25 a client) in the short form as in the full soak
     counts = [0] * clients
     barrier = threading.Barrier(clients + 1)
     errors = []
@@ -329,11 +329,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=10000)
     ap.add_argument("--flood-clients", type=int, default=64)
-    ap.add_argument("--short", action="store_true", help="a minute or two: 400 requests, 16 flooders")
+    ap.add_argument("--short", action="store_true", help="a minute or two: 600 requests, 16 flooders")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     args = ap.parse_args()
     if args.short:
-        args.requests, args.flood_clients = 400, 16
+        args.requests, args.flood_clients = 600, 16
     from tests.conftest import train_tokenizer, write_policy_checkpoint
 
     tmp = Path(tempfile.mkdtemp())
