@@ -15,7 +15,9 @@ from pi0.serving.service import Limits
 MIB = 1 << 20
 # a budget for two connections (each reserves 3 messages) under a high connection limit, and the reverse
 PROFILES = {
-    "budget": Limits(max_message_bytes=MIB, max_connections=16, max_inflight_bytes=6 * MIB + MIB // 2, max_errors=4),
+    # batch_wait_ms: room for two robots' requests through Ray's proxy on a loaded CPU (a lone connection never waits)
+    "budget": Limits(max_message_bytes=MIB, max_connections=16, max_inflight_bytes=6 * MIB + MIB // 2, max_errors=4,
+                     batch_wait_ms=100.0),
     "connections": Limits(max_message_bytes=MIB, max_connections=2, max_errors=4),
 }
 
