@@ -143,13 +143,18 @@ def _flooders(port: int, clients: int, message_mb: float, seconds: float, starte
         except Exception:  # noqa: BLE001 - refused by the budget (503), closed, or blocked by backpressure
             refused[0] += 1
 
-    threads = [threading.Thread(target=flooder, daemon=True) for _ in range(clients)]
+    _side_by_side(flooder, clients, started, seconds + 10)
+    out.put({"frames_sent": sent[0], "flooders_refused_or_blocked": refused[0]})
+
+
+def _side_by_side(client, n: int, started, timeout: float) -> None:
+    """`n` threads running `client`; `started` set once they all run; back when they end (or after timeout)."""
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
     started.set()
     for t in threads:
-        t.join(seconds + 10)
-    out.put({"frames_sent": sent[0], "flooders_refused_or_blocked": refused[0]})
+        t.join(timeout)
 
 
 def _error_loopers(port: int, clients: int, seconds: float, started, out) -> None:
@@ -172,12 +177,7 @@ def _error_loopers(port: int, clients: int, seconds: float, started, out) -> Non
                 closed[0] += 1
                 c = WebsocketClientPolicy(host="127.0.0.1", port=port)
 
-    threads = [threading.Thread(target=looper, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    started.set()
-    for t in threads:
-        t.join(seconds + 30)
+    _side_by_side(looper, clients, started, seconds + 30)
     out.put({"errors_answered_per_client_per_s": answered[0] / clients / seconds, "closed_for_errors": closed[0]})
 
 
@@ -307,22 +307,26 @@ def restart(ckpt: str, tokenizer: str, hz: float = 50.0, ticks: int = 600) -> di
 
     t = threading.Thread(target=bounce)
     t.start()
-    chunks_at_kill = None
-    for i in range(ticks):
+    chunks_at_restart, restarted_at = None, None
+    # at least `ticks` ticks, and 2 s more once the new server is up (however long its start took: at most 120 s)
+    deadline = time.perf_counter() + 120
+    while len(took) < ticks or restarted_at is None or time.perf_counter() < restarted_at + 2.0:
+        if time.perf_counter() > deadline:
+            break
         t0 = time.perf_counter()
         stream.next_action(obs)
         dt = time.perf_counter() - t0
         took.append(dt)
         late += dt > 1 / hz
-        if chunks_at_kill is None and box["proc"] is not proc:
-            chunks_at_kill = stream.chunks
+        if chunks_at_restart is None and box["proc"] is not proc:  # the new server answers /healthz
+            chunks_at_restart, restarted_at = stream.chunks, time.perf_counter()
         time.sleep(max(0.0, 1 / hz - dt))
     t.join()
     stream.close()
     stop(box["proc"])
-    return {"scenario": "restart", "control_hz": hz, "ticks": ticks, "late_ticks": late,
+    return {"scenario": "restart", "control_hz": hz, "ticks": len(took), "late_ticks": late,
             "worst_tick_ms": max(took) * 1000, "errors": stream.errors, "chunks": stream.chunks,
-            "chunks_after_restart": stream.chunks - (chunks_at_kill or 0)}
+            "chunks_after_restart": stream.chunks - (chunks_at_restart if chunks_at_restart is not None else stream.chunks)}
 
 
 def main() -> int:
