@@ -326,7 +326,7 @@ def restart(ckpt: str, tokenizer: str, hz: float = 50.0, ticks: int = 600) -> di
     stop(box["proc"])
     return {"scenario": "restart", "control_hz": hz, "ticks": len(took), "late_ticks": late,
             "worst_tick_ms": max(took) * 1000, "errors": stream.errors, "chunks": stream.chunks,
-            "chunks_after_restart": stream.chunks - (chunks_at_restart if chunks_at_restart is not None else stream.chunks)}
+            "chunks_after_restart": 0 if chunks_at_restart is None else stream.chunks - chunks_at_restart}
 
 
 def main() -> int:

@@ -2,7 +2,8 @@
 left MuJoCo's renderer unable to start there later): a local Ray instance, one app per limit profile of
 tests/served.py behind one proxy, each replica running `tests.served.switchable(CHECKPOINT)`. Prints one JSON line
 (the port and each profile's path) once every replica has been reached through the proxy, then serves until
-SIGTERM and leaves no Ray process behind.
+SIGTERM, then stops in order (tests/test_served.py kills its process group instead: Ray's orderly stop takes a
+minute on 2 cores).
 
     python tests/ray_deploy.py CHECKPOINT PORT
 """

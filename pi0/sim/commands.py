@@ -15,6 +15,7 @@ import numpy as np
 from pi0.options import add_device_args
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "metaworld"  # the small pi0 trained on Meta-World
+SHIPPED_NAME = str(SHIPPED.relative_to(SHIPPED.parents[2]))  # pi0/assets/metaworld, as reports and help name it
 
 
 def _say(text: str) -> None:
@@ -73,7 +74,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", default="metaworld", help="the simulator (metaworld)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=None, help="run this policy in this process (default: the small pi0 "
-                     f"shipped in {SHIPPED.relative_to(SHIPPED.parents[2])})")
+                     f"shipped in {SHIPPED_NAME})")
     src.add_argument("--server", default=None, help="HOST:PORT of `pi0 serve`: run as a robot would, through openpi's "
                      "websocket client and pi0.stream.ActionStream (keys and image size from the server's metadata)")
     p.add_argument("--tasks", default=None, help="comma-separated Meta-World tasks (default: the five of the demo)")
@@ -301,7 +302,7 @@ def _source(checkpoint: str) -> str:
     """The checkpoint as a report names it: the shipped model by its place in the package, not this install's path."""
     path = Path(checkpoint)
     if path.exists() and path.resolve() == SHIPPED:
-        return str(SHIPPED.relative_to(SHIPPED.parents[2]))
+        return SHIPPED_NAME
     return str(checkpoint)
 
 
