@@ -15,17 +15,20 @@ seed and a summary line per variant.
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import pi0
-from pi0.engine.model import Pi0Engine
-from pi0.checkpoint import Chain
-from pi0.engine.weights import INT8_STAGES, OUTLIER_GAIN, int8_quantizer
-from pi0.hardware import compute_dtype
-from pi0.models import outlier_channels, random_state_dict
-from pi0.reference.model import Pi0Reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pi0  # noqa: E402
+from pi0.backends.engine.model import Pi0Engine  # noqa: E402
+from pi0.backends.engine.weights import INT8_STAGES, OUTLIER_GAIN, int8_quantizer  # noqa: E402
+from pi0.backends.factory import random_state_dict  # noqa: E402
+from pi0.backends.reference.model import Pi0Reference  # noqa: E402
+from pi0.hardware import compute_dtype  # noqa: E402
+from tests.stress import Chain, outlier_channels  # noqa: E402
 
 GATES = {"bfloat16": (0.999, 0.995), "int8": (0.99, 0.98)}
 
@@ -63,16 +66,16 @@ def main() -> None:
                     help="int8 weight range (default: what this CPU's kernel takes; 63 = the 7-bit weights of CPUs "
                          "without VNNI, whose numerics any CPU reproduces)")
     ap.add_argument("--outliers", action="store_true",
-                    help="the outlier checkpoint (pi0.models.outlier_channels: 4 channels of every norm-fed product's "
+                    help="the outlier checkpoint (pi0.backends.factory.outlier_channels: 4 channels of every norm-fed product's "
                          "input 100x the rest, the float model unchanged); int8 is run with and without the outlier "
                          "channels kept in float")
     args = ap.parse_args()
-    cfg = pi0.preset(args.kind)
+    cfg = pi0.size_config(args.kind)
     t0 = time.perf_counter()
     outliers = outlier_channels(cfg) if args.outliers else None
     with torch.device("meta"):
         ref = Pi0Reference(cfg).eval().requires_grad_(False)
-    ref.load_state_dict(random_state_dict(cfg, 0, torch.float32, transform=outliers), strict=True, assign=True)
+    ref.load_state_dict(random_state_dict(cfg, 0, torch.float32, hook=outliers), strict=True, assign=True)
     print(json.dumps({"built_s": time.perf_counter() - t0}), flush=True)
     cases = []
     for s in range(args.seeds):
@@ -100,7 +103,7 @@ def main() -> None:
             for gain in gains if stages == INT8_STAGES else [OUTLIER_GAIN]:
                 def make(stages=stages, gain=gain) -> Pi0Engine:
                     quantize = int8_quantizer(dt, stages, args.qmax, outlier_gain=gain)
-                    state = random_state_dict(cfg, 0, dt, transform=Chain(outliers, quantize) if outliers else quantize)
+                    state = random_state_dict(cfg, 0, dt, hook=Chain(outliers, quantize) if outliers else quantize)
                     return Pi0Engine(cfg, state)
                 variants["int8 " + "+".join(stages) + ("" if gain else " (per-token scales only)")] = make
 

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pi0.engine import ops  # noqa: E402
+from pi0.backends.engine import ops  # noqa: E402
 from pi0.hardware import compute_dtype  # noqa: E402
 from pi0.timing import best_seconds  # noqa: E402
+from tests.stress import int8_weight  # noqa: E402
 
 SHAPES = {  # name: (rows, in, out)
     "vlm_gate_up (W1 prefix)": (816, 2048, 32768),
@@ -71,7 +72,7 @@ def main() -> None:
         except RuntimeError:
             pass
         dt = compute_dtype(torch.int8)
-        engine_w = ops.int8_weight(w, m, dt)
+        engine_w = int8_weight(w, m, dt)
         xe = x.to(dt)
         row[f"int8_engine_{engine_w.kernel}"] = rate(lambda: ops.linear(xe, engine_w), work)
         print(json.dumps({k: round(v) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 
 import pi0
-from pi0 import bench
+from pi0.cli import bench
 
 WORKLOADS = {  # as README's table: W1 3 cameras, 48 tokens; W2 2 cameras + 1 masked, 12 of 48 tokens
     "W1": {"cameras": 3, "masked_cameras": 0, "tokens": 48, "valid_tokens": 48},
@@ -29,7 +29,7 @@ WORKLOADS = {  # as README's table: W1 3 cameras, 48 tokens; W2 2 cameras + 1 ma
 def parity(size: str, device: str, seeds: int) -> dict:
     """fp32 reference and engine on `device` vs the CPU fp32 reference (max-abs), engine bf16 (PCC and
     max-abs over the actions' std), on the same seeded weights."""
-    cfg = pi0.preset(size)
+    cfg = pi0.size_config(size)
     cpu = pi0.build_model(cfg, seed=0)
     cases = []
     for s in range(seeds):

@@ -15,22 +15,22 @@ import time
 import torch
 
 import pi0
-from pi0.checkpoint import weights_allocation
-from pi0.engine.model import Pi0Engine
-from pi0.engine.weights import int8_quantizer
+from pi0.hardware import weights_allocation
+from pi0.backends.engine.model import Pi0Engine
+from pi0.backends.engine.weights import int8_quantizer
 from pi0.hardware import compute_dtype
-from pi0.models import random_state_dict
+from pi0.backends.factory import random_state_dict
 
 
 def main() -> None:
-    cfg = pi0.preset("pi0")
+    cfg = pi0.size_config("pi0")
     dt = compute_dtype(torch.int8)
     obs = pi0.sample_observation(cfg, 1, 48, num_cameras=3, token_len=48)
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
     for arg in sys.argv[1:] or ["vision+prefix+expert+embedding", ""]:
         stages = tuple(s for s in arg.split("+") if s)
         with weights_allocation():
-            eng = Pi0Engine(cfg, random_state_dict(cfg, 0, dt, transform=int8_quantizer(dt, stages)))
+            eng = Pi0Engine(cfg, random_state_dict(cfg, 0, dt, hook=int8_quantizer(dt, stages)))
         eng.sample_actions(obs, noise=noise)
         runs = []
         for _ in range(3):

@@ -49,7 +49,7 @@ def start_server(ckpt: str, preset: str, max_batch: int, tokenizer: str | None,
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", ckpt, "--preset", preset, "--port", str(port),
+    cmd = [sys.executable, "-m", "pi0.cli.main", "serve", "--checkpoint", ckpt, "--preset", preset, "--port", str(port),
            "--dtype", DTYPE,
            "--max-batch", str(max_batch), "--batch-wait-ms", "5"]
     if tokenizer:

@@ -44,7 +44,7 @@ FAIR = 1.3  # a well-behaved robot's median latency beside abusive clients, over
 def start(ckpt: str, tokenizer: str, port: int, *extra: str) -> subprocess.Popen:
     import urllib.request
 
-    cmd = [sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", ckpt, "--preset", "libero", "--port", str(port),
+    cmd = [sys.executable, "-m", "pi0.cli.main", "serve", "--checkpoint", ckpt, "--preset", "libero", "--port", str(port),
            "--tokenizer", tokenizer, "--dtype", "float32", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -289,7 +289,7 @@ def bad_row(port: int, repeats: int) -> dict:
 
 
 def restart(ckpt: str, tokenizer: str, hz: float = 50.0, ticks: int = 600) -> dict:
-    from pi0.stream import ActionStream
+    from pi0.serving.stream import ActionStream
 
     port = free_port()
     proc = start(ckpt, tokenizer, port)

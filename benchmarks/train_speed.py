@@ -36,7 +36,7 @@ def main() -> None:
     for size in args.sizes:
         for batch in args.batch:
             out = tmp / f"run-{Path(size).stem}-{batch}"
-            cmd = [sys.executable, "-m", "pi0.cli", "train", "--dataset", str(data), "--size", size, "--out", str(out),
+            cmd = [sys.executable, "-m", "pi0.cli.main", "train", "--dataset", str(data), "--size", size, "--out", str(out),
                    "--steps", str(args.steps), "--batch", str(batch), "--log-every", "1", "--quiet", "--device",
                    args.device, "--dtype", args.dtype, "--action-horizon", "10"]
             if args.lora:

@@ -1,6 +1,6 @@
 """pi0: inference for the pi0 / pi0.5 vision-language-action policies.
 
-The names below are imported on first use, so that robot-side modules (`pi0.stream`) import without
+The names below are imported on first use, so that robot-side modules (`pi0.serving.stream`) import without
 torch."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CheckpointError": "pi0.checkpoint", "inspect_checkpoint": "pi0.checkpoint",
-    "GemmaConfig": "pi0.config", "Pi0Config": "pi0.config", "SiglipConfig": "pi0.config", "infer_config": "pi0.config",
-    "preset": "pi0.config",
-    "build_model": "pi0.models", "load_model": "pi0.models",
-    "Observation": "pi0.observation", "sample_observation": "pi0.observation",
-    "Policy": "pi0.policy",
-    "RTC": "pi0.rtc",
-    "ActionStream": "pi0.stream",
+    "CheckpointError": "pi0.errors", "inspect_checkpoint": "pi0.checkpoint.load",
+    "GemmaConfig": "pi0.model.config", "Pi0Config": "pi0.model.config", "SiglipConfig": "pi0.model.config", "infer_config": "pi0.model.config",
+    "size_config": "pi0.model.config",
+    "build_model": "pi0.backends.factory", "load_model": "pi0.backends.factory", "save_model": "pi0.backends.factory",
+    "Observation": "pi0.model.observation", "sample_observation": "pi0.model.observation",
+    "Policy": "pi0.robot.policy",
+    "RTC": "pi0.model.rtc",
+    "ActionStream": "pi0.serving.stream",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The project's own exception for input a caller got wrong, apart from programming errors: a server answers a
+"""The project's own exceptions for input a caller got wrong, apart from programming errors: a server answers a
 BadRequest with its message (the key, what was expected, what came) and anything else with an error id only."""
 
 from __future__ import annotations
@@ -14,3 +14,7 @@ class MissingKey(BadRequest, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file, keys and shapes."""

@@ -61,7 +61,7 @@ def make_obs(cfg: pi0.Pi0Config, batch: int, valid, masked=(), seed: int = 0) ->
 
 @pytest.fixture(scope="session", params=["tiny", "tiny-pi05"])
 def tiny_model(request):
-    return pi0.build_model(pi0.preset(request.param), seed=3)
+    return pi0.build_model(pi0.size_config(request.param), seed=3)
 
 
 def train_tokenizer(path, vocab_size: int = 300) -> str:
@@ -99,7 +99,7 @@ def write_policy_checkpoint(directory, preset_name: str, tokenizer: str, layout:
     import numpy as np
 
     d = Path(directory)
-    pi0.build_model(pi0.preset(preset_name), seed=seed).save_pretrained(d, layout=layout)
+    pi0.save_model(pi0.build_model(pi0.size_config(preset_name), seed=seed), d, layout=layout)
     shutil.copy(tokenizer, d / "paligemma_tokenizer.model")
     if stats:
         rng = np.random.default_rng(seed)

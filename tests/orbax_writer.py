@@ -1,5 +1,5 @@
 """Write openpi-style Orbax checkpoints (../shared/spec/openpi_orbax.md) with tensorstore, from canonical
-tensors: the JAX parameter tree spelled out leaf by leaf (independently of pi0.orbax's reader), zarr v2
+tensors: the JAX parameter tree spelled out leaf by leaf (independently of pi0.checkpoint.orbax's reader), zarr v2
 arrays in an OCDBT database, `_METADATA`, bf16 or fp32 leaves, one chunk or several, a pure tree
 (released) or one whose leaves end in `value` (training)."""
 

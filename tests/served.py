@@ -49,7 +49,7 @@ class Switchable:
 
 def switchable(checkpoint: str) -> Switchable:
     """The factory a Ray replica calls (picklable by reference)."""
-    from pi0.policy import Policy
+    from pi0.robot.policy import Policy
 
     return Switchable(Policy(checkpoint, preset="libero", dtype="float32", seed=3))
 

@@ -173,7 +173,7 @@ def test_idle_connections_and_the_connection_limit(seeded):
 
 
 def test_api_key_from_a_file_or_the_environment(tmp_path, monkeypatch, capsys):
-    from pi0.cli import api_key
+    from pi0.cli.serve import api_key
 
     (tmp_path / "key").write_text("s3cret\n")
     assert api_key(Namespace(api_key_file=str(tmp_path / "key"), api_key=None)) == "s3cret"

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pi0
-from pi0.checkpoint import CheckpointError, file_tensors
-from pi0.config import canonical_shapes
+from pi0.errors import CheckpointError
+from pi0.checkpoint.layouts import file_tensors
+from pi0.model.config import canonical_shapes
 from tests.conftest import make_noise
 
 def _same(a, b):  # the same weights give the same actions (up to memory-alignment rounding)
@@ -26,7 +27,7 @@ LAYOUTS = {"tiny": ["openpi", "lerobot", "lerobot_legacy"], "tiny-pi05": ["openp
     ("pi05", "openpi", 812), ("pi05", "lerobot", 813), ("pi05", "lerobot_legacy", 813),
 ])
 def test_full_size_layouts_have_the_real_counts(kind, layout, count):
-    cfg = pi0.preset(kind)
+    cfg = pi0.size_config(kind)
     sd = {k: torch.empty(s, device="meta") for k, s in canonical_shapes(cfg).items()}
     names = file_tensors(sd, cfg, layout)
     assert len(names) == count
@@ -40,7 +41,7 @@ def test_full_size_layouts_have_the_real_counts(kind, layout, count):
 
 @pytest.mark.parametrize("preset_name", ["tiny", "tiny-pi05"])
 def test_every_layout_round_trips(tmp_path, preset_name):
-    cfg = pi0.preset(preset_name)
+    cfg = pi0.size_config(preset_name)
     model = pi0.build_model(cfg, seed=7)
     obs = pi0.sample_observation(cfg, batch_size=2, num_valid_tokens=9)
     noise = make_noise(cfg, 2)
@@ -48,7 +49,7 @@ def test_every_layout_round_trips(tmp_path, preset_name):
     full = canonical_shapes(cfg)
     for layout in LAYOUTS[preset_name]:
         d = tmp_path / layout
-        model.save_pretrained(d, layout=layout)
+        pi0.save_model(model, d, layout=layout)
         info = pi0.inspect_checkpoint(d)
         assert info.layout == layout
         assert info.config == cfg
@@ -66,7 +67,7 @@ def test_config_is_inferred_from_shapes_not_config_json(tmp_path):
         action_dim=12, state_dim=10, action_horizon=7, num_steps=4,
     )
     model = pi0.build_model(cfg, seed=1)
-    model.save_pretrained(tmp_path, layout="lerobot")
+    pi0.save_model(model, tmp_path, layout="lerobot")
     meta = json.loads((tmp_path / "config.json").read_text())
     assert "pi0" not in meta  # LeRobot's own fields only: pi0's exact config is beside it, and goes
     (tmp_path / "pi0_config.json").unlink()
@@ -80,18 +81,18 @@ def test_config_is_inferred_from_shapes_not_config_json(tmp_path):
 
 
 def test_sharded_and_single_file_and_dtypes(tmp_path):
-    cfg = pi0.preset("tiny")
+    cfg = pi0.size_config("tiny")
     model = pi0.build_model(cfg, seed=2)
     obs = pi0.sample_observation(cfg)
     noise = make_noise(cfg, 1)
     ref = model.sample_actions(obs, noise=noise)
-    from pi0.checkpoint import save_checkpoint
+    from pi0.checkpoint.save import save_checkpoint
 
     save_checkpoint(model.state_dict(), cfg, tmp_path / "sharded", layout="lerobot", max_shard_bytes=200_000)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert _same(pi0.load_model(tmp_path / "sharded").sample_actions(obs, noise=noise), ref)
-    model.save_pretrained(tmp_path / "single")
+    pi0.save_model(model, tmp_path / "single")
     assert _same(pi0.load_model(tmp_path / "single" / "model.safetensors").sample_actions(obs, noise=noise), ref)
     # a bf16 file loads as bf16 without an fp32 detour, and as fp32 when asked
     bf = {k: v.to(torch.bfloat16) for k, v in load_file(tmp_path / "single" / "model.safetensors").items()}
@@ -105,9 +106,9 @@ def test_sharded_and_single_file_and_dtypes(tmp_path):
 
 
 def test_lerobot_pi0_time_mlp_names_are_accepted(tmp_path):
-    cfg = pi0.preset("tiny")
+    cfg = pi0.size_config("tiny")
     model = pi0.build_model(cfg, seed=4)
-    model.save_pretrained(tmp_path, layout="lerobot")
+    pi0.save_model(model, tmp_path, layout="lerobot")
     f = tmp_path / "model.safetensors"
     sd = load_file(f)
     for part in ("in", "out"):
@@ -123,8 +124,8 @@ def test_lerobot_pi0_time_mlp_names_are_accepted(tmp_path):
 
 @pytest.fixture()
 def tiny_ckpt(tmp_path):
-    cfg = pi0.preset("tiny")
-    pi0.build_model(cfg, seed=5).save_pretrained(tmp_path / "ckpt")
+    cfg = pi0.size_config("tiny")
+    pi0.save_model(pi0.build_model(cfg, seed=5), tmp_path / "ckpt")
     return tmp_path / "ckpt"
 
 
@@ -196,7 +197,7 @@ def test_directories_without_a_pi0_checkpoint(tmp_path):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "pi0.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "pi0.cli.main", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_hub_repo_id_from_the_huggingface_cache(tmp_path, tiny_ckpt):

@@ -14,7 +14,7 @@ from tests.conftest import cli_env
 def run(*args, timeout=300, compiled=False, **env):
     """`pi0 ARGS` in a fresh process (compiled kernels only if asked); keyword arguments are extra environment
     variables."""
-    return subprocess.run([sys.executable, "-m", "pi0.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "pi0.cli.main", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **env} if compiled else cli_env(**env))
 
 
@@ -23,10 +23,10 @@ def run(*args, timeout=300, compiled=False, **env):
     ("tiny-pi05", "openpi", 92), ("tiny-pi05", "lerobot", 93), ("tiny-pi05", "lerobot_legacy", 93),
 ])
 def test_inspect_json_for_every_layout(tmp_path, preset_name, layout, tensors, capsys):
-    from pi0.cli import main
+    from pi0.cli.main import main
 
-    cfg = pi0.preset(preset_name)
-    pi0.build_model(cfg, seed=0).save_pretrained(tmp_path, layout=layout)
+    cfg = pi0.size_config(preset_name)
+    pi0.save_model(pi0.build_model(cfg, seed=0), tmp_path, layout=layout)
     assert main(["inspect", str(tmp_path), "--json"]) in (0, None)  # in process: a reader, no global state
     rep = json.loads(capsys.readouterr().out)
     assert rep["layout"] == layout
@@ -53,7 +53,7 @@ def test_demo_tiny_prints_stages_and_saves_a_plot(tmp_path):
 
 
 def test_demo_with_a_checkpoint(tmp_path):
-    pi0.build_model(pi0.preset("tiny-pi05"), seed=1).save_pretrained(tmp_path / "ck")
+    pi0.save_model(pi0.build_model(pi0.size_config("tiny-pi05"), seed=1), tmp_path / "ck")
     r = run("demo", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "a.png"), "--steps", "3",
             "--dtype", "float32")
     assert r.returncode == 0, r.stderr
@@ -92,9 +92,9 @@ def test_bench_json_reports_every_field(native, dtype):
 
 
 def test_model_flops_counts_only_valid_work():
-    from pi0.bench import model_flops
+    from pi0.cli.bench import model_flops
 
-    cfg = pi0.preset("pi0")
+    cfg = pi0.size_config("pi0")
     w1 = model_flops(cfg, [3], [48], 10)
     w2 = model_flops(cfg, [2], [12], 10)
     assert 4.0e12 < w1 < 4.4e12  # the issue's ~4.3 TFLOP for W1

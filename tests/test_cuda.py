@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 @pytest.mark.parametrize("name", ["tiny", "tiny-pi05"])
 @pytest.mark.parametrize("backend", ["reference", "engine"])
 def test_fp32_on_cuda_matches_the_cpu_reference(name, backend):
-    cfg = pi0.preset(name)
+    cfg = pi0.size_config(name)
     cpu = pi0.build_model(cfg, seed=4)
     gpu = pi0.build_model(cfg, seed=4, backend=backend, device="cuda")
     obs, noise = make_obs(cfg, 3, (3, 11, 6), ((2, 1), (0, 2))), make_noise(cfg, 3)
@@ -25,7 +25,7 @@ def test_fp32_on_cuda_matches_the_cpu_reference(name, backend):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-pi05"])
 def test_bf16_gate_on_cuda(name):
-    cfg = pi0.preset(name)
+    cfg = pi0.size_config(name)
     ref, ref16 = pi0.build_model(cfg, seed=5), pi0.build_model(cfg, seed=5, dtype="bfloat16")
     assert_bf16_gate(bf16_gate(cfg, pi0.build_model(cfg, seed=5, backend="engine", dtype="bfloat16", device="cuda"),
                                ref, ref16))

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import pi0
-from pi0.engine import ops
-from pi0.engine.model import Pi0Engine
-from pi0.models import random_state_dict
+from pi0.backends.engine import ops
+from pi0.backends.engine.model import Pi0Engine
+from pi0.backends.factory import random_state_dict
 from tests.conftest import make_noise, make_obs
 from tests.fixtures_lib import MODELS, ROOT, cases, scaled_err
 
@@ -28,7 +28,7 @@ def make_engine(cfg: pi0.Pi0Config, seed: int, dtype=torch.float32, **kernels) -
 @pytest.fixture(scope="module", params=[(p, k) for p in ("tiny", "tiny-pi05") for k in KERNELS], ids=lambda p: "-".join(p))
 def pair(request):
     name, kernels = request.param
-    cfg = pi0.preset(name)
+    cfg = pi0.size_config(name)
     eng = make_engine(cfg, 11, **KERNELS[kernels])
     if kernels == "plain":
         assert not eng.kernels["packed_weights"] and not eng.kernels["fused_kernels"]
@@ -77,7 +77,7 @@ def assert_bf16_gate(g: dict[str, list[float]]) -> None:
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-pi05"])
 def gate_refs(request):
-    cfg = pi0.preset(request.param)
+    cfg = pi0.size_config(request.param)
     return cfg, pi0.build_model(cfg, seed=5), pi0.build_model(cfg, seed=5, dtype="bfloat16")
 
 
@@ -144,7 +144,7 @@ def test_masked_cameras_and_padding_are_skipped(pair):
 
 
 def test_pi05_engine_needs_no_state():
-    cfg = pi0.preset("tiny-pi05")
+    cfg = pi0.size_config("tiny-pi05")
     eng = pi0.build_model(cfg, seed=1, backend="engine")
     obs = make_obs(cfg, 1, (6,))
     noise = make_noise(cfg, 1)
@@ -177,7 +177,7 @@ def test_engine_rejects_bad_inputs_like_the_reference(pair):
 
 
 def test_vision_tower_can_stay_fp32():
-    cfg = pi0.preset("tiny")
+    cfg = pi0.size_config("tiny")
     ref = pi0.build_model(cfg, seed=5)
     state = {k: v if k.startswith(("vision.", "projector.")) else v.to(torch.bfloat16) for k, v in ref.state_dict().items()}
     eng = Pi0Engine(cfg, dict(state), vision_dtype=torch.float32)

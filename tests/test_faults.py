@@ -14,9 +14,9 @@ openpi_client = pytest.importorskip("openpi_client.websocket_client_policy")
 from websockets.sync.client import connect  # noqa: E402
 
 from pi0.errors import BadRequest  # noqa: E402
-from pi0.policy import Policy  # noqa: E402
+from pi0.robot.policy import Policy  # noqa: E402
 from pi0.serving import msgpack_numpy  # noqa: E402
-from pi0.stream import ActionStream, StreamStarved  # noqa: E402
+from pi0.serving.stream import ActionStream, StreamStarved  # noqa: E402
 from tests.conftest import free_port, write_policy_checkpoint  # noqa: E402
 from tests.test_batching import Counting  # noqa: E402
 from tests.test_policy import libero_obs  # noqa: E402

@@ -45,7 +45,7 @@ def test_every_layout_reproduces_lerobot(tmp_path, name):
     layouts = ["openpi", "lerobot_legacy"]
     src = pi0.load_model(ROOT / name)
     for layout in layouts:
-        src.save_pretrained(tmp_path / layout, layout=layout)
+        pi0.save_model(src, tmp_path / layout, layout=layout)
         model = pi0.load_model(tmp_path / layout)
         assert model.checkpoint_info.layout == layout
         for case in cases(name):

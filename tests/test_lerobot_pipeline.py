@@ -96,7 +96,7 @@ def test_inspect_shows_the_pipeline():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "pi0.cli", "inspect", str(ROOT / "pi05_default"), "--json"],
+    r = subprocess.run([sys.executable, "-m", "pi0.cli.main", "inspect", str(ROOT / "pi05_default"), "--json"],
                        capture_output=True, text=True, timeout=120, env=cli_env())
     rep = json.loads(r.stdout)
     assert rep["pipeline"]["convention"] == "lerobot"
@@ -110,7 +110,7 @@ def test_pi0_infer_takes_a_lerobot_observation_file(tmp_path):
 
     _, obs, _, _, _ = next(cases("pi05_default"))
     np.savez(tmp_path / "obs.npz", **obs)
-    r = subprocess.run([sys.executable, "-m", "pi0.cli", "infer", "--checkpoint", str(ROOT / "pi05_default"),
+    r = subprocess.run([sys.executable, "-m", "pi0.cli.main", "infer", "--checkpoint", str(ROOT / "pi05_default"),
                         "--obs", str(tmp_path / "obs.npz"), "--tokenizer", str(TOKENIZER), "--dtype", "float32",
                         "--seed", "0", "--out", str(tmp_path / "a.npy")], capture_output=True, text=True, timeout=120,
                        env=cli_env())

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pi0
-from pi0.checkpoint import CheckpointError
+from pi0.errors import CheckpointError
 from tests.conftest import cli_env, make_noise, make_obs, write_policy_checkpoint
 from tests.orbax_writer import jax_tree, write_orbax
 
@@ -43,7 +43,7 @@ def load_quiet(path, **kw):
         return pi0.load_model(path, **kw)
 
 
-@pytest.mark.parametrize("cfg", [TINY_2HEADS, pi0.preset("tiny-pi05")], ids=["pi0", "pi05"])
+@pytest.mark.parametrize("cfg", [TINY_2HEADS, pi0.size_config("tiny-pi05")], ids=["pi0", "pi05"])
 @pytest.mark.parametrize("training,chunks", [(False, 1), (True, 3)], ids=["released", "training-3chunks"])
 def test_orbax_loads_the_same_model_as_safetensors(tmp_path, cfg, training, chunks):
     state = bf16_rounded(cfg, 7)
@@ -61,7 +61,7 @@ def test_orbax_loads_the_same_model_as_safetensors(tmp_path, cfg, training, chun
         got = load_quiet(root, backend=backend).sample_actions(obs, noise=noise)
         assert (got - expected).abs().max() <= (0 if backend == "reference" else 1e-4)
     # the same weights saved as openpi-converted safetensors give the same actions, bit for bit, at each dtype
-    want.save_pretrained(tmp_path / "st", layout="openpi")
+    pi0.save_model(want, tmp_path / "st", layout="openpi")
     for dtype in ("float32", "bfloat16"):
         a = load_quiet(root, backend="engine", dtype=dtype).sample_actions(obs, noise=noise)
         b = load_quiet(tmp_path / "st", backend="engine", dtype=dtype).sample_actions(obs, noise=noise)
@@ -71,7 +71,7 @@ def test_orbax_loads_the_same_model_as_safetensors(tmp_path, cfg, training, chun
 
 
 def test_horizon_and_token_length_are_assumed_out_loud(tmp_path):
-    cfg = pi0.preset("tiny")
+    cfg = pi0.size_config("tiny")
     write_orbax(tmp_path / "ck" / "params", jax_tree(bf16_rounded(cfg, 1), cfg))
     with pytest.warns(UserWarning, match="action_horizon 50 assumed"):
         info = pi0.inspect_checkpoint(tmp_path / "ck")
@@ -89,7 +89,7 @@ def test_horizon_and_token_length_are_assumed_out_loud(tmp_path):
 
 
 def test_loading_imports_no_jax(tmp_path):
-    cfg = pi0.preset("tiny")
+    cfg = pi0.size_config("tiny")
     write_orbax(tmp_path / "ck" / "params", jax_tree(bf16_rounded(cfg, 1), cfg))
     code = ("import sys, warnings; warnings.simplefilter('ignore'); import pi0; "
             f"m = pi0.load_model({str(tmp_path / 'ck')!r}, backend='engine'); "
@@ -101,7 +101,7 @@ def test_loading_imports_no_jax(tmp_path):
 
 def _cli(*args, **env):
 
-    return subprocess.run([sys.executable, "-m", "pi0.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "pi0.cli.main", *args], capture_output=True, text=True, timeout=300,
                           env=cli_env(**env))
 
 
@@ -134,7 +134,7 @@ def test_convert_orbax_to_openpi_and_inspect(tmp_path, tokenizer_path):
         keys = set(f.keys())
         assert f.get_tensor(next(iter(keys))).dtype == torch.bfloat16  # the source's dtype by default
     # openpi's converter's names and count: the VLM embedding only as the lm_head, plus the expert's lm_head
-    from pi0.checkpoint import file_tensors
+    from pi0.checkpoint.layouts import file_tensors
 
     assert keys == set(file_tensors(state, cfg, "openpi"))
     assert "paligemma_with_expert.paligemma.lm_head.weight" in keys and len(keys) == 89
@@ -184,14 +184,14 @@ def test_gs_names_resolve_to_openpis_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENPI_DATA_HOME", str(tmp_path))
     with pytest.raises(CheckpointError, match=r"gsutil -m cp -r gs://openpi-assets/checkpoints/pi05_droid "):
         pi0.inspect_checkpoint("gs://openpi-assets/checkpoints/pi05_droid")
-    cfg = pi0.preset("tiny-pi05")
+    cfg = pi0.size_config("tiny-pi05")
     write_orbax(tmp_path / "openpi-assets" / "checkpoints" / "pi05_droid" / "params", jax_tree(bf16_rounded(cfg, 2), cfg))
     info = pi0.inspect_checkpoint("gs://openpi-assets/checkpoints/pi05_droid", action_horizon=15)
     assert info.layout == "openpi_orbax" and info.config.pi05 and info.config.action_horizon == 15
 
 
 def test_bad_orbax_checkpoints_get_one_clear_error_each(tmp_path):
-    cfg = pi0.preset("tiny")
+    cfg = pi0.size_config("tiny")
     leaves = jax_tree(bf16_rounded(cfg, 1), cfg)
 
     def fresh(name, tree=leaves):

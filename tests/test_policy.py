@@ -11,8 +11,8 @@ import torch
 
 import pi0
 from pi0.errors import BadRequest
-from pi0.policy import Policy
-from pi0.processing import ALOHA_JOINT_FLIP, _gripper_from_angular, _gripper_to_angular
+from pi0.robot.policy import Policy
+from pi0.robot.presets import ALOHA_JOINT_FLIP, _gripper_from_angular, _gripper_to_angular
 from tests.conftest import cli_env, write_policy_checkpoint
 
 
@@ -113,17 +113,17 @@ def test_droid_preset_concatenates_joints_and_gripper(tmp_path, tokenizer_path):
 def test_pi05_quantiles_and_state_in_prompt(tmp_path, tokenizer_path):
     ck = write_policy_checkpoint(tmp_path / "pi05", "tiny-pi05", tokenizer_path, layout="lerobot")
     pol = Policy(ck, preset="libero", dtype="float32", seed=0)
-    assert pol.state_in_prompt and pol.config.pi05
+    assert pol.pipeline.state_in_prompt and pol.config.pi05
     obs = libero_obs()
     inputs = pol.prepare(obs)
     stats = json.loads((ck / "assets" / "robot" / "norm_stats.json").read_text())["norm_stats"]["state"]
     q01, q99 = np.asarray(stats["q01"]), np.asarray(stats["q99"])
     norm = (obs["observation/state"] - q01) / (q99 - q01 + 1e-6) * 2 - 1
-    text = pol.tokenizer.sp.decode(inputs.tokens[0][inputs.token_masks[0]].tolist())
+    text = pol.pipeline.tokenizer.sp.decode(inputs.tokens[0][inputs.token_masks[0]].tolist())
     assert text.startswith("Task: put the red cup in the bowl, State: ")
     assert " ".join(map(str, np.digitize(norm, np.linspace(-1, 1, 257)[:-1]) - 1)) in text
     no_state = Policy(ck, preset="libero", dtype="float32", seed=0, state_in_prompt=False).prepare(obs)
-    assert "State" not in pol.tokenizer.sp.decode(no_state.tokens[0][no_state.token_masks[0]].tolist())
+    assert "State" not in pol.pipeline.tokenizer.sp.decode(no_state.tokens[0][no_state.token_masks[0]].tolist())
     assert pol.infer(obs)["actions"].shape == (50, 7)
 
 
@@ -135,7 +135,7 @@ def test_generic_preset_from_lerobot_features(tmp_path, tokenizer_path):
     meta["output_features"] = {"action": {"type": "ACTION", "shape": [6]}}
     (ck / "config.json").write_text(json.dumps(meta))
     pol = Policy(ck, dtype="float32")
-    assert pol.preset.name == "generic" and pol.action_dim == 6
+    assert pol.pipeline.preset.name == "generic" and pol.action_dim == 6
     rng = np.random.default_rng(0)
     obs = {"observation.images.top": rng.uniform(size=(3, 28, 28)).astype(np.float32),
            "observation.state": rng.normal(size=6), "prompt": "stack cubes"}
@@ -149,7 +149,7 @@ def test_generic_preset_from_lerobot_features(tmp_path, tokenizer_path):
 def test_pi0_infer_cli(tmp_path, libero_ckpt):
     obs = libero_obs()
     np.savez(tmp_path / "obs.npz", **obs)
-    r = subprocess.run([sys.executable, "-m", "pi0.cli", "infer", "--checkpoint", str(libero_ckpt), "--preset", "libero",
+    r = subprocess.run([sys.executable, "-m", "pi0.cli.main", "infer", "--checkpoint", str(libero_ckpt), "--preset", "libero",
                         "--obs", str(tmp_path / "obs.npz"), "--seed", "3", "--dtype", "float32", "--backend", "reference",
                         "--out", str(tmp_path / "a.npy")], capture_output=True, text=True, timeout=300, env=cli_env())
     assert r.returncode == 0, r.stderr
@@ -157,14 +157,14 @@ def test_pi0_infer_cli(tmp_path, libero_ckpt):
     assert np.allclose(np.load(tmp_path / "a.npy"), want, atol=1e-6)
     js = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in obs.items()}
     (tmp_path / "obs.json").write_text(json.dumps(js))
-    r = subprocess.run([sys.executable, "-m", "pi0.cli", "infer", "--checkpoint", str(libero_ckpt), "--preset", "libero",
+    r = subprocess.run([sys.executable, "-m", "pi0.cli.main", "infer", "--checkpoint", str(libero_ckpt), "--preset", "libero",
                         "--obs", str(tmp_path / "obs.json"), "--dtype", "float32"], capture_output=True, text=True,
                        timeout=300, env=cli_env())
     assert r.returncode == 0, r.stderr
     assert "actions [50, 7]" in r.stdout
     bad = {k: v for k, v in js.items() if k != "observation/state"}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    r = subprocess.run([sys.executable, "-m", "pi0.cli", "infer", "--checkpoint", str(libero_ckpt), "--preset", "libero",
+    r = subprocess.run([sys.executable, "-m", "pi0.cli.main", "infer", "--checkpoint", str(libero_ckpt), "--preset", "libero",
                         "--obs", str(tmp_path / "bad.json"), "--dtype", "float32"], capture_output=True, text=True,
                        timeout=300, env=cli_env())
     assert r.returncode == 2 and "observation/state" in r.stderr and "Traceback" not in r.stderr

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("ray.serve")
 openpi_client = pytest.importorskip("openpi_client.websocket_client_policy")
 
-from pi0.policy import Policy  # noqa: E402
+from pi0.robot.policy import Policy  # noqa: E402
 from pi0.serving.ray_serve import REPORT_S  # noqa: E402
 from tests.conftest import cli_env, free_port, wait_healthy, write_policy_checkpoint  # noqa: E402
 from tests.test_policy import libero_obs  # noqa: E402
@@ -36,7 +36,7 @@ def test_two_ray_serve_replicas_answer_openpi_clients_and_stop_cleanly(tmp_path,
         time.sleep(1)
     ck = write_policy_checkpoint(tmp_path / "ck", "tiny", tokenizer_path)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", str(ck), "--preset", "libero",
+    proc = subprocess.Popen([sys.executable, "-m", "pi0.cli.main", "serve", "--checkpoint", str(ck), "--preset", "libero",
                              "--port", str(port), "--seed", "0", "--dtype", "float32", "--replicas", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
     try:

@@ -21,7 +21,7 @@ from tests.conftest import cli_env, free_port, wait_healthy, write_policy_checkp
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-PI0 = [sys.executable, "-m", "pi0.cli"]
+PI0 = [sys.executable, "-m", "pi0.cli.main"]
 # the README's commands at tiny size: one episode of one task for the evaluations, two steps of training
 TINY_EVAL = ["--episodes", "1", "--tasks", "drawer-close-v3", "--no-expert"]
 
@@ -151,11 +151,11 @@ def test_the_readme_runs(tmp_path, tokenizer_path, monkeypatch):
         args = _replace(" ".join(ev), **{"127.0.0.1:8000": f"127.0.0.1:{port}"}).split()
         report = json.loads(_run(*PI0, *args, *TINY_EVAL, "--json").stdout)
         assert report["episodes"] == 1 and report["rtc"] and report["server"]["preset"] == "generic"
-        from pi0.stream import ActionStream  # the README's inline example, on the served model
+        from pi0.serving.stream import ActionStream  # the README's inline example, on the served model
 
         client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=port)
-        stream = eval(re.search(r"`(pi0\.stream\.ActionStream\(client, control_hz=50\))`", README).group(1),
-                      {"pi0": __import__("pi0.stream"), "client": client})
+        stream = eval(re.search(r"`(pi0\.ActionStream\(client, control_hz=50\))`", README).group(1),
+                      {"pi0": __import__("pi0"), "client": client})
         assert isinstance(stream, ActionStream)
         obs = {"observation.images.image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
                "observation.state": np.zeros(4, np.float32), "prompt": "open the drawer"}

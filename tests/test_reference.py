@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pi0
-from pi0.functional import interpolate_position_embedding
+from pi0.model.functional import interpolate_position_embedding
 from tests.conftest import make_noise, make_obs
 
 

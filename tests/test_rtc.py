@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 import pi0
-from pi0.rtc import RTC, guidance_weight, prefix_weights
-from pi0.stream import ActionStream, SimulatedClock, SimulatedExecutor
+from pi0.model.rtc import RTC, guidance_weight, prefix_weights
+from pi0.serving.stream import ActionStream, SimulatedClock, SimulatedExecutor
 from tests.conftest import make_noise, make_obs
 from tests.fixtures_lib import MODELS, ROOT, scaled_err
 
@@ -94,7 +94,7 @@ def test_bad_rtc_inputs_are_named(tiny_model, bad, match):
 
 def test_exact_jacobian_on_the_reference():
     """The paper's VJP (one backward pass per step): a different number from LeRobot's, still guided."""
-    cfg = pi0.preset("tiny")
+    cfg = pi0.size_config("tiny")
     ref = pi0.build_model(cfg, seed=2)
     obs, noise = make_obs(cfg, 1, (8,)), make_noise(cfg, 1)
     prev = ref.sample_actions(obs, noise=make_noise(cfg, 1, seed=9))[:, 5:25, :7]
@@ -221,6 +221,6 @@ def test_stream_module_needs_no_torch():
     import subprocess
     import sys
 
-    code = "import sys; import pi0.stream; assert 'torch' not in sys.modules; print('ok')"
+    code = "import sys; import pi0.serving.stream; assert 'torch' not in sys.modules; print('ok')"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert r.stdout.strip() == "ok", r.stderr

@@ -17,7 +17,7 @@ openpi_client = pytest.importorskip("openpi_client.websocket_client_policy")
 from websockets.exceptions import InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
-from pi0.policy import Policy  # noqa: E402
+from pi0.robot.policy import Policy  # noqa: E402
 from pi0.serving import msgpack_numpy  # noqa: E402
 from pi0.serving.server import PolicyServer  # noqa: E402
 from tests.conftest import cli_env, free_port, wait_healthy, write_policy_checkpoint  # noqa: E402
@@ -283,7 +283,7 @@ def test_pi0_serve_command(tmp_path, tokenizer_path):
 
     ck = write_policy_checkpoint(tmp_path / "ck", "tiny", tokenizer_path)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", str(ck), "--preset", "libero",
+    proc = subprocess.Popen([sys.executable, "-m", "pi0.cli.main", "serve", "--checkpoint", str(ck), "--preset", "libero",
                              "--port", str(port), "--seed", "0", "--dtype", "float32"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
     try:
@@ -301,7 +301,7 @@ def test_pi0_serve_command(tmp_path, tokenizer_path):
 def test_a_robot_loop_through_the_server_gets_a_continuous_rtc_stream(server):
     """openpi's client + pi0.ActionStream at 25 Hz against `pi0 serve`: chunks keep coming in the background,
     the leftover goes back as rtc, and the robot never waits after the first chunk."""
-    from pi0.stream import ActionStream
+    from pi0.serving.stream import ActionStream
 
     client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=server.port)
     assert client.infer(libero_obs(0))["model_actions"].shape == (50, 32)
@@ -353,7 +353,7 @@ def test_a_lerobot_checkpoint_is_served_with_lerobots_keys():
 def test_impossible_settings_refuse_to_start(flags, needle, capsys):
     """Limits that admit no robot and RTC defaults that fail every RTC request stop `pi0 serve` before it loads
     anything (the checkpoint path does not even exist), with the reason."""
-    from pi0.cli import main
+    from pi0.cli.main import main
 
     assert main(["serve", "--checkpoint", "/nonexistent", *flags]) == 2
     err = capsys.readouterr().err

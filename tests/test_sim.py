@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pi0.sim.metaworld import MetaWorldEnv, SimError, collect, wilson_interval  # noqa: E402 (sets MUJOCO_GL first)
+from pi0.sim.metaworld import MetaWorldEnv, SimError  # noqa: E402 (sets MUJOCO_GL first)
+from pi0.sim.collect import collect  # noqa: E402
+from pi0.sim.evaluate import wilson_interval  # noqa: E402
 
 pytest.importorskip("metaworld")
 pytest.importorskip("av")
 
-from pi0.dataset import LeRobotDataset  # noqa: E402
+from pi0.data.dataset import LeRobotDataset  # noqa: E402
 from tests.conftest import cli_env  # noqa: E402
 
 SHIPPED_TASK = "drawer-close-v3"
@@ -106,7 +108,7 @@ def test_the_shipped_model_solves_its_task_in_closed_loop(tmp_path):
     """The short closed loop CI runs: the small pi0 shipped in pi0/assets/metaworld (what pi0 eval runs without
     --checkpoint), three episodes of one task on seeds it never saw, each must succeed; the video is written, and
     the report says how it was made."""
-    from pi0.sim.commands import run_eval
+    from pi0.cli.sim import run_eval
 
     report = run_eval(_eval_args(video=str(tmp_path / "ep.mp4"), out=str(tmp_path / "eval.json")))
     row = report["tasks"][SHIPPED_TASK]
@@ -120,17 +122,17 @@ def test_the_shipped_model_solves_its_task_in_closed_loop(tmp_path):
 
 
 def test_eval_never_starts_more_workers_than_episodes(monkeypatch):
-    import pi0.sim.metaworld as mw
-    from pi0.sim.commands import run_eval
+    import pi0.sim.evaluate as ev
+    from pi0.cli.sim import run_eval
 
     asked = []
-    monkeypatch.setattr(mw, "evaluate", lambda *a, workers, **kw: asked.append(workers) or {"tasks": {}})
+    monkeypatch.setattr(ev, "evaluate", lambda *a, workers, **kw: asked.append(workers) or {"tasks": {}})
     run_eval(_eval_args(episodes=2, workers=8, dtype="float32"))
     assert asked == [2]
 
 
 def test_a_server_is_driven_in_the_keys_and_image_size_its_metadata_gives():
-    from pi0.sim.commands import server_keys
+    from pi0.cli.sim import server_keys
 
     assert server_keys({"preset": "metaworld", "cameras": ["observation/image"], "state_len": 4, "action_dim": 4,
                         "image_hw": [96, 96]}) == ({}, 96, False)
@@ -144,7 +146,7 @@ def test_a_server_is_driven_in_the_keys_and_image_size_its_metadata_gives():
 
 
 def test_without_opengl_the_demo_says_how_to_get_it_and_runs_at_tiny_size(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pi0.cli", "demo", "--episodes", "1", "--out-dir", str(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "pi0.cli.main", "demo", "--episodes", "1", "--out-dir", str(tmp_path),
                         "--out", str(tmp_path / "actions.png"), "--dtype", "float32"], capture_output=True, text=True,
                        timeout=300, env=cli_env(MUJOCO_GL="bogus"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -156,11 +158,11 @@ def test_without_opengl_the_demo_says_how_to_get_it_and_runs_at_tiny_size(tmp_pa
 def test_the_shipped_model_through_pi0_serve_with_rtc():
     """As a robot would run it: pi0 serve --preset metaworld, openpi's client, ActionStream with real-time
     chunking on a simulated clock."""
-    from pi0.sim.commands import run_eval
+    from pi0.cli.sim import run_eval
     from tests.conftest import free_port, wait_healthy
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", str(SHIPPED), "--preset",
+    proc = subprocess.Popen([sys.executable, "-m", "pi0.cli.main", "serve", "--checkpoint", str(SHIPPED), "--preset",
                              "metaworld", "--port", str(port), "--seed", "0", "--dtype", "float32"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=cli_env())
     try:

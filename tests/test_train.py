@@ -15,9 +15,11 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("av")
 
 import pi0  # noqa: E402
-from pi0.dataset import DatasetError, LeRobotDatasetWriter  # noqa: E402
-from pi0.lora import add_lora, merge_lora  # noqa: E402
-from pi0.train import Trainer, TrainArgs, TrainingData, learning_rate  # noqa: E402
+from pi0.data.dataset import DatasetError, LeRobotDatasetWriter  # noqa: E402
+from pi0.train.lora import add_lora, merge_lora  # noqa: E402
+from pi0.train.schedule import learning_rate  # noqa: E402
+from pi0.train.args import TrainArgs  # noqa: E402
+from pi0.train.trainer import Trainer  # noqa: E402
 from tests.conftest import cli_env  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "datasets" / "videos"
@@ -81,23 +83,70 @@ def test_training_inputs_are_the_policys_inputs(tmp_path, dataset):
         ckpt = t.run()
         policy = pi0.Policy(ckpt, backend="reference", dtype="float32")
         assert policy.metadata["preset"] == "generic" and policy.metadata["cameras"] == t.cameras
-        data = TrainingData(t.ds, t.config, t.cameras, policy.normalizer, policy.tokenizer, True, False, seed=0)
         for index in (0, 9, 17):
             item = t.ds[index]
             robot = {k: item[k].transpose(1, 2, 0) for k in t.ds.camera_keys}  # HWC uint8, as robots send
             robot.update({"observation.state": item["observation.state"], "prompt": item["task"]})
             want = policy.prepare(robot)
-            got = data.sample(index, 0, 0)
+            got = t.data.sample(index, 0, 0)
             for c in range(len(t.cameras)):
                 assert torch.equal(got["images"][c], want.images[c][0])
             assert np.array_equal(got["tokens"], want.tokens[0].numpy())
             assert np.array_equal(got["state"], want.state[0].numpy())
-            a = policy.normalizer.actions_out(got["actions"][:, :3])  # back to robot units: the dataset's chunk
+            a = policy.postprocess(got["actions"])  # back to robot units: the dataset's chunk
             assert np.allclose(a, item["action"], atol=1e-5)
 
 
+def write_aloha_dataset(root: Path, episodes: int = 3, frames: int = 6, size: int = 28) -> Path:
+    """Aloha's shapes and units: 14 joint values (grippers at 6 and 13 in the puppet's joint range), one camera."""
+    rng = np.random.default_rng(3)
+    cam = {"dtype": "video", "shape": (size, size, 3), "names": ["height", "width", "channels"]}
+    feats = {"observation.images.cam_high": cam,
+             "observation.state": {"dtype": "float32", "shape": (14,), "names": None},
+             "action": {"dtype": "float32", "shape": (14,), "names": None}}
+    w = LeRobotDatasetWriter(root, fps=50, features=feats)
+    for e in range(episodes):
+        joints = rng.uniform(-1, 1, size=(frames, 14)).astype(np.float32)
+        joints[:, [6, 13]] = rng.uniform(0.1, 1.3, size=(frames, 2))  # the puppet grippers' joint range
+        w.add_episode({"observation.images.cam_high": np.full((frames, size, size, 3), 40 * e, dtype=np.uint8),
+                       "observation.state": joints, "action": np.roll(joints, -1, axis=0)}, TASKS[e % 2])
+    return w.finalize()
+
+
+def test_a_preset_that_maps_joints_trains_and_serves_in_the_robots_units(tmp_path):
+    """One step with the aloha preset: training applies aloha's joint flips and gripper maps to the state and (the
+    inverse) to the targets, records the preset, and serving the result applies exactly the maps training did, so
+    the robot gets its own units back."""
+    from pi0.robot.presets import PRESETS
+
+    ds = write_aloha_dataset(tmp_path / "aloha")
+    t = Trainer(args(ds, tmp_path / "run", preset="aloha", steps=1, augment=False))
+    assert t.cameras == ["observation.images.cam_high", None, None]  # one dataset camera, aloha's three slots
+    ckpt = t.run()
+    assert json.loads((ckpt / "config.json").read_text())["robot_preset"] == "aloha"
+    policy = pi0.Policy(ckpt, backend="reference", dtype="float32")  # the preset from config.json
+    assert policy.metadata["preset"] == "aloha"
+    aloha = PRESETS["aloha"]
+    for index in (0, 7):
+        item = t.ds[index]
+        # the targets are in the model's units: the robot's chunk through aloha's inverse map, normalised
+        got = t.data.sample(index, 0, 0)
+        raw = item["action"]
+        want = t.pipeline.normalizer.actions_in(aloha.actions_in(raw.copy()))
+        assert np.allclose(got["actions"][:, :14], want, atol=1e-6)
+        assert not np.allclose(got["actions"][:, :14], t.pipeline.normalizer.actions_in(raw), atol=1e-3)  # maps applied
+        # serving inverts exactly that map: the robot gets its chunk back in its own units
+        assert np.allclose(policy.postprocess(got["actions"]), raw, atol=1e-4)
+        # and the served state is the trained state: the same flips and gripper angles, the same stats
+        obs = {"images": {"cam_high": item["observation.images.cam_high"]}, "state": item["observation.state"],
+               "prompt": item["task"]}
+        served = policy.prepare(obs)
+        assert np.array_equal(got["state"], served.state[0].numpy())
+        assert torch.equal(got["images"][0], served.images[0][0])
+
+
 def test_lora_merge_equals_base_plus_adapters(tmp_path):
-    model = pi0.build_model(pi0.preset("tiny"), seed=1)
+    model = pi0.build_model(pi0.size_config("tiny"), seed=1)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     names = add_lora(model, rank=4, alpha=8, targets="all")
     assert "expert.layers.0.self_attn.q_proj" in names and "vlm.layers.1.mlp.down_proj" in names
@@ -112,7 +161,7 @@ def test_lora_merge_equals_base_plus_adapters(tmp_path):
         m = model.get_submodule(name)
         want = base[name + ".weight"] + 2.0 * m.lora_b.detach() @ m.lora_a.detach()
         assert torch.allclose(merged[name + ".weight"], want, atol=1e-6)
-    plain = pi0.build_model(pi0.preset("tiny"), seed=1)
+    plain = pi0.build_model(pi0.size_config("tiny"), seed=1)
     plain.load_state_dict(merged)
     obs = pi0.sample_observation(plain.config, batch_size=2)
     noise = torch.randn(2, plain.config.action_horizon, plain.config.action_dim, generator=g)
@@ -184,7 +233,7 @@ def test_two_processes_follow_one(tmp_path, dataset, mode, dtype):
 def test_resume_refuses_options_that_change_the_run(tmp_path, dataset, capsys):
     """`pi0 train --resume DIR` continues the run as it was started: another --lr (say) is an error naming it, while
     --steps extends the run."""
-    from pi0.cli import main
+    from pi0.cli.main import main
 
     Trainer(args(dataset, tmp_path / "run", steps=2)).run()
     assert main(["train", "--resume", str(tmp_path / "run"), "--lr", "0.5", "--batch", "4", "--quiet"]) == 2
@@ -222,18 +271,18 @@ def test_lerobot_written_dataset_trains_converts_and_serves(tmp_path):
     from tests.conftest import free_port, wait_healthy
 
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "pi0.cli", "train", "--dataset", str(FIXTURE), "--size", "tiny-pi05",
+    r = subprocess.run([sys.executable, "-m", "pi0.cli.main", "train", "--dataset", str(FIXTURE), "--size", "tiny-pi05",
                         "--out", str(out), "--steps", "2", "--batch", "2", "--action-horizon", "5", "--quiet",
                         "--dtype", "float32"],
                        capture_output=True, text=True, timeout=300, env=cli_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert "saved" in r.stderr and (out / "loss.png").is_file()
-    conv = subprocess.run([sys.executable, "-m", "pi0.cli", "convert", str(out / "latest"), str(tmp_path / "lr"),
+    conv = subprocess.run([sys.executable, "-m", "pi0.cli.main", "convert", str(out / "latest"), str(tmp_path / "lr"),
                            "--layout", "lerobot"], capture_output=True, text=True, timeout=300, env=cli_env())
     assert conv.returncode == 0, conv.stderr
     assert pi0.inspect_checkpoint(tmp_path / "lr").layout == "lerobot"
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pi0.cli", "serve", "--checkpoint", str(out / "latest"), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "pi0.cli.main", "serve", "--checkpoint", str(out / "latest"), "--port",
                              str(port), "--dtype", "float32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=cli_env())
     try:
@@ -269,7 +318,7 @@ def test_dataset_by_repo_id_from_lerobots_or_the_hub_cache(tmp_path, monkeypatch
     LeRobot downloads, or main)."""
     import shutil
 
-    from pi0.dataset import LeRobotDataset
+    from pi0.data.dataset import LeRobotDataset
 
     shutil.copytree(FIXTURE, tmp_path / "lerobot" / "someone" / "robot_data")
     monkeypatch.setenv("HF_LEROBOT_HOME", str(tmp_path / "lerobot"))

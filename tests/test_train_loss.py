@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 
 import pi0
-from pi0.checkpoint import to_canonical
-from pi0.functional import sample_time
+from pi0.checkpoint.layouts import to_canonical
+from pi0.model.functional import sample_time
 from tests.fixtures_lib import MODELS, ROOT, scaled_err
 
 
@@ -48,7 +48,7 @@ def test_loss_and_gradients_reproduce_lerobot(name, checkpointing):
 
 
 def test_loss_draws_noise_and_time_and_checks_shapes():
-    model = pi0.build_model(pi0.preset("tiny"), seed=0)
+    model = pi0.build_model(pi0.size_config("tiny"), seed=0)
     cfg = model.config
     obs = pi0.sample_observation(cfg, batch_size=3)
     actions = torch.randn(3, cfg.action_horizon, cfg.action_dim)

@@ -48,7 +48,7 @@ def size_json(kind: str) -> dict:
 
 def train() -> None:
     sys.path.insert(0, str(ROOT))
-    from pi0.dataset import LeRobotDatasetWriter
+    from pi0.data.dataset import LeRobotDatasetWriter
 
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -68,7 +68,7 @@ def train() -> None:
     for kind in ("pi0", "pi05"):
         (tmp / f"{kind}.json").write_text(json.dumps(size_json(kind)))
         run = tmp / f"run-{kind}"
-        subprocess.run([str(PROJECT_PYTHON), "-m", "pi0.cli", "train", "--dataset", str(tmp / "data"), "--size",
+        subprocess.run([str(PROJECT_PYTHON), "-m", "pi0.cli.main", "train", "--dataset", str(tmp / "data"), "--size",
                         str(tmp / f"{kind}.json"), "--out", str(run), "--steps", "2", "--batch", "4", "--lr", "1e-3",
                         "--dtype", "float32", "--tokenizer-vocab", str(VOCAB), "--quiet"], check=True)
         d = OUT / kind / "trained"
@@ -97,7 +97,7 @@ def lerobot() -> None:
     versions = {"lerobot": lerobot_pkg.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
     for kind in ("pi0", "pi05"):
         converted = Path(tempfile.mkdtemp()) / "lerobot"
-        subprocess.run([str(PROJECT_PYTHON), "-m", "pi0.cli", "convert", str(OUT / kind / "trained"), str(converted),
+        subprocess.run([str(PROJECT_PYTHON), "-m", "pi0.cli.main", "convert", str(OUT / kind / "trained"), str(converted),
                         "--layout", "lerobot"], check=True)
         build.build_tiny(kind, **TINY)  # LeRobot builds only its own sizes: the patches make it build this one
         mod = __import__(f"lerobot.policies.{kind}.modeling_{kind}", fromlist=["x"])

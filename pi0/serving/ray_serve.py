@@ -293,7 +293,7 @@ def run(args: argparse.Namespace, api_key: str | None, policy_args: dict[str, An
         return 2
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
-    from pi0.policy import Policy
+    from pi0.robot.policy import Policy
     from pi0.serving.logs import setup_logging
 
     setup_logging(getattr(args, "log_format", "text"))

@@ -1,5 +1,5 @@
-"""Meta-World (MuJoCo) as a robot for pi0 (../shared/spec/metaworld.md): scripted-expert demonstrations
-saved as a LeRobot v3 dataset, and closed-loop evaluation of a policy, in process or through `pi0 serve`.
+"""Meta-World (MuJoCo) as a simulator for pi0 (../shared/spec/metaworld.md): its tasks, an environment with its
+scripted expert, and what its demonstrations hold (`pi0.sim.env.Simulator`).
 
 The robot: a Sawyer arm; the state is the hand position and the gripper opening (4 values); an action is the
 hand's displacement and the gripper command (4 values in [-1, 1]); one fixed camera (`corner` by default)
@@ -10,14 +10,8 @@ and optionally the gripper camera, rendered headless through EGL. The observatio
 from __future__ import annotations
 
 import atexit
-import math
-import multiprocessing
 import os
-import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +31,7 @@ INSTRUCTIONS = {
     "button-press-v3": "press the button",
 }
 DEFAULT_TASKS = ("drawer-open-v3", "drawer-close-v3", "button-press-topdown-v3", "window-open-v3", "window-close-v3")
+NAME, TITLE, PRESET, ROBOT = "metaworld", "Meta-World", "metaworld", "sawyer"
 CAMERA, WRIST_CAMERA = "corner", "gripperPOV"
 FPS = 20  # the dataset's frame rate (Meta-World's control step is 12.5 ms of simulated time; nothing depends on it)
 EVAL_SEED = 10_000  # evaluation episodes start here; collection starts at 0: no episode is seen in both
@@ -160,44 +155,8 @@ class MetaWorldEnv:
         self.env.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# Demonstrations
-
-
-def _expert_episode(task: str, seed: int, size: int, camera: str, wrist: bool, noise: float,
-                    max_steps: int) -> dict[str, Any] | None:
-    """One scripted-expert episode: the expert's own action is recorded at every state, a noisy version of it
-    (Gaussian, sigma `noise`) is executed, so the demonstrations visit states off the expert's path and show
-    how to recover. None if it does not succeed within max_steps."""
-    env = _worker_env(task, size, camera, wrist)
-    env.reset(seed)
-    rng = np.random.default_rng([seed, 7])
-    images, wrists, states, actions = [], [], [], []
-    for _ in range(max_steps):
-        images.append(env.render())
-        if wrist:
-            wrists.append(env.render(WRIST_CAMERA))
-        states.append(env.state())
-        a = env.expert_action()
-        actions.append(a)
-        if env.step(np.clip(a + noise * rng.standard_normal(4), -1, 1)):
-            out = {"observation.images.image": np.stack(images), "observation.state": np.stack(states),
-                   "action": np.stack(actions)}
-            if wrist:
-                out["observation.images.wrist_image"] = np.stack(wrists)
-            return out
-    return None
-
-
-_ENVS: dict[tuple, MetaWorldEnv] = {}
-
-
-def _worker_env(task: str, size: int, camera: str, wrist: bool) -> MetaWorldEnv:
-    """One environment per task and settings per process, reused across episodes."""
-    key = (task, size, camera, wrist)
-    if key not in _ENVS:
-        _ENVS[key] = MetaWorldEnv(task, size, camera, wrist)
-    return _ENVS[key]
+def make(task: str, size: int, wrist: bool, camera: str | None = None) -> MetaWorldEnv:
+    return MetaWorldEnv(task, size, camera or CAMERA, wrist)
 
 
 def features(size: int, wrist: bool) -> dict[str, dict[str, Any]]:
@@ -210,263 +169,8 @@ def features(size: int, wrist: bool) -> dict[str, dict[str, Any]]:
     return feats
 
 
-def collect(tasks: list[str], episodes: int, out: str | os.PathLike, *, size: int = 64, camera: str = CAMERA,
-            wrist: bool = False, noise: float = 0.3, max_steps: int = 300, seed: int = 0, workers: int | None = None,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
-    """`episodes` successful expert demonstrations per task into a LeRobot v3 dataset at `out`, collected by
-    `workers` processes (default: one per core; rendering is single-threaded). Failed episodes are dropped and
-    counted. Returns a report."""
-    from pi0.dataset import LeRobotDatasetWriter
-
-    check_tasks(tasks)
-    writer = LeRobotDatasetWriter(out, fps=FPS, features=features(size, wrist), robot_type="sawyer")
-    workers = workers or os.cpu_count() or 1
-    t0 = time.perf_counter()
-    report: dict[str, Any] = {"tasks": {}, "size": size, "camera": camera, "wrist": wrist, "noise": noise}
-    # fresh processes (spawn): a forked child inherits this process's GL state, which EGL does not survive
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for task in tasks:
-            kept, tried, next_seed = 0, 0, seed
-            while kept < episodes:
-                want = episodes - kept
-                batch = list(range(next_seed, next_seed + want + max(1, want // 5)))  # a few spare for failures
-                next_seed = batch[-1] + 1
-                for ep in pool.map(_expert_episode, *zip(*[(task, s, size, camera, wrist, noise, max_steps)
-                                                           for s in batch])):
-                    if kept == episodes:
-                        break  # spares not needed
-                    tried += 1
-                    if ep is not None:
-                        writer.add_episode(ep, instruction(task))
-                        kept += 1
-                if tried > 10 * episodes + 20:
-                    raise SimError(f"{task}: only {kept} of {tried} expert episodes succeeded (noise {noise})")
-            report["tasks"][task] = {"kept": kept, "tried": tried}
-            log(f"pi0 sim collect: {task}: {kept} successful of {tried} expert episodes")
-    writer.finalize()
-    report.update(episodes=len(writer.episodes), frames=writer.total_frames, seconds=time.perf_counter() - t0,
-                  out=str(out))
-    return report
-
-
-# ---------------------------------------------------------------------------------------------
-# Closed-loop evaluation
-
-
-@dataclass
-class EpisodeResult:
-    task: str
-    seed: int
-    success: bool
-    steps: int
-    inference_s: list[float] = field(default_factory=list)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95 % Wilson score interval of a success rate."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
-    table: dict[str, Any] = {}
-    for task in dict.fromkeys(r.task for r in results):
-        rows = [r for r in results if r.task == task]
-        wins = [r for r in rows if r.success]
-        lo, hi = wilson_interval(len(wins), len(rows))
-        table[task] = {"success": len(wins) / len(rows), "episodes": len(rows), "ci95": [lo, hi],
-                       "mean_steps_to_success": float(np.mean([r.steps for r in wins])) if wins else None}
-    n = len(results)
-    wins = sum(r.success for r in results)
-    lo, hi = wilson_interval(wins, n)
-    inference = [t for r in results for t in r.inference_s]
-    return {"tasks": table, "mean_success": float(np.mean([v["success"] for v in table.values()])) if table else 0.0,
-            "episodes": n, "ci95": [lo, hi],
-            "inference_ms_median": float(np.median(inference) * 1000) if inference else None}
-
-
-class ChunkRunner:
-    """In process, synchronous chunking: a chunk from the current observation, its first `replan` actions
-    executed (the simulation waits for the policy), then a new chunk."""
-
-    def __init__(self, infer: Callable[[dict[str, Any]], dict[str, Any]], replan: int | None):
-        self.infer, self.replan = infer, replan
-        self.queue: list[np.ndarray] = []
-        self.inference_s: list[float] = []
-
-    def reset(self) -> None:
-        self.queue = []
-
-    def next_action(self, obs: dict[str, Any]) -> np.ndarray:
-        if not self.queue:
-            t = time.perf_counter()
-            actions = np.asarray(self.infer(obs)["actions"])
-            self.inference_s.append(time.perf_counter() - t)
-            self.queue = list(actions[: self.replan or max(1, len(actions) // 2)])
-        return self.queue.pop(0)
-
-
-class StreamRunner:
-    """As a robot runs: `pi0.stream.ActionStream` (real-time chunking on or off) on a simulated clock that
-    advances 1 / control_hz per step and, while a chunk is computed, by its latency (`latency_s`, measured
-    once before the episodes: the same for every request, so runs repeat)."""
-
-    def __init__(self, client: Any, control_hz: float, rtc: bool, latency_s: float):
-        self.client, self.control_hz, self.rtc, self.latency_s = client, control_hz, rtc, latency_s
-        self.stream = None
-        self.inference_s: list[float] = []
-
-    def reset(self) -> None:
-        from pi0.stream import ActionStream, SimulatedClock, SimulatedExecutor
-
-        self.clock = SimulatedClock()
-        self.stream = ActionStream(self.client, self.control_hz, rtc=self.rtc,
-                                   executor=SimulatedExecutor(self.clock, self.latency_s), clock=self.clock,
-                                   on_empty="wait")
-
-    def next_action(self, obs: dict[str, Any]) -> np.ndarray:
-        n = self.stream.chunks
-        action = self.stream.next_action(obs)
-        if self.stream.chunks != n:
-            self.inference_s.append(self.latency_s)
-        self.clock.t += 1.0 / self.control_hz
-        return action
-
-
-def run_episodes(runner: ChunkRunner | StreamRunner, episodes: list[tuple[str, int]], *, size: int = 64,
-                 camera: str = CAMERA, wrist: bool = False, max_steps: int = 300, film: set[tuple[str, int]] = frozenset(),
-                 video_size: int = 256, log: Callable[[str], None] | None = None
-                 ) -> tuple[list[EpisodeResult], dict[tuple[str, int], list[np.ndarray]]]:
-    """Closed-loop episodes (task, seed), each until success or max_steps; the ones in `film` are filmed at
-    video_size px from the policy's camera. Returns the results and the films."""
-    results: list[EpisodeResult] = []
-    films: dict[tuple[str, int], list[np.ndarray]] = {}
-    envs: dict[str, MetaWorldEnv] = {}
-    import torch
-
-    for task, seed in episodes:
-        env = envs.get(task) or envs.setdefault(task, MetaWorldEnv(task, size, camera, wrist))
-        env.reset(seed)
-        torch.manual_seed(seed)  # the policy's noise (drawn in process) depends on the episode alone
-        runner.reset()
-        before = len(runner.inference_s)
-        success, steps = False, 0
-        frames = films.setdefault((task, seed), []) if (task, seed) in film else None
-        while steps < max_steps and not success:
-            obs = env.observation()
-            if frames is not None:
-                frames.append(_caption(env.render(size=video_size), env.prompt, steps, False))
-            success = env.step(runner.next_action(obs))
-            steps += 1
-        if frames is not None:
-            frames += [_caption(env.render(size=video_size), env.prompt, steps, success)] * (FPS // 2)
-        results.append(EpisodeResult(task, seed, success, steps, runner.inference_s[before:]))
-        if log:
-            log(f"{task} seed {seed}: {'success' if success else 'failure'} after {steps} steps")
-    for env in envs.values():
-        env.close()
-    return results, films
-
-
-def evaluate(make_runner: Callable[[], ChunkRunner | StreamRunner], tasks: list[str], episodes: int, *,
-             size: int = 64, camera: str = CAMERA, wrist: bool = False, max_steps: int = 300, seed: int = EVAL_SEED,
-             video: str | os.PathLike | None = None, workers: int = 1,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Closed-loop success of a policy: `episodes` episodes per task (seeds seed, seed + 1, ...). make_runner:
-    a picklable function that builds the policy's runner; with workers > 1 each of that many processes builds
-    its own and takes every workers-th episode (rendering is single-threaded: one process per core). The
-    answers do not depend on `workers`. video: the first episode of every task, to this mp4, and frames of each
-    to a png beside it."""
-    check_tasks(tasks)
-    jobs = [(task, seed + k) for task in tasks for k in range(episodes)]
-    film = {(task, seed) for task in tasks} if video is not None else set()
-    kw = dict(size=size, camera=camera, wrist=wrist, max_steps=max_steps, film=film)
-    if workers <= 1:
-        results, films = run_episodes(make_runner(), jobs, log=log, **kw)
-    else:
-        shares = [jobs[i::workers] for i in range(workers)]
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            parts = list(pool.map(_episodes_worker, [make_runner] * workers, shares, [kw] * workers,
-                                  [workers] * workers))
-        results = sorted((r for part, _ in parts for r in part), key=lambda r: (tasks.index(r.task), r.seed))
-        films = {k: v for _, f in parts for k, v in f.items()}
-    if video is not None and films:
-        ordered = [films[key] for key in sorted(films, key=lambda k: tasks.index(k[0]))]
-        write_video([frame for film in ordered for frame in film], video, FPS)
-        contact_sheet(ordered, Path(video).with_suffix(".png"))
-    return summarize(results)
-
-
-def _episodes_worker(make_runner: Callable[[], Any], jobs: list[tuple[str, int]], kw: dict[str, Any], workers: int):
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    return run_episodes(make_runner(), jobs, **kw)
-
-
-def _caption(frame: np.ndarray, prompt: str, step: int, success: bool) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
-    img = Image.fromarray(frame)
-    draw = ImageDraw.Draw(img)
-    text = f"{prompt}  step {step}" + ("  success" if success else "")
-    draw.rectangle([0, 0, img.width, 14], fill=(0, 0, 0))
-    draw.text((3, 1), text, fill=(120, 255, 120) if success else (255, 255, 255))
-    return np.asarray(img)
-
-
-def write_video(frames: list[np.ndarray], path: str | os.PathLike, fps: int) -> Path:
-    """H.264 mp4 (PyAV), MPEG-4 part 2 where this PyAV build has no H.264 encoder."""
-    import av
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    with av.open(str(path), "w") as out:
-        try:
-            stream = out.add_stream("libx264", fps, options={"crf": "23", "preset": "veryfast"})
-        except Exception:  # noqa: BLE001 - no libx264 in this FFmpeg build
-            stream = out.add_stream("mpeg4", fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
-
-
-def contact_sheet(films: list[list[np.ndarray]], out: str | os.PathLike, columns: int = 6, width: int = 160) -> Path:
-    """A png with one row per filmed episode: `columns` frames evenly spaced over the episode."""
-    from PIL import Image
-
-    rows = []
-    for frames in films:
-        last = len(frames) - FPS // 2  # the held frames that end each film
-        pick = np.linspace(0, max(0, last), columns).round().astype(int)
-        rows.append(np.concatenate([frames[i] for i in pick], axis=1))
-    sheet = Image.fromarray(np.concatenate(rows, axis=0))
-    sheet = sheet.resize((width * columns, round(sheet.height * width * columns / sheet.width)))
-    sheet.save(out)
-    return Path(out)
-
-
-def expert_success(tasks: list[str], episodes: int, *, seed: int = EVAL_SEED, max_steps: int = 300) -> dict[str, Any]:
-    """The scripted expert's closed-loop success on the evaluation seeds (no rendering needed)."""
-    results = []
-    for task in check_tasks(tasks):
-        env = MetaWorldEnv(task)
-        for k in range(episodes):
-            env.reset(seed + k)
-            steps, success = 0, False
-            while steps < max_steps and not success:
-                success = env.step(env.expert_action())
-                steps += 1
-            results.append(EpisodeResult(task, seed + k, success, steps))
-        env.close()
-    return summarize(results)
+def frame(env: MetaWorldEnv, wrist: bool) -> dict[str, Any]:
+    out = {"observation.images.image": env.render(), "observation.state": env.state()}
+    if wrist:
+        out["observation.images.wrist_image"] = env.render(WRIST_CAMERA)
+    return out

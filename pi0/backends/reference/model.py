@@ -1,0 +1,468 @@
+"""The numeric specification of pi0 / pi0.5: plain fp32 PyTorch, op for op the openpi math
+(../shared/spec/pi0_math.md). Readable first; no speed tricks.
+
+Shapes: B batch, Lp prefix length, Ls suffix length, H heads, K kv heads, D head_dim, W width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from pi0.model.config import GemmaConfig, Pi0Config, SiglipConfig
+from pi0.model.functional import MASK_VALUE, interpolate_position_embedding, patchify, posemb, rope_inv_freq, sample_time
+from pi0.model.observation import Observation, sampling_inputs
+from pi0.model.rtc import RTC, Guide, make_guide
+from pi0.timing import StageClock
+
+# ---------------------------------------------------------------------------------------------
+# SigLIP vision tower
+
+
+def checkpointed(enabled: bool, fn, *args):
+    """fn(*args); with `enabled` and gradients being taken, its activations are recomputed in the backward
+    pass instead of kept (gradient checkpointing: the same numbers, less memory)."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(*args)
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, N, W]
+        b, n, w = x.shape
+        d = w // self.num_heads
+        q, k, v = (p(x).view(b, n, self.num_heads, d).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        logits = (q @ k.transpose(-1, -2)) * d**-0.5  # [B, H, N, N]
+        probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+        out = (probs @ v).transpose(1, 2).reshape(b, n, w)
+        return self.out_proj(out)
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiglipLayer(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.self_attn = SiglipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = SiglipMLP(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipVision(nn.Module):
+    gradient_checkpointing = False
+
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.width)
+        self.layers = nn.ModuleList(SiglipLayer(cfg) for _ in range(cfg.depth))
+        self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, images: Tensor) -> Tensor:  # [B, 3, S, S] in [-1, 1] -> [B, (S//p)^2, W]
+        # the stride-p convolution as one linear map of the flattened patches (functional.patchify says why)
+        patches, grid = patchify(images, self.patch_embedding.stride[0])  # [B, g*g, 3*p*p]
+        x = F.linear(patches, self.patch_embedding.weight.flatten(1), self.patch_embedding.bias)  # [B, g*g, W]
+        x = x + interpolate_position_embedding(self.position_embedding.weight, grid)
+        for layer in self.layers:
+            x = checkpointed(self.gradient_checkpointing, layer, x)
+        return self.post_layernorm(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma (the VLM and the action expert share one attention per layer)
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm `rms(x) * (1 + w)`; with `cond_dim` (pi0.5 expert) adaptive:
+    `scale, shift, gate = dense(cond)`, `rms(x) * (1 + scale) + shift`, and the gate for the residual."""
+
+    def __init__(self, width: int, eps: float, cond_dim: int | None = None):
+        super().__init__()
+        self.eps = eps
+        if cond_dim is None:
+            self.weight = nn.Parameter(torch.zeros(width))
+        else:
+            self.dense = nn.Linear(cond_dim, 3 * width)
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if not hasattr(self, "dense"):
+            return (normed * (1.0 + self.weight.float())).to(x.dtype), None
+        if cond is None:
+            raise ValueError("an adaptive RMSNorm (pi0.5 expert) needs the time conditioning `cond`")
+        scale, shift, gate = self.dense(cond)[:, None, :].chunk(3, dim=-1)  # each [B, 1, W]
+        return (normed * (1 + scale.float()) + shift.float()).to(x.dtype), gate
+
+
+def gated_residual(x: Tensor, y: Tensor, gate: Tensor | None) -> Tensor:
+    return x + y if gate is None else x + y * gate
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.q_proj = nn.Linear(cfg.width, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
+        self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class GemmaLayer(nn.Module):
+    def __init__(self, cfg: GemmaConfig, cond_dim: int | None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.width, cfg.rms_norm_eps, cond_dim)
+        self.self_attn = GemmaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.width, cfg.rms_norm_eps, cond_dim)
+        self.mlp = GemmaMLP(cfg)
+
+
+class Gemma(nn.Module):
+    def __init__(self, cfg: GemmaConfig, cond_dim: int | None = None):
+        super().__init__()
+        if cfg.vocab_size:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.layers = nn.ModuleList(GemmaLayer(cfg, cond_dim) for _ in range(cfg.depth))
+        self.norm = RMSNorm(cfg.width, cfg.rms_norm_eps, cond_dim)
+
+
+def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotate-half RoPE. x [B, L, heads, D], positions int [B, L]."""
+    d = x.shape[-1]
+    inv_freq = rope_inv_freq(d, theta, x.device)  # [D/2]
+    ang = positions.float()[..., None] * inv_freq  # [B, L, D/2]
+    ang = torch.cat([ang, ang], dim=-1)[:, :, None, :]  # [B, L, 1, D]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q [B, Lq, H, D], k/v [B, Lk, K, D], mask bool [B, Lq, Lk] -> [B, Lq, H*D]. Softmax in fp32."""
+    b, lq, h, d = q.shape
+    assert k.shape[1] == mask.shape[2], f"keys {k.shape[1]} != mask columns {mask.shape[2]}"
+    assert lq == mask.shape[1], f"queries {lq} != mask rows {mask.shape[1]}"
+    groups = h // k.shape[2]
+    k = k.repeat_interleave(groups, dim=2)  # kv head j serves q heads j*groups .. (j+1)*groups-1
+    v = v.repeat_interleave(groups, dim=2)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * d**-0.5
+    logits = torch.where(mask[:, None], logits, MASK_VALUE)
+    probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, lq, h * d)
+
+
+def joint_layer(
+    layers: list[GemmaLayer],
+    xs: list[Tensor],
+    conds: list[Tensor | None],
+    positions: Tensor,
+    mask: Tensor,
+    past_kv: tuple[Tensor, Tensor] | None = None,
+) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
+    """One transformer layer over several experts' token streams with one shared attention.
+    xs[i] [B, L_i, W_i] uses layers[i]; the streams are concatenated along tokens for attention.
+    past_kv: cached (k, v) [B, Lc, K, D] of earlier tokens, prepended to the keys (read, never grown).
+    Returns the new streams and this call's post-RoPE (k, v)."""
+    qs, ks, vs, gates = [], [], [], []
+    for layer, x, cond in zip(layers, xs, conds, strict=True):
+        b, n, _ = x.shape
+        h, gate = layer.input_layernorm(x, cond)
+        att = layer.self_attn
+        qs.append(att.q_proj(h).view(b, n, -1, att.head_dim))  # [B, n, H, D]
+        ks.append(att.k_proj(h).view(b, n, -1, att.head_dim))  # [B, n, K, D]
+        vs.append(att.v_proj(h).view(b, n, -1, att.head_dim))
+        gates.append(gate)
+    q, k, v = torch.cat(qs, dim=1), torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+    assert q.shape[1] == positions.shape[1], f"tokens {q.shape[1]} != positions {positions.shape[1]}"
+    theta = layers[0].self_attn.rope_theta
+    q, k = rope(q, positions, theta), rope(k, positions, theta)
+    new_kv = (k, v)
+    if past_kv is not None:
+        assert past_kv[0].shape[0] == k.shape[0], f"cache batch {past_kv[0].shape[0]} != batch {k.shape[0]}"
+        k = torch.cat([past_kv[0], k], dim=1)
+        v = torch.cat([past_kv[1], v], dim=1)
+    out = attention(q, k, v, mask)
+
+    outs, start = [], 0
+    for layer, x, cond, gate in zip(layers, xs, conds, gates, strict=True):
+        end = start + x.shape[1]
+        x = gated_residual(x, layer.self_attn.o_proj(out[:, start:end]), gate)
+        h2, gate2 = layer.post_attention_layernorm(x, cond)
+        outs.append(gated_residual(x, layer.mlp(h2), gate2))
+        start = end
+    assert start == out.shape[1], f"streams cover {start} tokens, attention returned {out.shape[1]}"
+    return outs, new_kv
+
+
+
+# ---------------------------------------------------------------------------------------------
+# pi0 / pi0.5
+
+
+def make_attn_mask(input_mask: Tensor, ar_mask: Tensor) -> Tensor:
+    """big_vision rule: query i sees key j iff cumsum(ar)[j] <= cumsum(ar)[i] and both are valid.
+    input_mask, ar_mask bool [B, L] -> bool [B, L, L]."""
+    assert input_mask.shape == ar_mask.shape, f"input_mask {list(input_mask.shape)} != ar_mask {list(ar_mask.shape)}"
+    cum = torch.cumsum(ar_mask.long(), dim=1)
+    visible = cum[:, None, :] <= cum[:, :, None]
+    valid = input_mask[:, None, :] & input_mask[:, :, None]
+    return visible & valid
+
+
+def positions_from_mask(input_mask: Tensor) -> Tensor:
+    """Padding does not advance the position: cumsum(input_mask) - 1."""
+    return torch.cumsum(input_mask.long(), dim=1) - 1
+
+
+def cat_checked(parts: list[Tensor], dim: int, what: str, expected: int | None = None) -> Tensor:
+    """torch.cat that names the parts' lengths (and the expected total) when they disagree."""
+    out = torch.cat(parts, dim=dim)
+    if expected is not None:
+        lens = [p.shape[dim] for p in parts]
+        assert out.shape[dim] == expected, f"{what}: parts {lens} sum to {out.shape[dim]}, expected {expected}"
+    return out
+
+
+class Pi0Reference(nn.Module):
+    """pi0 / pi0.5 in plain PyTorch. Parameter names are the canonical checkpoint layout."""
+
+    backend = "reference"
+
+    def __init__(self, config: Pi0Config):
+        super().__init__()
+        self.config = config
+        ew = config.expert.width
+        self.vision = SiglipVision(config.vision)
+        self.projector = nn.Linear(config.vision.width, config.vlm.width)
+        self.vlm = Gemma(config.vlm)
+        self.expert = Gemma(config.expert, cond_dim=ew if config.pi05 else None)
+        self.action_in_proj = nn.Linear(config.action_dim, ew)
+        self.action_out_proj = nn.Linear(ew, config.action_dim)
+        if config.pi05:
+            self.time_mlp_in = nn.Linear(ew, ew)
+            self.time_mlp_out = nn.Linear(ew, ew)
+        else:
+            self.state_proj = nn.Linear(config.state_dim, ew)
+            self.action_time_mlp_in = nn.Linear(2 * ew, ew)
+            self.action_time_mlp_out = nn.Linear(ew, ew)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.action_in_proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.action_in_proj.weight.device
+
+    # -- prefix -----------------------------------------------------------------------------
+
+    def embed_image(self, image: Tensor) -> Tensor:
+        """[B, 3, S, S] in [-1, 1] -> [B, (S//p)^2, VLM width]. Image tokens are not scaled."""
+        return self.projector(self.vision(image))
+
+    def embed_prefix(self, obs: Observation, image_embs: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """prefix [B, Lp, W] = [cam_0 .. cam_n, language]; input_mask bool [B, Lp]; ar_mask bool [B, Lp] (all False).
+        image_embs: the cameras' embed_image outputs, if already computed."""
+        if image_embs is None:
+            image_embs = [self.embed_image(image) for image in obs.images]
+        embs, masks = [], []
+        for emb, image_mask in zip(image_embs, obs.image_masks, strict=True):
+            embs.append(emb)
+            masks.append(image_mask[:, None].expand(-1, emb.shape[1]))
+        lang = self.vlm.embed_tokens(obs.tokens)
+        lang = lang * torch.tensor(math.sqrt(self.config.vlm.width), dtype=torch.float32).to(lang.dtype)
+        embs.append(lang)
+        masks.append(obs.token_masks)
+        n_img = sum(e.shape[1] for e in embs[:-1])
+        prefix = cat_checked(embs, 1, "prefix (images + language)", n_img + obs.tokens.shape[1])
+        input_mask = cat_checked(masks, 1, "prefix input_mask", prefix.shape[1])
+        ar_mask = torch.zeros_like(input_mask)
+        return prefix, input_mask, ar_mask
+
+    def fill_kv_cache(self, prefix: Tensor, input_mask: Tensor, ar_mask: Tensor) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """One pass of the prefix through the VLM. Returns the per-layer post-RoPE (k, v) and the
+        prefix output after the VLM's final norm (which never reaches the actions)."""
+        mask = make_attn_mask(input_mask, ar_mask)
+        positions = positions_from_mask(input_mask)
+        cache, x = [], prefix
+        for layer in self.vlm.layers:
+            (x,), kv = joint_layer([layer], [x], [None], positions, mask)
+            cache.append(kv)
+        return cache, self.vlm.norm(x)[0]
+
+    # -- suffix -----------------------------------------------------------------------------
+
+    def embed_suffix(self, state: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """pi0: [state token, H action tokens]; pi0.5: H action tokens and the adaRMS condition.
+        Returns suffix [B, Ls, We], ar_mask bool [B, Ls], cond [B, We] or None."""
+        cfg = self.config
+        b, horizon, _ = x_t.shape
+        te = posemb(t, cfg.expert.width, cfg.min_period, cfg.max_period).to(self.dtype)  # [B, We]
+        a = self.action_in_proj(x_t.to(self.dtype))  # [B, H, We]
+        ar_actions = torch.zeros(b, horizon, dtype=torch.bool, device=x_t.device)
+        ar_actions[:, 0] = True
+        if cfg.pi05:
+            cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(te))))
+            return a, ar_actions, cond
+        s = self.state_proj(state.to(self.dtype))[:, None, :]  # [B, 1, We]
+        at = cat_checked([a, te[:, None, :].expand_as(a)], 2, "action+time features", 2 * cfg.expert.width)
+        a = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(at)))
+        suffix = cat_checked([s, a], 1, "suffix (state + actions)", 1 + horizon)
+        ar_state = torch.ones(b, 1, dtype=torch.bool, device=x_t.device)
+        return suffix, cat_checked([ar_state, ar_actions], 1, "suffix ar_mask", 1 + horizon), None
+
+    def _suffix_mask_and_positions(self, prefix_mask: Tensor, prefix_ar: Tensor, suffix_ar: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows of the joint [prefix + suffix] mask and positions that belong to the suffix."""
+        lp, ls = prefix_mask.shape[1], suffix_ar.shape[1]
+        suffix_mask = torch.ones_like(suffix_ar)
+        input_mask = cat_checked([prefix_mask, suffix_mask], 1, "prefix+suffix input_mask", lp + ls)
+        ar_mask = cat_checked([prefix_ar, suffix_ar], 1, "prefix+suffix ar_mask", lp + ls)
+        mask = make_attn_mask(input_mask, ar_mask)[:, lp:]  # [B, Ls, Lp + Ls]
+        return mask, positions_from_mask(input_mask)[:, lp:]
+
+    def denoise_step(self, state: Tensor, prefix_mask: Tensor, prefix_ar: Tensor,
+                     kv_cache: list[tuple[Tensor, Tensor]], x_t: Tensor, t: Tensor) -> Tensor:
+        """v_t [B, H, action_dim] (fp32) from the suffix against the cached prefix k, v."""
+        suffix, suffix_ar, cond = self.embed_suffix(state, x_t, t)
+        mask, positions = self._suffix_mask_and_positions(prefix_mask, prefix_ar, suffix_ar)
+        x = suffix
+        for layer, kv in zip(self.expert.layers, kv_cache, strict=True):
+            (x,), _ = joint_layer([layer], [x], [cond], positions, mask, past_kv=kv)
+        x = self.expert.norm(x, cond)[0]
+        return self.action_out_proj(x[:, -self.config.action_horizon :]).float()
+
+    def forward_uncached(self, obs: Observation, x_t: Tensor, t: Tensor) -> Tensor:
+        """v_t from one joint pass over prefix + suffix (no cache): what training differentiates, and the
+        check on the cached path. With `gradient_checkpointing` set, each layer's activations are recomputed
+        in the backward pass instead of being kept (same numbers, less memory)."""
+        obs = obs.to(self.device, self.dtype)
+        prefix, prefix_mask, prefix_ar = self.embed_prefix(obs)
+        suffix, suffix_ar, cond = self.embed_suffix(obs.state, x_t, t)
+        lp, ls = prefix.shape[1], suffix.shape[1]
+        input_mask = cat_checked([prefix_mask, torch.ones_like(suffix_ar)], 1, "prefix+suffix input_mask", lp + ls)
+        ar_mask = cat_checked([prefix_ar, suffix_ar], 1, "prefix+suffix ar_mask", lp + ls)
+        mask, positions = make_attn_mask(input_mask, ar_mask), positions_from_mask(input_mask)
+        xs = [prefix, suffix]
+        for vlm_layer, expert_layer in zip(self.vlm.layers, self.expert.layers, strict=True):
+            xs, _ = checkpointed(self.gradient_checkpointing, joint_layer, [vlm_layer, expert_layer], xs, [None, cond],
+                                 positions, mask)
+        x = self.expert.norm(xs[1], cond)[0]
+        return self.action_out_proj(x[:, -self.config.action_horizon :]).float()
+
+    # -- training ---------------------------------------------------------------------------
+
+    gradient_checkpointing = False
+
+    def gradient_checkpointing_(self, enabled: bool = True) -> "Pi0Reference":
+        """Recompute each SigLIP and joint Gemma layer in the backward pass instead of keeping its activations."""
+        self.gradient_checkpointing = self.vision.gradient_checkpointing = enabled
+        return self
+
+    def compute_loss(self, obs: Observation, actions: Tensor, *, noise: Tensor | None = None,
+                     time: Tensor | None = None) -> Tensor:
+        """The flow-matching training loss per element, [B, H, action_dim] fp32 (unreduced, as LeRobot's
+        PI0Pytorch.forward): x_t = t * noise + (1 - t) * actions, u_t = noise - actions, (v_t - u_t)^2 with
+        v_t from one joint pass of prefix and suffix. actions: [B, H, action_dim] in model space (normalised,
+        zero-padded to action_dim). noise ~ N(0, 1) and time ~ Beta(1.5, 1) * 0.999 + 0.001 when not given."""
+        cfg = self.config
+        obs.validate(cfg)
+        b = obs.batch_size
+        shape = (b, cfg.action_horizon, cfg.action_dim)
+        if tuple(actions.shape) != shape:
+            raise ValueError(f"actions must be {list(shape)} (batch, action_horizon, action_dim: normalised and "
+                             f"zero-padded), got {list(actions.shape)}")
+        actions = actions.to(self.device, torch.float32)
+        noise = torch.randn(shape, device=self.device) if noise is None else noise.to(self.device, torch.float32)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must be {list(shape)}, got {list(noise.shape)}")
+        if time is None:  # seeded from torch's generator, so torch.manual_seed reproduces noise and time alike
+            time = sample_time(b, np.random.default_rng(int(torch.randint(2**62, (1,))))).to(self.device)
+        time = time.to(self.device, torch.float32)
+        if tuple(time.shape) != (b,):
+            raise ValueError(f"time must be [{b}] (one flow time per row), got {list(time.shape)}")
+        t = time[:, None, None]
+        x_t = t * noise + (1 - t) * actions
+        u_t = noise - actions
+        v_t = self.forward_uncached(obs, x_t, time)
+        return F.mse_loss(u_t, v_t, reduction="none")
+
+    # -- sampling ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_actions(self, obs: Observation, *, noise: Tensor | None = None, num_steps: int | None = None,
+                       stages: dict[str, float] | None = None, rtc: RTC | list[RTC | None] | None = None) -> Tensor:
+        """Flow matching with Euler steps from t=1 (noise) to t=0. Returns actions [B, H, action_dim] fp32.
+        stages: if given, filled with seconds spent in vision, prefix (KV cache) and denoise.
+        rtc: real-time chunking guidance toward a previous chunk (pi0.model.rtc); None is plain sampling."""
+        cfg = self.config
+        num_steps, x_t = sampling_inputs(cfg, obs, noise, num_steps, self.device)
+        obs = obs.to(self.device, self.dtype)
+        b = obs.batch_size
+        guide = make_guide(rtc, b, cfg.action_horizon, cfg.action_dim, self.device)
+        clock = StageClock(stages)
+        image_embs = [self.embed_image(image) for image in obs.images]
+        clock.lap("vision")
+        prefix, prefix_mask, prefix_ar = self.embed_prefix(obs, image_embs)
+        kv_cache, _ = self.fill_kv_cache(prefix, prefix_mask, prefix_ar)
+        clock.lap("prefix")
+        dt = -1.0 / num_steps
+        for step in range(num_steps):
+            time = 1.0 + step * dt
+            t = torch.full((b,), time, dtype=torch.float32, device=self.device)
+            if guide is not None and guide.exact:
+                v_t = self._exact_guided_velocity(guide, obs.state, prefix_mask, prefix_ar, kv_cache, x_t, t, time)
+            else:
+                v_t = self.denoise_step(obs.state, prefix_mask, prefix_ar, kv_cache, x_t, t)
+                if guide is not None:
+                    v_t = guide.velocity(x_t, v_t, time)
+            x_t = x_t + dt * v_t
+        clock.lap("denoise")
+        return x_t
+
+    def _exact_guided_velocity(self, guide: Guide, state: Tensor, prefix_mask: Tensor, prefix_ar: Tensor,
+                               kv_cache: list[tuple[Tensor, Tensor]], x_t: Tensor, t: Tensor, time: float) -> Tensor:
+        """The paper's RTC correction: the vector-Jacobian product of x1_hat = x_t - time * v_t(x_t) with
+        the weighted error, one backward pass through the action expert (the prefix cache is a constant)."""
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            v_t = self.denoise_step(state, prefix_mask, prefix_ar, kv_cache, x, t)
+            x1_hat = x - time * v_t
+            err = guide.error(x1_hat).detach()
+            (correction,) = torch.autograd.grad(x1_hat, x, grad_outputs=err)
+        return guide.velocity(x_t, v_t.detach(), time, correction)

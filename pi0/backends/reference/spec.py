@@ -1,0 +1,25 @@
+"""The reference backend as `pi0.backends.factory` builds it: the fp32 specification over canonical tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from pi0.backends.reference.model import Pi0Reference
+from pi0.model.backend import LoadHook
+from pi0.model.config import Pi0Config
+
+
+def load_hook(dtype: torch.dtype, device: torch.device) -> LoadHook | None:
+    """None: the reference keeps every tensor as read (float32 or bfloat16)."""
+    if dtype == torch.int8:
+        raise ValueError("int8 is an engine dtype: the reference backend is the fp32 specification (use "
+                         "backend='engine', or float32 / bfloat16 for the reference)")
+    return None
+
+
+def build(config: Pi0Config, state: dict[str, torch.Tensor], device: torch.device) -> Pi0Reference:
+    """The reference module holding `state`'s tensors themselves (already on `device`)."""
+    with torch.device("meta"):
+        model = Pi0Reference(config).eval().requires_grad_(False)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

@@ -1,0 +1,91 @@
+"""A policy's assets beside its weights, read and written in one place: norm stats (openpi's
+`assets/<id>/norm_stats.json`, LeRobot's `*normalizer*.safetensors` / `stats.safetensors`) and the tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pi0.robot.normalize import Normalizer, Stats
+
+
+def find_asset_stats(root: Path) -> dict[str, Path]:
+    """openpi's norm stats under `root/assets`: asset id (which may be a nested path such as
+    `physical-intelligence/libero`) -> its norm_stats.json."""
+    assets = root / "assets"
+    if not assets.is_dir():
+        return {}
+    return {f.parent.relative_to(assets).as_posix(): f for f in sorted(assets.rglob("norm_stats.json"))}
+
+
+def read_norm_stats(path: Path) -> dict[str, Stats]:
+    """openpi's norm_stats.json: {"norm_stats": {"state": {...}, "actions": {...}}} -> Stats per key."""
+    d = json.loads(Path(path).read_text())
+    d = d.get("norm_stats", d)
+    return {k: Stats.from_dict(v) for k, v in d.items() if isinstance(v, dict)}
+
+
+def load_norm_stats(checkpoint_dir: Path, asset_id: str | None, state_mode: str,
+                    action_mode: str) -> tuple[Normalizer | None, str]:
+    """openpi `assets/<asset_id>/norm_stats.json`, or LeRobot stats (`*normalizer*.safetensors` /
+    `stats.safetensors` with `observation.state.mean`-style keys) stored beside the weights.
+    Returns (normalizer or None, where the stats came from)."""
+    assets = checkpoint_dir / "assets"
+    found = find_asset_stats(checkpoint_dir)
+    if asset_id is not None:
+        if asset_id.strip("/") not in found:
+            raise FileNotFoundError(f"no {assets}/{asset_id}/norm_stats.json (asset ids there: {sorted(found) or 'none'})")
+        found = {asset_id: found[asset_id.strip("/")]}
+    files = list(found.values())
+    if len(files) > 1:
+        raise ValueError(f"{assets} holds stats for several robots {sorted(found)}: pass --asset-id (asset_id=)")
+    if files:
+        stats = read_norm_stats(files[0])
+        return Normalizer(stats.get("state"), stats.get("actions"), state_mode, action_mode), str(files[0])
+    # LeRobot: policy_preprocessor_*_normalizer_processor.safetensors (state and action stats) and
+    # policy_postprocessor_*_unnormalizer_processor.safetensors (action stats), keys 'feature.stat'
+    lerobot = sorted(checkpoint_dir.glob("*normalizer*.safetensors"), key=lambda f: ("unnormalizer" in f.name, f.name))
+    lerobot += sorted(checkpoint_dir.glob("stats.safetensors"))
+    if lerobot:
+        from safetensors.numpy import load_file
+
+        t: dict[str, np.ndarray] = {}
+        for f in lerobot:
+            for k, v in load_file(str(f)).items():
+                t.setdefault(k, v)
+
+        def stats(prefix: str) -> Stats | None:
+            d = {k[len(prefix) + 1:]: v for k, v in t.items() if k.startswith(prefix + ".")}
+            return Stats.from_dict(d) if d else None
+
+        # LeRobot divides by (std + 1e-8)
+        return (Normalizer(stats("observation.state"), stats("action"), state_mode, action_mode, eps=1e-8),
+                ", ".join(str(f) for f in lerobot))
+    return None, "none (inputs are used as given)"
+
+
+def _stats_arrays(st: Stats) -> dict[str, np.ndarray]:
+    return {k: np.asarray(getattr(st, k), dtype=np.float32) for k in ("mean", "std", "q01", "q99")}
+
+
+def write_assets(directory: Path, asset_id: str, state: Stats | None, actions: Stats, tokenizer: Path) -> None:
+    """What `load_norm_stats` and `find_tokenizer` read back: the stats as openpi's assets/<asset_id>/norm_stats.json
+    and as LeRobot's stats.safetensors, and the tokenizer as paligemma_tokenizer.model."""
+    import torch
+    from safetensors.torch import save_file
+
+    asset = directory / "assets" / asset_id
+    asset.mkdir(parents=True, exist_ok=True)
+    norm: dict[str, Any] = {"actions": {k: v.tolist() for k, v in _stats_arrays(actions).items()}}
+    if state is not None:
+        norm["state"] = {k: v.tolist() for k, v in _stats_arrays(state).items()}
+    (asset / "norm_stats.json").write_text(json.dumps({"norm_stats": norm}, indent=2))
+    tensors = {f"action.{k}": torch.from_numpy(v) for k, v in _stats_arrays(actions).items()}
+    if state is not None:
+        tensors.update({f"observation.state.{k}": torch.from_numpy(v) for k, v in _stats_arrays(state).items()})
+    save_file(tensors, str(directory / "stats.safetensors"))
+    shutil.copy(tokenizer, directory / "paligemma_tokenizer.model")

@@ -1,0 +1,148 @@
+"""Closed-loop evaluation on any registered simulator: episodes by (task, seed), success rates with Wilson
+intervals, worker processes, films; and the scripted expert's own success for comparison."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pi0.sim.env import Env, simulator
+from pi0.sim.runners import ChunkRunner, StreamRunner
+from pi0.sim.video import caption, contact_sheet, write_video
+
+
+@dataclass
+class EpisodeResult:
+    task: str
+    seed: int
+    success: bool
+    steps: int
+    inference_s: list[float] = field(default_factory=list)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a success rate."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for task in dict.fromkeys(r.task for r in results):
+        rows = [r for r in results if r.task == task]
+        wins = [r for r in rows if r.success]
+        lo, hi = wilson_interval(len(wins), len(rows))
+        table[task] = {"success": len(wins) / len(rows), "episodes": len(rows), "ci95": [lo, hi],
+                       "mean_steps_to_success": float(np.mean([r.steps for r in wins])) if wins else None}
+    n = len(results)
+    wins = sum(r.success for r in results)
+    lo, hi = wilson_interval(wins, n)
+    inference = [t for r in results for t in r.inference_s]
+    return {"tasks": table, "mean_success": float(np.mean([v["success"] for v in table.values()])) if table else 0.0,
+            "episodes": n, "ci95": [lo, hi],
+            "inference_ms_median": float(np.median(inference) * 1000) if inference else None}
+
+
+def run_episodes(runner: ChunkRunner | StreamRunner, episodes: list[tuple[str, int]], *, env: str = "metaworld",
+                 size: int = 64, wrist: bool = False, max_steps: int = 300, film: set[tuple[str, int]] = frozenset(),
+                 video_size: int = 256, log: Callable[[str], None] | None = None
+                 ) -> tuple[list[EpisodeResult], dict[tuple[str, int], list[np.ndarray]]]:
+    """Closed-loop episodes (task, seed), each until success or max_steps; the ones in `film` are filmed at
+    video_size px from the policy's camera. Returns the results and the films."""
+    results: list[EpisodeResult] = []
+    films: dict[tuple[str, int], list[np.ndarray]] = {}
+    sim = simulator(env)
+    envs: dict[str, Env] = {}
+    import torch
+
+    for task, seed in episodes:
+        scene = envs.get(task) or envs.setdefault(task, sim.make(task, size, wrist))
+        scene.reset(seed)
+        torch.manual_seed(seed)  # the policy's noise (drawn in process) depends on the episode alone
+        runner.reset()
+        before = len(runner.inference_s)
+        success, steps = False, 0
+        frames = films.setdefault((task, seed), []) if (task, seed) in film else None
+        while steps < max_steps and not success:
+            obs = scene.observation()
+            if frames is not None:
+                frames.append(caption(scene.render(size=video_size), scene.prompt, steps, False))
+            success = scene.step(runner.next_action(obs))
+            steps += 1
+        if frames is not None:
+            frames += [caption(scene.render(size=video_size), scene.prompt, steps, success)] * (sim.FPS // 2)
+        results.append(EpisodeResult(task, seed, success, steps, runner.inference_s[before:]))
+        if log:
+            log(f"{task} seed {seed}: {'success' if success else 'failure'} after {steps} steps")
+    for scene in envs.values():
+        scene.close()
+    return results, films
+
+
+def evaluate(make_runner: Callable[[], ChunkRunner | StreamRunner], tasks: list[str], episodes: int, *,
+             env: str = "metaworld", size: int = 64, wrist: bool = False, max_steps: int = 300, seed: int | None = None,
+             video: str | os.PathLike | None = None, workers: int = 1,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Closed-loop success of a policy: `episodes` episodes per task (seeds seed, seed + 1, ...). make_runner:
+    a picklable function that builds the policy's runner; with workers > 1 each of that many processes builds
+    its own and takes every workers-th episode (rendering is single-threaded: one process per core). The
+    answers do not depend on `workers`. seed: default the simulator's EVAL_SEED. video: the first episode of every
+    task, to this mp4, and frames of each to a png beside it."""
+    sim = simulator(env)
+    sim.check_tasks(tasks)
+    seed = sim.EVAL_SEED if seed is None else seed
+    jobs = [(task, seed + k) for task in tasks for k in range(episodes)]
+    film = {(task, seed) for task in tasks} if video is not None else set()
+    kw = dict(env=env, size=size, wrist=wrist, max_steps=max_steps, film=film)
+    if workers <= 1:
+        results, films = run_episodes(make_runner(), jobs, log=log, **kw)
+    else:
+        shares = [jobs[i::workers] for i in range(workers)]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(_episodes_worker, [make_runner] * workers, shares, [kw] * workers,
+                                  [workers] * workers))
+        results = sorted((r for part, _ in parts for r in part), key=lambda r: (tasks.index(r.task), r.seed))
+        films = {k: v for _, f in parts for k, v in f.items()}
+    if video is not None and films:
+        ordered = [films[key] for key in sorted(films, key=lambda k: tasks.index(k[0]))]
+        write_video([frame for film in ordered for frame in film], video, sim.FPS)
+        contact_sheet(ordered, Path(video).with_suffix(".png"), held=sim.FPS // 2)
+    return summarize(results)
+
+
+def _episodes_worker(make_runner: Callable[[], Any], jobs: list[tuple[str, int]], kw: dict[str, Any], workers: int):
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    return run_episodes(make_runner(), jobs, **kw)
+
+
+def expert_success(tasks: list[str], episodes: int, *, env: str = "metaworld", seed: int | None = None,
+                   max_steps: int = 300) -> dict[str, Any]:
+    """The scripted expert's closed-loop success on the evaluation seeds (no rendering needed)."""
+    sim = simulator(env)
+    seed = sim.EVAL_SEED if seed is None else seed
+    results = []
+    for task in sim.check_tasks(tasks):
+        scene = sim.make(task, 64, False)
+        for k in range(episodes):
+            scene.reset(seed + k)
+            steps, success = 0, False
+            while steps < max_steps and not success:
+                success = scene.step(scene.expert_action())
+                steps += 1
+            results.append(EpisodeResult(task, seed + k, success, steps))
+        scene.close()
+    return summarize(results)

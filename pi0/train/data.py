@@ -1,0 +1,137 @@
+"""A LeRobot dataset as training batches: each frame prepared by the checkpoint's own observation pipeline (the one
+`pi0.Policy` serves it with), then augmented as openpi trains; the action chunk mapped into the model's space by
+the same pipeline; batches made per step, ahead of the loop, by DataLoader workers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pi0.data.dataset import LeRobotDataset
+from pi0.model.config import Pi0Config
+from pi0.model.functional import sample_time
+from pi0.model.observation import Observation
+from pi0.robot.normalize import Stats
+from pi0.robot.pipeline import Frame, Pipeline
+from pi0.train.schedule import batch_positions, epoch_order, sample_rng
+
+STATE_KEY, ACTION_KEY = "observation.state", "action"
+
+
+def augment(images: Tensor, wrist: bool, rng: np.random.Generator) -> Tensor:
+    """One camera's image [3, S, S] in [-1, 1], augmented as openpi trains (its PyTorch port's ranges): a
+    camera that is not a wrist camera gets a random 95 % crop resized back and a rotation of up to 5 degrees;
+    every camera gets brightness x U(0.7, 1.3), contrast x U(0.6, 1.4) and saturation x U(0.5, 1.5), clamped
+    to [0, 1] in [0, 1] space."""
+    x = (images[None] + 1) / 2  # [1, 3, S, S] in [0, 1]
+    if not wrist:
+        s = 0.95
+        tx, ty = rng.uniform(-(1 - s), 1 - s, 2)
+        a = math.radians(rng.uniform(-5, 5))
+        theta = torch.tensor([[s * math.cos(a), -s * math.sin(a), tx], [s * math.sin(a), s * math.cos(a), ty]],
+                             dtype=x.dtype)[None]
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    b, c, sat = rng.uniform(0.7, 1.3), rng.uniform(0.6, 1.4), rng.uniform(0.5, 1.5)
+    x = (x * b).clamp(0, 1)
+    x = ((x - x.mean()) * c + x.mean()).clamp(0, 1)
+    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+    x = ((x - gray) * sat + gray).clamp(0, 1)
+    return x[0] * 2 - 1
+
+
+class TrainingData:
+    """Samples of a LeRobot dataset as model inputs: frame `index`'s cameras in `cameras` order (None: an empty,
+    masked slot), its state and task through `pipeline.frame_inputs` (exactly what `pi0.Policy` makes of the same
+    observation), images augmented, the action chunk through `pipeline.actions_in`, zero-padded to the model's
+    action width."""
+
+    def __init__(self, dataset: LeRobotDataset, config: Pi0Config, cameras: list[str | None], pipeline: Pipeline,
+                 augment: bool, seed: int):
+        assert len(cameras) == len(pipeline.cameras), (len(cameras), len(pipeline.cameras))
+        self.ds, self.config, self.cameras, self.pipeline = dataset, config, cameras, pipeline
+        self.augment, self.seed = augment, seed
+        self.action_dim = dataset.shape(ACTION_KEY)[0]
+        self.has_state = STATE_KEY in dataset.features
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def frame(self, item: dict[str, Any]) -> Frame:
+        """A dataset item in the robot's units: images uint8 HWC in slot order, state, task."""
+        images = [None if key is None else np.ascontiguousarray(item[key].transpose(1, 2, 0)) for key in self.cameras]
+        state = np.asarray(item[STATE_KEY], dtype=np.float32) if self.has_state else np.zeros(0, dtype=np.float32)
+        return Frame(images, state, item["task"])
+
+    def sample(self, index: int, step: int, position: int) -> dict[str, Any]:
+        """Frame `index` prepared, with the random draws of (step, position in the global batch)."""
+        cfg = self.config
+        rng = sample_rng(self.seed, step, position)
+        item = self.ds[index]
+        inputs = self.pipeline.frame_inputs(self.frame(item))
+        images = [inputs.images[c][0] for c in range(len(self.cameras))]
+        if self.augment:
+            images = [img if key is None else augment(img, "wrist" in key, rng) for key, img in zip(self.cameras, images)]
+        actions = np.zeros((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+        actions[:, : self.action_dim] = self.pipeline.actions_in(np.asarray(item[ACTION_KEY], dtype=np.float32))
+        noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+        t = np.float32(sample_time(1, rng)[0])
+        return {"images": images, "masks": [bool(m[0]) for m in inputs.image_masks], "state": inputs.state[0].numpy(),
+                "tokens": inputs.tokens[0].numpy(), "token_mask": inputs.token_masks[0].numpy(), "actions": actions,
+                "noise": noise, "time": t}
+
+
+def collate(samples: list[dict[str, Any]]) -> tuple[Observation, Tensor, Tensor, Tensor]:
+    n_cams = len(samples[0]["images"])
+    obs = Observation(
+        images=[torch.stack([s["images"][c] for s in samples]) for c in range(n_cams)],
+        image_masks=[torch.tensor([s["masks"][c] for s in samples]) for c in range(n_cams)],
+        tokens=torch.from_numpy(np.stack([s["tokens"] for s in samples])),
+        token_masks=torch.from_numpy(np.stack([s["token_mask"] for s in samples])),
+        state=torch.from_numpy(np.stack([s["state"] for s in samples])),
+    )
+    return (obs, torch.from_numpy(np.stack([s["actions"] for s in samples])),
+            torch.from_numpy(np.stack([s["noise"] for s in samples])), torch.tensor([s["time"] for s in samples]))
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item k = the prepared batch of step start + k for this process (so DataLoader workers build whole
+    batches ahead of the training loop)."""
+
+    def __init__(self, data: TrainingData, start: int, steps: int, batch: int, rank: int, world: int, seed: int):
+        self.data, self.start, self.steps = data, start, steps
+        self.batch, self.rank, self.world, self.seed = batch, rank, world, seed
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def _index(self, position: int) -> int:
+        n = len(self.data)
+        epoch, k = divmod(position, n)
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(self.seed, epoch, n)}
+        return int(self._orders[epoch][k])
+
+    def __getitem__(self, k: int):
+        step = self.start + k
+        return collate([self.data.sample(self._index(p), step, p)
+                        for p in batch_positions(step, self.batch, self.rank, self.world)])
+
+
+def dataset_stats(ds: LeRobotDataset, key: str, to_model: Callable[[np.ndarray], np.ndarray] | None = None) -> Stats:
+    """The dataset's meta/stats.json for `key`, or (absent there, or with `to_model`, a robot preset's map into the
+    model's units, applied first) computed from the frames: mean, std, q01, q99."""
+    if to_model is None and ds.stats and key in ds.stats and all(k in ds.stats[key] for k in ("mean", "std", "q01", "q99")):
+        d = ds.stats[key]
+        return Stats(*(np.asarray(d[k], dtype=np.float32).reshape(-1) for k in ("mean", "std", "q01", "q99")))
+    x = ds.column(key).astype(np.float64).reshape(len(ds), -1)
+    if to_model is not None:
+        x = to_model(x.astype(np.float32)).astype(np.float64)
+    return Stats(x.mean(0).astype(np.float32), x.std(0).astype(np.float32),
+                 np.quantile(x, 0.01, axis=0).astype(np.float32), np.quantile(x, 0.99, axis=0).astype(np.float32))
