@@ -47,7 +47,7 @@ def stage_errors(ref, eng: Pi0Engine, obs) -> dict[str, float]:
         cache, _ = ref.fill_kv_cache(prefix, mask, ar)
         e_prefix, _, _ = eng.embed_prefix(obs)
         b, lp, g = 1, e_prefix.shape[1], eng.config.expert
-        k_buf = [torch.zeros(b, g.num_kv_heads, lp, g.head_dim, dtype=eng.dtype) for _ in eng.expert_layers]
+        k_buf = [torch.zeros(b, g.num_kv_heads, lp, g.head_dim, dtype=eng.dtype) for _ in eng.w.expert_layers]
         v_buf = [torch.zeros_like(k) for k in k_buf]
         eng.fill_kv_cache(e_prefix, None, k_buf, v_buf)
         # the reference's k, v are [B, L, K, D]; the engine's [B, K, L, D]

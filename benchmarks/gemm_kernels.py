@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pi0.backends.engine import ops  # noqa: E402
+from pi0.backends.engine import int8  # noqa: E402
 from pi0.hardware import compute_dtype  # noqa: E402
 from pi0.timing import best_seconds  # noqa: E402
 from tests.stress import int8_weight  # noqa: E402
@@ -62,9 +63,9 @@ def main() -> None:
         row["int8_eager_w8a8"] = rate(lambda: int8_eager(x, q_t, w_scale), work)
         # the engine's int8 products: oneDNN qlinear alone (u8 activations), and its whole W8A8 linear
         # (per-token quantisation and rescaling included) with the kernel and dtype it picks here
-        w8 = ops.quantize_weight(w, torch.float32)
+        w8 = int8.quantize_weight(w, torch.float32)
         try:
-            packed = ops.pack_int8(w8, m, "onednn")
+            packed = int8.pack_int8(w8, m, "onednn")
             xu = (xq.int() + 128).to(torch.uint8)
             zp = torch.zeros(n, dtype=torch.long)
             row["int8_onednn_qlinear"] = rate(lambda: torch.ops.onednn.qlinear_pointwise(

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from pi0.backends.engine import ops
+
+from pi0.backends.engine import int8, kernels
 from pi0.model.backend import LoadHook
 from pi0.model.config import Pi0Config, feeding_norm, norm_param
 
@@ -55,10 +56,10 @@ def outlier_channels(config: Pi0Config, channels: int = 4, factor: float = 100.0
     return hook
 
 
-def int8_weight(w: torch.Tensor, rows_hint: int, dtype: torch.dtype, device_type: str = "cpu") -> ops.Int8Weight:
+def int8_weight(w: torch.Tensor, rows_hint: int, dtype: torch.dtype, device_type: str = "cpu") -> int8.Int8Weight:
     """`w` quantised and packed as an int8 engine does it here: the machine's kernel and weight range
     (`int8_kernel`), its quantise / rescale compiled where `fusion_works` passes them (benchmarks use it)."""
-    kernel, qmax, _ = ops.int8_kernel(dtype, device_type)
-    offset = ops.activation_offset(kernel)
-    fused = frozenset(n for n in ("quantize_rows", "rescale") if ops.fusion_works(dtype, device_type, n, offset)[0])
-    return ops.pack_int8(ops.quantize_weight(w, dtype, qmax), rows_hint, kernel, fused)
+    kernel, qmax, _ = int8.int8_kernel(dtype, device_type)
+    offset = int8.activation_offset(kernel)
+    fused = frozenset(n for n in ("quantize_rows", "rescale") if kernels.fusion_works(dtype, device_type, n, offset)[0])
+    return int8.pack_int8(int8.quantize_weight(w, dtype, qmax), rows_hint, kernel, fused)

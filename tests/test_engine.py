@@ -97,7 +97,7 @@ def test_bf16_gate_catches_a_wrong_engine(gate_refs, bug, monkeypatch):
         right = eng._rope
         monkeypatch.setattr(eng, "_rope", lambda positions: right(positions + 1))
     else:
-        target, right = eng.vlm_layers[0].in_norm, ops.rms_norm
+        target, right = eng.w.vlm_layers[0].in_norm, ops.rms_norm
         monkeypatch.setattr(ops, "rms_norm", lambda x, w, eps: x.float() * w if w is target else right(x, w, eps))
     with pytest.raises(AssertionError):
         assert_bf16_gate(bf16_gate(cfg, eng, ref, ref16))
@@ -181,7 +181,7 @@ def test_vision_tower_can_stay_fp32():
     ref = pi0.build_model(cfg, seed=5)
     state = {k: v if k.startswith(("vision.", "projector.")) else v.to(torch.bfloat16) for k, v in ref.state_dict().items()}
     eng = Pi0Engine(cfg, dict(state), vision_dtype=torch.float32)
-    assert eng.patch_w.dtype == torch.float32 and eng.embed.dtype == torch.bfloat16
+    assert eng.w.patch_w.dtype == torch.float32 and eng.w.embed.dtype == torch.bfloat16
     obs = make_obs(cfg, 2, (7, 12), ((1, 1),))
     noise = make_noise(cfg, 2)
     images = torch.cat([im[:1] for im in obs.images])

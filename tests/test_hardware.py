@@ -1,6 +1,5 @@
 """Hardware-aware choices and their fallbacks, tested on any machine: dtype "auto" follows the bf16 probe
-(forced both ways here), packing and compiled kernels fall back when their probe fails, fp16 is refused,
-and the backends keep to their own imports."""
+(forced both ways here), packing and compiled kernels fall back when their probe fails, fp16 is refused."""
 
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 import pi0
 from pi0 import hardware
 from pi0.backends.engine import ops
+from pi0.backends.engine import kernels
 from pi0.backends.engine.model import Pi0Engine
 from pi0.backends.factory import random_state_dict
 from tests.conftest import make_noise, make_obs
@@ -93,8 +93,8 @@ def test_a_failing_compiler_means_eager_kernels(monkeypatch):
     def broken(name):
         raise RuntimeError("no working C++ compiler")
 
-    monkeypatch.setattr(ops, "_compiled", broken)
-    ops.fusion_works.cache_clear()
+    monkeypatch.setattr(kernels, "compiled", broken)
+    kernels.fusion_works.cache_clear()
     try:
         cfg = pi0.size_config("tiny")
         eng = Pi0Engine(cfg, random_state_dict(cfg, 1, torch.float32))
@@ -103,7 +103,7 @@ def test_a_failing_compiler_means_eager_kernels(monkeypatch):
         obs, noise = make_obs(cfg, 2, (4, 9)), make_noise(cfg, 2)
         assert (eng.sample_actions(obs, noise=noise) - ref.sample_actions(obs, noise=noise)).abs().max() <= 1e-4
     finally:
-        ops.fusion_works.cache_clear()
+        kernels.fusion_works.cache_clear()
 
 
 def test_env_switches_turn_fast_paths_off(monkeypatch):

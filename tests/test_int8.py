@@ -11,7 +11,9 @@ import torch
 
 import pi0
 from pi0.backends.engine import ops
-from pi0.backends.engine.model import Pi0Engine, int8_quantizer
+from pi0.backends.engine import int8, kernels, weights
+from pi0.backends.engine.model import Pi0Engine
+from pi0.backends.engine.weights import int8_quantizer
 from pi0.hardware import compute_dtype, int8_isa, probe_bf16, resolve_dtype
 from pi0.backends.factory import random_state_dict
 from tests.stress import outlier_channels
@@ -55,7 +57,7 @@ def emulated_int8(cfg: pi0.Pi0Config, state: dict[str, torch.Tensor], dtype: tor
     rounded per row (to the weight range this CPU's int8 kernel takes: 8 bits, or 7 where 8 overflow), every
     covered layer's input rounded per token."""
     model = reference(cfg, state, dtype)
-    qmax = ops.int8_kernel(dtype, "cpu")[1]
+    qmax = int8.int8_kernel(dtype, "cpu")[1]
     for name, mod in model.named_modules():
         if LINEARS.fullmatch(name + ".weight") or name + ".weight" == EMBED:
             mod.weight = torch.nn.Parameter(fake_int8(mod.weight, qmax), requires_grad=False)
@@ -113,7 +115,7 @@ _emulations: dict = {}
 
 def emulation(cfg, state, dtype):
     """emulated_int8, built once per (weights, dtype)."""
-    key = (id(state), dtype, ops.int8_kernel(dtype, "cpu")[1])
+    key = (id(state), dtype, int8.int8_kernel(dtype, "cpu")[1])
     if key not in _emulations:
         _emulations[key] = emulated_int8(cfg, state, dtype)
     return _emulations[key]
@@ -121,19 +123,19 @@ def emulation(cfg, state, dtype):
 
 @pytest.fixture
 def fresh_probes():
-    for probe in (ops.int8_kernel, ops.fusion_works, probe_bf16):
+    for probe in (int8.int8_kernel, kernels.fusion_works, probe_bf16):
         probe.cache_clear()
     yield
-    for probe in (ops.int8_kernel, ops.fusion_works, probe_bf16):
+    for probe in (int8.int8_kernel, kernels.fusion_works, probe_bf16):
         probe.cache_clear()
 
 
 def kernel_works(kernel: str, dtype: torch.dtype) -> bool:
-    return kernel == "plain" or min(ops._probe_int8(kernel, dtype, q, 8, 64, 64)[0] for q in (127, 63)) < float("inf")
+    return kernel == "plain" or min(int8._probe_int8(kernel, dtype, q, 8, 64, 64)[0] for q in (127, 63)) < float("inf")
 
 
 @pytest.mark.parametrize("native", ["1", "0"], ids=["bf16-between", "fp32-between"])
-@pytest.mark.parametrize("kernel", ops.INT8_KERNELS)
+@pytest.mark.parametrize("kernel", int8.INT8_KERNELS)
 def test_int8_gate(gate_case, kernel, native, monkeypatch, fresh_probes):
     """Every kernel, with bf16 and with fp32 between the int8 products (PI0_NATIVE_BF16 forces either on any CPU)."""
     cfg, state, ref = gate_case
@@ -141,7 +143,7 @@ def test_int8_gate(gate_case, kernel, native, monkeypatch, fresh_probes):
     dt = compute_dtype(torch.int8)
     if not kernel_works(kernel, dt):
         pytest.skip(f"the {kernel} int8 kernel does not run on this CPU")
-    slow = None if kernel == "plain" else ops.slow_int8(kernel, dt, 127 if int8_isa()[1] else 63)
+    slow = None if kernel == "plain" else int8.slow_int8(kernel, dt, 127 if int8_isa()[1] else 63)
     if slow is not None:  # e.g. oneDNN's s8 product with bf16 out on a CPU without native bf16: minutes for the gate
         pytest.skip(f"the {kernel} int8 kernel is {slow:.0f}x slower than dequantised math with {dt} on this CPU, "
                     "which never chooses it: its numerics are gated where it runs at speed")
@@ -162,11 +164,11 @@ def test_int8_gate_with_eager_ops(gate_case, monkeypatch):
 
 
 def _per_tensor(w: torch.Tensor, dtype: torch.dtype | None = None, qmax: int = 127, outlier_cols=None,
-                compiled: bool = False) -> ops.Int8Weight:
+                compiled: bool = False) -> int8.Int8Weight:
     assert outlier_cols is None or outlier_cols.numel() == 0  # the plain checkpoint has none
     wf = w.float()
     s = wf.abs().max() / qmax
-    return ops.Int8Weight(torch.round(wf / s).clamp(-qmax, qmax).to(torch.int8), s.expand(w.shape[0]).clone(),
+    return int8.Int8Weight(torch.round(wf / s).clamp(-qmax, qmax).to(torch.int8), s.expand(w.shape[0]).clone(),
                           dtype or w.dtype)
 
 
@@ -176,14 +178,14 @@ def test_int8_gate_catches_a_wrong_scale(gate_case, bug, monkeypatch):
     """One scale for the whole weight instead of one per output channel, or the per-channel scales in the wrong
     order: the gate must fail."""
     cfg, state, ref = gate_case
-    good = ops.quantize_weight
+    good = int8.quantize_weight
     if bug == "per_tensor_scale":
-        monkeypatch.setattr(ops, "quantize_weight", _per_tensor)
+        monkeypatch.setattr(int8, "quantize_weight", _per_tensor)
     else:
         def flipped(w, dtype=None, qmax=127, outlier_cols=None, compiled=False):
             q = good(w, dtype, qmax, outlier_cols, compiled)
             return dataclasses.replace(q, scale=q.scale.flip(0))
-        monkeypatch.setattr(ops, "quantize_weight", flipped)
+        monkeypatch.setattr(int8, "quantize_weight", flipped)
     eng = int8_engine(cfg, state)
     with pytest.raises(AssertionError):
         assert_int8_gate(int8_gate(cfg, eng, ref, emulation(cfg, state, eng.dtype), seeds=3))
@@ -203,12 +205,12 @@ def test_producers_that_quantise_keep_the_numerics(size, monkeypatch):
     if not producers <= set(eng.kernels["int8_fused"]):
         pytest.skip(f"compiled kernels do not work here: {eng.kernels['why']}")
     used = set()
-    quantizes_for = ops._quantizes_for
-    monkeypatch.setattr(ops, "_quantizes_for", lambda w, name: quantizes_for(w, name) and not used.add(name))
+    quantizes_for = int8._quantizes_for
+    monkeypatch.setattr(int8, "_quantizes_for", lambda w, name: quantizes_for(w, name) and not used.add(name))
     obs, noise = make_obs(cfg, 2, (7, 12), ((1, 1),)), make_noise(cfg, 2)
     fused = eng.sample_actions(obs, noise=noise)
     assert used == producers, used  # every one of them ran
-    monkeypatch.setattr(ops, "_quantizes_for", lambda w, name: False)
+    monkeypatch.setattr(int8, "_quantizes_for", lambda w, name: False)
     apart = eng.sample_actions(obs, noise=noise)
     want = reference(cfg, state).sample_actions(obs, noise=noise)
     scale = want.std()
@@ -219,15 +221,15 @@ def test_producers_that_quantise_keep_the_numerics(size, monkeypatch):
 
 def test_quantize_weight_is_per_output_channel_and_stacks():
     w = torch.randn(300, 40) * torch.linspace(0.01, 10, 300)[:, None]
-    q = ops.quantize_weight(w, torch.float32)
+    q = int8.quantize_weight(w, torch.float32)
     assert q.q.dtype == torch.int8 and q.scale.shape == (300,)
     assert torch.allclose(q.scale, w.abs().amax(1) / 127)
     assert ((q.q.float() * q.scale[:, None] - w).abs() <= q.scale[:, None] / 2 + 1e-6).all()
-    a, b = ops.quantize_weight(w[:100], torch.float32), ops.quantize_weight(w[100:], torch.float32)
-    both = ops.cat_rows([a, b])
+    a, b = int8.quantize_weight(w[:100], torch.float32), int8.quantize_weight(w[100:], torch.float32)
+    both = weights.cat_rows([a, b])
     assert torch.equal(both.q, q.q) and torch.equal(both.scale, q.scale)
     with pytest.raises(TypeError):
-        ops.cat_rows([a, w[100:]])
+        weights.cat_rows([a, w[100:]])
 
 
 def test_int8_linear_matches_the_dequantised_product():
@@ -235,11 +237,11 @@ def test_int8_linear_matches_the_dequantised_product():
     torch.manual_seed(0)
     w, x = torch.randn(64, 96), torch.randn(5, 96)
     x[2] *= 1000
-    q = ops.quantize_weight(w, torch.float32, ops.int8_kernel(torch.float32, "cpu")[1])
-    for kernel in ops.INT8_KERNELS:
+    q = int8.quantize_weight(w, torch.float32, int8.int8_kernel(torch.float32, "cpu")[1])
+    for kernel in int8.INT8_KERNELS:
         if not kernel_works(kernel, torch.float32):
             continue
-        got = ops.linear(x, ops.pack_int8(q, 5, kernel), torch.ones(64))
+        got = ops.linear(x, int8.pack_int8(q, 5, kernel), torch.ones(64))
         want = torch.nn.functional.linear(x, w) + 1
         rel = ((got - want).norm(dim=1) / want.norm(dim=1))
         assert (rel < 0.04).all(), (kernel, rel)  # ~1% with 8-bit weights, ~2% with 7-bit ones (AVX2)
@@ -270,18 +272,18 @@ def test_int8_load_streams_big_weights_in_row_blocks(tmp_path, monkeypatch):
     whole = int8_quantizer(torch.float32)
     want = {k: whole(k, state[k]) for k in sorted(state, key=lambda k: not whole.first(k))}
     streamed, blocks = [], []
-    quantize_blocks = ops.quantize_blocks
+    quantize_blocks = int8.quantize_blocks
 
     def counted(rows, *args):
         streamed.append(rows)
         return quantize_blocks((blocks.append(b) or b for b in rows), *args)
-    monkeypatch.setattr(ops, "quantize_blocks", counted)
+    monkeypatch.setattr(int8, "quantize_blocks", counted)
     monkeypatch.setattr(pi0.checkpoint.safetensors_io, "_CHUNK_BYTES", 3 * 2 * cfg.vision.width)  # 1-3 rows of bf16 a block
     got = load_state_dict(inspect_checkpoint(tmp_path / "ck"), torch.float32, hook=int8_quantizer(torch.float32))
-    assert len(streamed) == sum(isinstance(w, ops.Int8Weight) for w in want.values())
+    assert len(streamed) == sum(isinstance(w, int8.Int8Weight) for w in want.values())
     assert len(blocks) > 10 * len(streamed) and all(b.dtype == torch.bfloat16 and len(b) <= 3 for b in blocks)
     for k, w in want.items():
-        if isinstance(w, ops.Int8Weight):
+        if isinstance(w, int8.Int8Weight):
             g = got[k]
             assert torch.equal(g.q, w.q) and torch.equal(g.scale, w.scale), k
             assert (g.outlier_cols is None) == (w.outlier_cols is None), k
@@ -289,18 +291,18 @@ def test_int8_load_streams_big_weights_in_row_blocks(tmp_path, monkeypatch):
                 assert torch.equal(g.outlier_cols, w.outlier_cols) and torch.equal(g.outlier_w, w.outlier_w), k
         else:
             assert got[k].dtype == torch.float32 and torch.equal(got[k], w.float()), k
-    assert sum(w.outlier_cols is not None for w in got.values() if isinstance(w, ops.Int8Weight)) > 0
+    assert sum(w.outlier_cols is not None for w in got.values() if isinstance(w, int8.Int8Weight)) > 0
 
 
 def test_compiled_weight_quantisation_matches_eager_ops():
     """Weights are quantised at load by a compiled kernel where its probe passes: the same scales and levels
     (at most one level apart where a value sits on a rounding boundary) as eager ops, from bf16 and fp32."""
     for dt in (torch.bfloat16, torch.float32):
-        if not ops.fusion_works(dt, "cpu", "quantize_weight")[0]:
+        if not kernels.fusion_works(dt, "cpu", "quantize_weight")[0]:
             continue
         w = (torch.randn(257, 129) * torch.linspace(0.01, 10, 257)[:, None]).to(dt)
         for qmax in (127, 63):
-            a, b = ops.quantize_weight(w, torch.float32, qmax), ops.quantize_weight(w, torch.float32, qmax, compiled=True)
+            a, b = int8.quantize_weight(w, torch.float32, qmax), int8.quantize_weight(w, torch.float32, qmax, compiled=True)
             assert torch.equal(a.scale, b.scale), (dt, qmax)
             assert (a.q.int() - b.q.int()).abs().max() <= 1 and (a.q != b.q).float().mean() < 1e-3, (dt, qmax)
 
@@ -396,9 +398,9 @@ def test_int8_errors(monkeypatch, fresh_probes):
     monkeypatch.setenv("PI0_INT8_STAGES", "prefix,expert,embedding")  # SigLIP kept in the float dtype
     assert pi0.build_model(pi0.size_config("tiny"), backend="engine", dtype="int8").kernels["int8_tensors"] == 2 * 7 + 2 * 7 + 1
     monkeypatch.setenv("PI0_INT8_KERNEL", "fp4")
-    ops.int8_kernel.cache_clear()  # decided once per process: the build above (fp32 between where bf16 is not native) cached it
+    int8.int8_kernel.cache_clear()  # decided once per process: the build above (fp32 between where bf16 is not native) cached it
     with pytest.raises(ValueError, match="PI0_INT8_KERNEL='fp4'"):
-        ops.int8_kernel(torch.float32, "cpu")
+        int8.int8_kernel(torch.float32, "cpu")
 
 
 @pytest.mark.auto_dtype  # int8's float dtype between the products is what auto picks
@@ -406,7 +408,7 @@ def test_bench_and_demo_run_int8(tmp_path):
     r = run("bench", "--size", "tiny", "--json", "--repeats", "2", "--dtype", "int8")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
-    assert rep["dtype"] == "int8" and rep["kernels"]["int8_kernel"] in ops.INT8_KERNELS
+    assert rep["dtype"] == "int8" and rep["kernels"]["int8_kernel"] in int8.INT8_KERNELS
     assert "int8 weights and activations" in rep["dtype_reason"] and rep["efficiency"] > 0
     r = run("demo", "--size", "tiny", "--dtype", "int8", "--out", str(tmp_path / "a.png"))
     assert r.returncode == 0, r.stderr
@@ -446,15 +448,15 @@ def test_int8_kernel_choice_follows_the_instruction_set(monkeypatch, fresh_probe
             monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
         assert hardware.int8_isa() == want, (flags, cap)
     monkeypatch.setattr(hardware, "_cpu_flags", lambda: {"avx2"})
-    ops.int8_kernel.cache_clear()
-    kernel, qmax, why = ops.int8_kernel(torch.float32, "cpu")
+    int8.int8_kernel.cache_clear()
+    kernel, qmax, why = int8.int8_kernel(torch.float32, "cpu")
     assert qmax == 63 and "7-bit" in why
     monkeypatch.setattr(hardware, "_cpu_flags", lambda: real)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     choices = set()
     for _ in range(3):
-        ops.int8_kernel.cache_clear()
-        choices.add(ops.int8_kernel(torch.float32, "cpu")[:2])
+        int8.int8_kernel.cache_clear()
+        choices.add(int8.int8_kernel(torch.float32, "cpu")[:2])
     assert len(choices) == 1, choices
     kernel, qmax = choices.pop()
     assert kernel_works(kernel, torch.float32) and qmax == (127 if hardware.int8_isa()[1] else 63)

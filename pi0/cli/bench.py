@@ -19,6 +19,7 @@ import torch
 import pi0
 from pi0.model.config import Pi0Config
 from pi0.backends.engine import ops
+from pi0.backends.engine import int8 as int8_ops
 from pi0.hardware import peak_rss_gib
 from pi0.cli.options import add_device_args, device_and_dtype
 from pi0.model.rtc import RTC
@@ -71,14 +72,14 @@ def gemm_gflops(dtype: torch.dtype, device: torch.device, packed: bool, m: int, 
         return 2 * m * k * n / best_seconds(fn, repeats, device) / 1e9
 
     if int8:  # int8 levels and scales made as they are, no float weight (it would count in the int8 peak RSS)
-        qmax = ops.int8_kernel(dtype, device.type)[1]
-        q = ops.Int8Weight(torch.randint(-qmax, qmax + 1, (n, k), dtype=torch.int8), torch.rand(n) + 0.5, dtype)
+        qmax = int8_ops.int8_kernel(dtype, device.type)[1]
+        q = int8_ops.Int8Weight(torch.randint(-qmax, qmax + 1, (n, k), dtype=torch.int8), torch.rand(n) + 0.5, dtype)
         rates = []
         for kernel, xq in (("onednn", torch.randint(0, 256, (m, k), dtype=torch.uint8)),
                            ("int_mm", torch.randint(-qmax, qmax + 1, (m, k), dtype=torch.int8))):
             try:
-                w = ops.pack_int8(q, m, kernel)
-                rates.append(best_rate(lambda w=w, xq=xq: ops.int8_matmul(xq, w)))
+                w = int8_ops.pack_int8(q, m, kernel)
+                rates.append(best_rate(lambda w=w, xq=xq: int8_ops.int8_matmul(xq, w)))
             except (RuntimeError, NotImplementedError) as e:  # a kernel this build or CPU lacks
                 print(f"pi0 bench: int8 {kernel} product unavailable ({str(e).splitlines()[0][:80]})", file=sys.stderr)
         return max(rates) if rates else float("nan")

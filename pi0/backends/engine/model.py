@@ -1,7 +1,7 @@
 """The fast runtime: the same `sample_actions` contract as the reference, written for inference.
 
 - Weights packed once: fused QKV, fused gate|up, (1 + w) norm weights in fp32; bf16 by default; with
-  dtype int8 the big linear weights arrive as `ops.Int8Weight` (quantised by `int8_quantizer` as they were
+  dtype int8 the big linear weights arrive as `int8.Int8Weight` (quantised by `int8_quantizer` as they were
   loaded) and run as dynamic W8A8 products.
 - Work that cannot change the answer is skipped, not masked: masked cameras are not encoded, padding
   tokens are dropped (each row's valid prefix is packed to the front), the last VLM layer computes only
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from pi0.model.config import Pi0Config
 from pi0.backends.engine import ops
-from pi0.backends.engine.weights import GemmaLayer, choose_kernels, int8_quantizer, pack_weights  # noqa: F401 (re-exported)
+from pi0.backends.engine.weights import GemmaLayer, choose_kernels, pack_weights
 from pi0.model.functional import interpolate_position_embedding, patchify, posemb
 from pi0.model.observation import Observation, sampling_inputs
 from pi0.model.rtc import RTC, make_guide
@@ -39,7 +39,7 @@ class Pi0Engine:
 
     def __init__(self, config: Pi0Config, state: dict[str, Tensor], vision_dtype: torch.dtype | None = None,
                  pack: bool = True, fuse: bool = True):
-        """Packs canonical tensors (any dtype; the engine computes in theirs; `ops.Int8Weight`s from
+        """Packs canonical tensors (any dtype; the engine computes in theirs; `int8.Int8Weight`s from
         `int8_quantizer` run as int8 products in their float dtype). Consumes `state`.
         vision_dtype: run SigLIP + projector in another dtype (e.g. fp32, as LeRobot does); default: the weights'.
         pack / fuse: allow oneDNN-packed weights / torch.compile'd kernels where they work on the machine
@@ -48,14 +48,14 @@ class Pi0Engine:
         self.dtype = state["vlm.embed_tokens.weight"].dtype  # an Int8Weight's is the float dtype it computes in
         self.device = state["projector.bias"].device
         self.vision_dtype = vision_dtype or self.dtype
-        int8 = sum(isinstance(t, ops.Int8Weight) for t in state.values())
-        chosen = choose_kernels(self.dtype, self.vision_dtype, self.device, int8, pack, fuse)
+        quantized = [t for t in state.values() if not isinstance(t, Tensor)]  # int8 weights (`int8_quantizer`)
+        chosen = choose_kernels(self.dtype, self.vision_dtype, self.device, len(quantized), pack, fuse)
         self.fused, self.kernels = chosen.fused, chosen.report
-        if int8:  # input channels computed in float next to the int8 products (`Int8Quantizer`), summed over weights
-            self.kernels["int8_outlier_columns"] = sum(t.outlier_cols.numel() for t in state.values()
-                                                       if isinstance(t, ops.Int8Weight) and t.outlier_cols is not None)
+        if quantized:  # input channels computed in float next to the int8 products, summed over weights
+            self.kernels["int8_outlier_columns"] = sum(t.outlier_cols.numel() for t in quantized
+                                                       if t.outlier_cols is not None)
         weights = pack_weights(config, state, chosen, self.dtype, self.vision_dtype)
-        vars(self).update(vars(weights))  # the packed weights, read by name below (self.vlm_layers, ...)
+        self.w = weights  # the packed weights (self.w.vlm_layers, ...)
         self._schedules: dict[int, dict[str, Tensor]] = {}
 
     # -- schedule ---------------------------------------------------------------------------
@@ -69,13 +69,13 @@ class Pi0Engine:
         t = torch.tensor([1.0 + i * dt for i in range(num_steps)], dtype=torch.float32, device=self.device)
         te = posemb(t, cfg.expert.width, cfg.min_period, cfg.max_period)  # [S, We]
         if cfg.pi05:
-            cond = torch.nn.functional.silu(ops.linear(torch.nn.functional.silu(ops.linear(te, self.time_in_w, self.time_in_b)),
-                                                       self.time_out_w, self.time_out_b))
-            mods = torch.stack([ops.linear(cond, w.float(), b.float()) for w, b in zip(self.mod_w, self.mod_b)], dim=1)  # [S, depth, 6We]
-            final = ops.linear(cond, self.final_mod_w.float(), self.final_mod_b.float())  # [S, 3We]
+            cond = torch.nn.functional.silu(ops.linear(torch.nn.functional.silu(ops.linear(te, self.w.time_in_w, self.w.time_in_b)),
+                                                       self.w.time_out_w, self.w.time_out_b))
+            mods = torch.stack([ops.linear(cond, w.float(), b.float()) for w, b in zip(self.w.mod_w, self.w.mod_b)], dim=1)  # [S, depth, 6We]
+            final = ops.linear(cond, self.w.final_mod_w.float(), self.w.final_mod_b.float())  # [S, 3We]
             sched = {"mods": mods, "final": final}
         else:
-            sched = {"time_bias": ops.linear(te, self.at_in_time_w, self.at_in_b)}  # [S, We]
+            sched = {"time_bias": ops.linear(te, self.w.at_in_time_w, self.w.at_in_b)}  # [S, We]
         self._schedules[num_steps] = sched
         return sched
 
@@ -85,11 +85,11 @@ class Pi0Engine:
         """[N, 3, S, S] -> [N, (S//p)^2, VLM width] in the engine dtype."""
         v = self.config.vision
         patches, grid = patchify(images.to(self.vision_dtype), v.patch_size)
-        x = ops.linear(patches, self.patch_w, self.patch_b)
-        x = x + interpolate_position_embedding(self.pos_emb, grid)
+        x = ops.linear(patches, self.w.patch_w, self.w.patch_b)
+        x = x + interpolate_position_embedding(self.w.pos_emb, grid)
         n, l, w = x.shape
         h = v.num_heads
-        for layer in self.vision_layers:  # each norm / gelu quantises its output for an int8 consumer itself
+        for layer in self.w.vision_layers:  # each norm / gelu quantises its output for an int8 consumer itself
             qkv = ops.linear(ops.layer_norm_for(x, layer.ln1_w, layer.ln1_b, v.layer_norm_eps, layer.qkv_w),
                              layer.qkv_w, layer.qkv_b)
             q, k, vv = qkv.view(n, l, 3, h, w // h).unbind(2)
@@ -97,8 +97,8 @@ class Pi0Engine:
             hdn = ops.linear_gelu(ops.layer_norm_for(x, layer.ln2_w, layer.ln2_b, v.layer_norm_eps, layer.fc1_w),
                                   layer.fc1_w, layer.fc1_b, then=layer.fc2_w)
             x = ops.linear(hdn, layer.fc2_w, layer.fc2_b, residual=x)
-        x = ops.layer_norm(x, self.post_ln_w, self.post_ln_b, v.layer_norm_eps)
-        return ops.linear(x, self.proj_w, self.proj_b).to(self.dtype)
+        x = ops.layer_norm(x, self.w.post_ln_w, self.w.post_ln_b, v.layer_norm_eps)
+        return ops.linear(x, self.w.proj_w, self.w.proj_b).to(self.dtype)
 
     def embed_prefix(self, obs: Observation) -> tuple[Tensor, Tensor, Tensor | None]:
         """Packed prefix: each row's valid camera tokens and valid language tokens, in order, moved to
@@ -112,7 +112,7 @@ class Pi0Engine:
         seqs = []
         for i in range(b):
             cams = [feats[feat_of[(c, i)]] for c in range(len(obs.images)) if (c, i) in feat_of]
-            lang = ops.embedding(self.embed, obs.tokens[i][obs.token_masks[i]]) * scale
+            lang = ops.embedding(self.w.embed, obs.tokens[i][obs.token_masks[i]]) * scale
             seqs.append(torch.cat(cams + [lang]))
             want = len(cams) * (feats.shape[1] if pairs else 0) + len(lang)
             assert len(seqs[-1]) == want, f"row {i}: packed prefix {len(seqs[-1])} != {len(cams)} cameras + {len(lang)} tokens"
@@ -127,7 +127,7 @@ class Pi0Engine:
         return prefix, n_valid, key_mask
 
     def _qkv(self, layer: GemmaLayer, h: Tensor, cos: Tensor, sin: Tensor, kv_only: bool = False):
-        """Fused projection + RoPE. h [B, L, W] (or quantised for the projection: `ops.Quantized`) -> q [B, L, H, D]
+        """Fused projection + RoPE. h [B, L, W] (or quantised for the projection: `int8.Quantized`) -> q [B, L, H, D]
         (or None), k, v [B, K, L, D]."""
         g = self.config.vlm
         q_rows = g.num_heads * g.head_dim
@@ -149,8 +149,8 @@ class Pi0Engine:
         pos = torch.arange(lp, device=self.device)[None, :].expand(b, lp)
         cos, sin = ops.rope_tables(pos, g.head_dim, g.rope_theta, self.dtype)
         x = prefix
-        last = len(self.vlm_layers) - 1
-        for i, layer in enumerate(self.vlm_layers):
+        last = len(self.w.vlm_layers) - 1
+        for i, layer in enumerate(self.w.vlm_layers):
             h = ops.rms_norm_for(x, layer.in_norm, g.rms_norm_eps, self.dtype, layer.kv_w if i == last else layer.qkv_w)
             q, k, v = self._qkv(layer, h, cos, sin, kv_only=i == last)
             k_buf[i][:, :, :lp] = k
@@ -187,8 +187,8 @@ class Pi0Engine:
         end = start + x.shape[1]
         cos, sin = rope
         mask = None if key_mask is None else key_mask[:, :end]
-        last = len(self.expert_layers) - 1
-        for i, layer in enumerate(self.expert_layers):
+        last = len(self.w.expert_layers) - 1
+        for i, layer in enumerate(self.w.expert_layers):
             if mods is None:
                 h = ops.rms_norm_for(x, layer.in_norm, e.rms_norm_eps, self.dtype, layer.qkv_w)
             else:
@@ -236,14 +236,14 @@ class Pi0Engine:
         total = lp + n_state + horizon
         g = cfg.expert
         k_buf = [torch.empty(b, g.num_kv_heads, total, g.head_dim, dtype=self.dtype, device=self.device)
-                 for _ in self.expert_layers]
+                 for _ in self.w.expert_layers]
         v_buf = [torch.empty_like(k) for k in k_buf]
         if key_mask is not None:
             key_mask = torch.cat([key_mask, torch.ones(b, n_state + horizon, dtype=torch.bool, device=self.device)], 1)
             assert key_mask.shape[1] == total, f"key mask {key_mask.shape[1]} != prefix+suffix {total}"
         self.fill_kv_cache(prefix, None if key_mask is None else key_mask[:, :lp], k_buf, v_buf)
         if not cfg.pi05:  # the state token sees the prefix and itself only: its k, v are fixed for the call
-            s = ops.linear(obs.state, self.state_w, self.state_b)[:, None, :].to(self.dtype)
+            s = ops.linear(obs.state, self.w.state_w, self.w.state_b)[:, None, :].to(self.dtype)
             self._expert_pass(s, lp, self._rope(n_valid[:, None]), key_mask, k_buf, v_buf, None, need_output=False)
         clock.lap("prefix")
 
@@ -251,18 +251,18 @@ class Pi0Engine:
         rope = self._rope(n_valid[:, None] + n_state + torch.arange(horizon, device=self.device)[None, :])  # same every step
         dt = -1.0 / num_steps
         for step in range(num_steps):
-            a = ops.linear(x_t, self.action_in_w, self.action_in_b)  # fp32 [B, H, We]
+            a = ops.linear(x_t, self.w.action_in_w, self.w.action_in_b)  # fp32 [B, H, We]
             if cfg.pi05:
                 mods = sched["mods"][step][None]
                 scale, shift, _ = sched["final"][step][None, None].chunk(3, dim=-1)
                 out = self._expert_pass(a.to(self.dtype), act_start, rope, key_mask, k_buf, v_buf, mods)
                 out = ops.ada_rms_norm(out, scale, shift, g.rms_norm_eps)
             else:
-                u = torch.nn.functional.silu(ops.linear(a, self.at_in_action_w) + sched["time_bias"][step])
-                a = ops.linear(u, self.at_out_w, self.at_out_b).to(self.dtype)
+                u = torch.nn.functional.silu(ops.linear(a, self.w.at_in_action_w) + sched["time_bias"][step])
+                a = ops.linear(u, self.w.at_out_w, self.w.at_out_b).to(self.dtype)
                 out = self._expert_pass(a, act_start, rope, key_mask, k_buf, v_buf, None)
-                out = ops.rms_norm(out, self.final_norm, g.rms_norm_eps)
-            v_t = ops.linear(out, self.action_out_w, self.action_out_b)  # fp32
+                out = ops.rms_norm(out, self.w.final_norm, g.rms_norm_eps)
+            v_t = ops.linear(out, self.w.action_out_w, self.w.action_out_b)  # fp32
             if guide is not None:
                 v_t = guide.velocity(x_t, v_t, 1.0 + step * dt)
             x_t = x_t + dt * v_t

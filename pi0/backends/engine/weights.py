@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch import Tensor
 from pi0.model.backend import Rows
 from pi0.model.config import Pi0Config, feeding_norm, norm_gain, norm_param
 from pi0.backends.engine import ops
+from pi0.backends.engine import int8, kernels
 
 INT8_STAGES = ("vision", "prefix", "expert", "embedding")
 _INT8_NAMES = {  # the linear weights of each stage that int8 covers; norms, biases, the time path and heads stay
@@ -54,7 +56,7 @@ class Int8Quantizer:
         if unknown:
             raise ValueError(f"unknown int8 stages {sorted(unknown)} (PI0_INT8_STAGES?): choose from {', '.join(INT8_STAGES)}")
         self.dtype, self.outlier_gain = dtype, outlier_gain
-        self.qmax = ops.int8_kernel(dtype, "cpu")[1] if qmax is None else qmax
+        self.qmax = int8.int8_kernel(dtype, "cpu")[1] if qmax is None else qmax
         self.pattern = re.compile("|".join(f"(?:{_INT8_NAMES[s]})" for s in stages)) if stages else None
         self.compile = os.environ.get("PI0_COMPILE", "1") != "0"
         self.norms: dict[str, dict[str, Tensor]] = {}  # norm -> its parameters, as they are read
@@ -69,7 +71,7 @@ class Int8Quantizer:
         tensors: those quantised here, so not even one of them is held in float at once."""
         return self.pattern is not None and self.pattern.fullmatch(name) is not None
 
-    def __call__(self, name: str, t: Tensor | Rows) -> Tensor | ops.Int8Weight:
+    def __call__(self, name: str, t: Tensor | Rows) -> Tensor | int8.Int8Weight:
         param = norm_param(name) if self.outlier_gain is not None else None
         if param is not None:
             if param[0] in self.outliers:
@@ -79,10 +81,10 @@ class Int8Quantizer:
         if self.pattern is None or not self.pattern.fullmatch(name):
             return t
         # compiled where its probe passes for the dtype the weight arrives in (the file's when streamed)
-        compiled = self.compile and ops.fusion_works(t.dtype, "cpu", "quantize_weight")[0]
+        compiled = self.compile and kernels.fusion_works(t.dtype, "cpu", "quantize_weight")[0]
         if isinstance(t, Tensor):
-            return ops.quantize_weight(t, self.dtype, self.qmax, self._outlier_cols(name), compiled)
-        return ops.quantize_blocks(t, t.shape, self.dtype, self.qmax, self._outlier_cols(name), compiled)
+            return int8.quantize_weight(t, self.dtype, self.qmax, self._outlier_cols(name), compiled)
+        return int8.quantize_blocks(t, t.shape, self.dtype, self.qmax, self._outlier_cols(name), compiled)
 
     def _outlier_cols(self, name: str) -> Tensor | None:
         norm = feeding_norm(name) if self.outlier_gain is not None else None
@@ -123,23 +125,23 @@ def choose_kernels(dtype: torch.dtype, vision_dtype: torch.dtype, device: torch.
     """Each fast path only where its probe passes on the machine (PI0_PACK=0 / PI0_COMPILE=0 turn them off)."""
     pack = pack and os.environ.get("PI0_PACK", "1") != "0"
     fuse = fuse and os.environ.get("PI0_COMPILE", "1") != "0"
-    int8_kernel, why_int8 = ops.int8_kernel(dtype, device.type)[::2] if int8_tensors else (None, "")
-    names = ("gated_gelu",) + (ops.INT8_FUSED if int8_tensors else ())
-    offset = ops.activation_offset(int8_kernel)  # the int8 kernels' probes use the chosen product's zero point
+    int8_kernel, why_int8 = int8.int8_kernel(dtype, device.type)[::2] if int8_tensors else (None, "")
+    names = ("gated_gelu",) + (kernels.INT8_FUSED if int8_tensors else ())
+    offset = int8.activation_offset(int8_kernel)  # the int8 kernels' probes use the chosen product's zero point
 
     def probe(n: str) -> tuple[bool, str]:
         if not fuse:
             return False, "compiled kernels off"
-        if n in ops.INT8_FUSED:
-            return ops.fusion_works(dtype, device.type, n, offset)
-        return ops.fusion_works(dtype, device.type, n)
+        if n in kernels.INT8_FUSED:
+            return kernels.fusion_works(dtype, device.type, n, offset)
+        return kernels.fusion_works(dtype, device.type, n)
     probes = {n: probe(n) for n in names}
     packs = {d: ops.packing_works(d, device.type) if pack else (False, "packing off") for d in {dtype, vision_dtype}}
     report = {"packed_weights": packs[dtype][0], "fused_kernels": probes["gated_gelu"][0],
               "why": "; ".join([packs[dtype][1]] + sorted({why for _, why in probes.values()}))}
     if int8_tensors:
         report.update(int8_kernel=int8_kernel, int8_tensors=int8_tensors, why=report["why"] + "; " + why_int8,
-                      int8_fused=sorted(n for n in ops.INT8_FUSED if probes[n][0]))
+                      int8_fused=sorted(n for n in kernels.INT8_FUSED if probes[n][0]))
     return Kernels(probes["gated_gelu"][0], frozenset(n for n, (ok, _) in probes.items() if ok),
                    {d: ok for d, (ok, _) in packs.items()}, int8_kernel, report)
 
@@ -216,22 +218,22 @@ class EngineWeights:
 
 def pack_weights(config: Pi0Config, state: dict[str, Tensor], kernels: Kernels, dtype: torch.dtype,
                  vision_dtype: torch.dtype) -> EngineWeights:
-    """The engine's weights from canonical tensors (any dtype, `ops.Int8Weight`s from `int8_quantizer` kept
+    """The engine's weights from canonical tensors (any dtype, `int8.Int8Weight`s from `int8_quantizer` kept
     as int8), consuming `state` tensor by tensor. Raises if a tensor is left unused."""
     dt, vdt = dtype, vision_dtype
 
     def take(name: str, dtype: torch.dtype | None = dt) -> Tensor:
         t = state.pop(name)
-        if isinstance(t, ops.Int8Weight):
+        if isinstance(t, int8.Int8Weight):
             return t
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
     def f32(name: str) -> Tensor:
         return take(name, torch.float32)
 
-    def pack_as(w: Tensor | ops.Int8Weight, rows: int) -> Tensor | ops.Int8Weight:
-        if isinstance(w, ops.Int8Weight):
-            return ops.pack_int8(w, rows, kernels.int8_kernel, kernels.compiled)
+    def pack_as(w: Tensor | int8.Int8Weight, rows: int) -> Tensor | int8.Int8Weight:
+        if isinstance(w, int8.Int8Weight):
+            return int8.pack_int8(w, rows, kernels.int8_kernel, kernels.compiled)
         return ops.pack(w, rows, kernels.packed[w.dtype])
 
     def packed(name: str, rows: int, dtype: torch.dtype = dt) -> Tensor:
@@ -247,7 +249,7 @@ def pack_weights(config: Pi0Config, state: dict[str, Tensor], kernels: Kernels, 
         p = f"vision.layers.{i}."
         vision_layers.append(VisionLayer(
             ln1_w=take(p + "layer_norm1.weight", vdt), ln1_b=take(p + "layer_norm1.bias", vdt),
-            qkv_w=pack_as(ops.cat_rows([take(p + f"self_attn.{n}_proj.weight", vdt) for n in "qkv"]), img_rows),
+            qkv_w=pack_as(cat_rows([take(p + f"self_attn.{n}_proj.weight", vdt) for n in "qkv"]), img_rows),
             qkv_b=torch.cat([take(p + f"self_attn.{n}_proj.bias", vdt) for n in "qkv"]),
             out_w=packed(p + "self_attn.out_proj.weight", img_rows, vdt), out_b=take(p + "self_attn.out_proj.bias", vdt),
             ln2_w=take(p + "layer_norm2.weight", vdt), ln2_b=take(p + "layer_norm2.bias", vdt),
@@ -268,16 +270,16 @@ def pack_weights(config: Pi0Config, state: dict[str, Tensor], kernels: Kernels, 
                 for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
                           "post_attention_layernorm"):
                     state.pop(p + n + ".weight")
-                kv_w = ops.cat_rows([take(p + f"self_attn.{n}_proj.weight") for n in "kv"])
+                kv_w = cat_rows([take(p + f"self_attn.{n}_proj.weight") for n in "kv"])
                 layers.append(GemmaLayer(None, pack_as(kv_w, rows), None, None, None,
                                          1 + f32(p + "input_layernorm.weight"), None))
                 continue
-            q_w = ops.scale_rows(take(p + "self_attn.q_proj.weight"), head_dim**-0.5)  # scale folded into W_q
+            q_w = scale_rows(take(p + "self_attn.q_proj.weight"), head_dim**-0.5)  # scale folded into W_q
             layers.append(GemmaLayer(
-                qkv_w=pack_as(ops.cat_rows([q_w] + [take(p + f"self_attn.{n}_proj.weight") for n in "kv"]), rows),
+                qkv_w=pack_as(cat_rows([q_w] + [take(p + f"self_attn.{n}_proj.weight") for n in "kv"]), rows),
                 kv_w=None,
                 o_w=packed(p + "self_attn.o_proj.weight", rows),
-                gate_up_w=pack_as(ops.cat_rows([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]), rows),
+                gate_up_w=pack_as(cat_rows([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]), rows),
                 down_w=packed(p + "mlp.down_proj.weight", rows),
                 in_norm=None if adaptive else 1 + f32(p + "input_layernorm.weight"),
                 post_norm=None if adaptive else 1 + f32(p + "post_attention_layernorm.weight"),
@@ -310,3 +312,27 @@ def pack_weights(config: Pi0Config, state: dict[str, Tensor], kernels: Kernels, 
     if state:
         raise ValueError(f"engine: {len(state)} tensors were not used: {sorted(state)[:5]}")
     return w
+
+
+def cat_rows(ws: list) -> Tensor | int8.Int8Weight:
+    """Weights stacked along their output rows (fused QKV, gate|up): per-row scales make quantising the parts
+    and then stacking them the same as quantising the stack."""
+    if all(isinstance(w, Tensor) for w in ws):
+        return torch.cat(ws)
+    if not all(isinstance(w, int8.Int8Weight) and w.kernel == "plain" for w in ws):
+        raise TypeError("cat_rows: mixed float / int8 (or already packed) weights")
+    cols = ws[0].outlier_cols
+    if not all(w.outlier_cols is None if cols is None else w.outlier_cols is not None and torch.equal(w.outlier_cols, cols)
+               for w in ws):
+        raise ValueError("cat_rows: weights that read the same input have different outlier channels")
+    outlier_w = None if cols is None else torch.cat([w.outlier_w for w in ws])
+    return int8.Int8Weight(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]), ws[0].dtype,
+                      outlier_cols=cols, outlier_w=outlier_w)
+
+
+def scale_rows(w: Tensor | int8.Int8Weight, c: float) -> Tensor | int8.Int8Weight:
+    """c * w (the attention scale folded into W_q): for int8, into the per-row scales (and outlier columns)."""
+    if isinstance(w, int8.Int8Weight):
+        outlier_w = None if w.outlier_w is None else (w.outlier_w.float() * c).to(w.outlier_w.dtype)
+        return dataclasses.replace(w, scale=w.scale * c, outlier_w=outlier_w)
+    return (w.float() * c).to(w.dtype)
