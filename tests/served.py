@@ -10,7 +10,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from pi0.serving.service import Limits
+from pi0.serving.limits import Limits
 
 MIB = 1 << 20
 # a budget for two connections (each reserves 3 messages) under a high connection limit, and the reverse

@@ -12,7 +12,8 @@ from safetensors import safe_open
 pytest.importorskip("pyarrow")
 pytest.importorskip("av")
 
-from pi0.data.dataset import DatasetError, LeRobotDataset, LeRobotDatasetWriter  # noqa: E402
+from pi0.data.dataset import DatasetError, LeRobotDataset
+from pi0.data.writer import LeRobotDatasetWriter  # noqa: E402
 
 ROOT = Path(__file__).parent / "fixtures" / "datasets"
 FIELDS = ("observation.state", "action", "action_is_pad", "index", "episode_index", "frame_index", "timestamp",

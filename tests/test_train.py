@@ -15,7 +15,8 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("av")
 
 import pi0  # noqa: E402
-from pi0.data.dataset import DatasetError, LeRobotDatasetWriter  # noqa: E402
+from pi0.data.dataset import DatasetError
+from pi0.data.writer import LeRobotDatasetWriter  # noqa: E402
 from pi0.train.lora import add_lora, merge_lora  # noqa: E402
 from pi0.train.schedule import learning_rate  # noqa: E402
 from pi0.train.args import TrainArgs  # noqa: E402

@@ -48,7 +48,7 @@ def size_json(kind: str) -> dict:
 
 def train() -> None:
     sys.path.insert(0, str(ROOT))
-    from pi0.data.dataset import LeRobotDatasetWriter
+    from pi0.data.writer import LeRobotDatasetWriter
 
     if OUT.exists():
         shutil.rmtree(OUT)

@@ -15,7 +15,12 @@ import torch
 from pi0.checkpoint.info import CheckpointInfo
 from pi0.checkpoint.load import inspect_checkpoint, load_state_dict
 from pi0.checkpoint.save import save_checkpoint
-from pi0.hardware import compute_dtype, resolve_device, resolve_dtype, weights_allocation
+from pi0.hardware import (
+    compute_dtype,
+    resolve_device,
+    resolve_dtype,
+    weights_allocation,
+)
 from pi0.model.backend import Backend, LoadHook
 from pi0.model.config import Pi0Config, canonical_shapes
 

@@ -12,9 +12,9 @@ import torch
 
 from pi0.checkpoint import orbax, safetensors_io
 from pi0.checkpoint.info import CheckpointFiles, CheckpointInfo, Reader
-from pi0.errors import CheckpointError
 from pi0.checkpoint.layouts import PI0_CONFIG
 from pi0.checkpoint.locate import resolve
+from pi0.errors import CheckpointError
 from pi0.model.backend import LoadHook
 from pi0.model.config import read_config_json
 

@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 from pi0.checkpoint.info import CheckpointFiles
-from pi0.errors import CheckpointError
 from pi0.checkpoint.orbax import find_params_dir
+from pi0.errors import CheckpointError
+
 
 def _is_repo_id(s: str) -> bool:
     parts = s.split("/")

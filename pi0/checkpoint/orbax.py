@@ -22,7 +22,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from pi0.checkpoint.info import CheckpointFiles, CheckpointInfo, assumptions, check_against_config
+from pi0.checkpoint.info import (
+    CheckpointFiles,
+    CheckpointInfo,
+    assumptions,
+    check_against_config,
+)
 from pi0.errors import CheckpointError
 from pi0.model.config import infer_config
 

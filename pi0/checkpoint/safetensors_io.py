@@ -11,11 +11,17 @@ from typing import Any, Iterator
 
 import torch
 
-from pi0.checkpoint.info import CheckpointFiles, CheckpointInfo, assumptions, check_against_config
-from pi0.errors import CheckpointError
+from pi0.checkpoint.info import (
+    CheckpointFiles,
+    CheckpointInfo,
+    assumptions,
+    check_against_config,
+)
 from pi0.checkpoint.layouts import detect_layout, to_canonical, to_file_key
+from pi0.errors import CheckpointError
 from pi0.model.backend import LoadHook
 from pi0.model.config import infer_config
+
 
 def _open(path: Path):
     from safetensors import safe_open

@@ -11,10 +11,10 @@ from typing import Any, Callable
 import torch
 
 from pi0.checkpoint.info import CheckpointInfo
-from pi0.errors import CheckpointError
 from pi0.checkpoint.layouts import LAYOUTS, file_tensors, write_config_files
 from pi0.checkpoint.load import inspect_checkpoint, load_state_dict
 from pi0.checkpoint.safetensors_io import write_safetensors
+from pi0.errors import CheckpointError
 from pi0.model.config import Pi0Config
 
 

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 import pi0
-from pi0.model.config import Pi0Config
-from pi0.backends.engine import ops
 from pi0.backends.engine import int8 as int8_ops
-from pi0.hardware import peak_rss_gib
+from pi0.backends.engine import ops
 from pi0.cli.options import add_device_args, device_and_dtype
+from pi0.hardware import peak_rss_gib
+from pi0.model.config import Pi0Config
 from pi0.model.rtc import RTC
 from pi0.timing import Progress, best_seconds
 

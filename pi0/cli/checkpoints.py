@@ -110,8 +110,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"{out}: {info.config.kind} checkpoint, {info.layout} layout, {info.num_file_tensors} tensors, "
           f"dtypes {info.file_dtypes}, in {time.perf_counter() - t0:.1f} s")
     if args.layout == "lerobot":
-        from pi0.robot.lerobot_export import write_pipelines
         from pi0.robot.lerobot import is_lerobot_pipeline
+        from pi0.robot.lerobot_export import write_pipelines
 
         source = inspect_checkpoint(args.src, action_horizon=args.action_horizon)
         if is_lerobot_pipeline(source.files.root):

@@ -9,7 +9,12 @@ import sys
 from pi0.cli import sim
 from pi0.cli.checkpoints import cmd_convert, cmd_inspect
 from pi0.cli.demo import cmd_demo
-from pi0.cli.options import CHECKPOINT_HELP, DOWNLOAD_HELP, HORIZON_HELP, add_device_args
+from pi0.cli.options import (
+    CHECKPOINT_HELP,
+    DOWNLOAD_HELP,
+    HORIZON_HELP,
+    add_device_args,
+)
 from pi0.cli.serve import add_policy_args, cmd_infer, cmd_serve
 from pi0.errors import CheckpointError
 from pi0.sim import SimError

@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from pi0.hardware import resolve_device, resolve_dtype
 from pi0.backends.factory import BACKENDS
+from pi0.hardware import resolve_device, resolve_dtype
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

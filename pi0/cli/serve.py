@@ -11,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pi0.cli.options import CHECKPOINT_HELP, DOWNLOAD_HELP, HORIZON_HELP, add_device_args, device_and_dtype
+from pi0.cli.options import (
+    CHECKPOINT_HELP,
+    DOWNLOAD_HELP,
+    HORIZON_HELP,
+    add_device_args,
+    device_and_dtype,
+)
 from pi0.timing import Progress
 
 
@@ -45,7 +51,7 @@ def rtc_defaults(args: argparse.Namespace):
 
 def server_limits(args: argparse.Namespace):
     """`pi0 serve`'s limits, checked (Limits raises ValueError naming the option)."""
-    from pi0.serving.service import Limits
+    from pi0.serving.limits import Limits
 
     mib = 1 << 20
     return Limits(max_message_bytes=int(args.max_message_mb * mib), max_batch=args.max_batch,
@@ -92,9 +98,8 @@ def api_key(args: argparse.Namespace) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
 
-    from pi0.serving.server import PolicyServer
-
     from pi0.serving.logs import setup_logging
+    from pi0.serving.server import PolicyServer
 
     setup_logging(args.log_format)
     key = api_key(args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+
 @dataclass(frozen=True)
 class Features:
     """What a checkpoint's config.json says of the robot it was trained for (LeRobot's `input_features` and

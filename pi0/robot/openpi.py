@@ -18,7 +18,13 @@ from pi0.robot.assets import load_norm_stats
 from pi0.robot.images import image_to_model, to_uint8_hwc
 from pi0.robot.normalize import Normalizer
 from pi0.robot.pipeline import Frame
-from pi0.robot.presets import PRESETS, RobotPreset, finite_vector, generic_preset, lookup
+from pi0.robot.presets import (
+    PRESETS,
+    RobotPreset,
+    finite_vector,
+    generic_preset,
+    lookup,
+)
 from pi0.robot.tokenizer import PromptTokenizer, prompt_text
 
 

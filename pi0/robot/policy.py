@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from pi0.backends.factory import load_from_info
+from pi0.checkpoint.info import CheckpointInfo
 from pi0.checkpoint.load import inspect_checkpoint
 from pi0.errors import BadRequest
 from pi0.hardware import resolve_device, resolve_dtype
 from pi0.model.features import features
 from pi0.model.observation import Observation, concat_observations, sample_observation
 from pi0.model.rtc import RTC, SCHEDULES
-from pi0.checkpoint.info import CheckpointInfo
 from pi0.robot.lerobot import LeRobotPipeline, is_lerobot_pipeline
 from pi0.robot.openpi import OpenpiPipeline
 from pi0.robot.pipeline import Pipeline

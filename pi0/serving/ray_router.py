@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import random
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
 
 
 class FewestConnections(FIFOMixin, RequestRouter):

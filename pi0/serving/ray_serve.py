@@ -26,7 +26,9 @@ import threading
 import time
 from typing import Any, Callable
 
-from pi0.serving.service import AUTH_ERROR, Gone, InferPolicy, Limits, Service, authorized
+from pi0.serving.limits import AUTH_ERROR, Limits, authorized
+from pi0.serving.requests import InferPolicy
+from pi0.serving.service import Gone, Service
 
 log = logging.getLogger("pi0.serve")
 APP_NAME = "pi0"

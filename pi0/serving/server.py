@@ -29,7 +29,9 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from pi0.serving.service import AUTH_ERROR, Gone, InferPolicy, Limits, Service, authorized
+from pi0.serving.limits import AUTH_ERROR, Limits, authorized
+from pi0.serving.requests import InferPolicy
+from pi0.serving.service import Gone, Service
 
 log = logging.getLogger("pi0.serve")
 MAX_QUEUED_FRAMES = 1  # websockets' per-connection incoming queue beyond the message being answered (default 16)

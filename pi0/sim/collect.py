@@ -50,7 +50,7 @@ def collect(tasks: list[str], episodes: int, out: str | os.PathLike, *, env: str
     """`episodes` successful expert demonstrations per task into a LeRobot v3 dataset at `out`, collected by
     `workers` processes (default: one per core; rendering is single-threaded). Failed episodes are dropped and
     counted. Returns a report."""
-    from pi0.data.dataset import LeRobotDatasetWriter
+    from pi0.data.writer import LeRobotDatasetWriter
 
     sim = simulator(env)
     sim.check_tasks(tasks)

@@ -39,11 +39,17 @@ from pi0.robot.normalize import Normalizer
 from pi0.robot.openpi import OpenpiPipeline
 from pi0.robot.presets import PRESETS, RobotPreset, generic_preset
 from pi0.robot.tokenizer import PromptTokenizer, train_tokenizer
-from pi0.train.data import ACTION_KEY, STATE_KEY, StepBatches, TrainingData, dataset_stats
-from pi0.train.distributed import barrier, mean_over_ranks, rank_and_world, shard_model
 from pi0.train.args import TrainArgs
-from pi0.train.loss import LossModule, unreachable_modules
+from pi0.train.data import (
+    ACTION_KEY,
+    STATE_KEY,
+    StepBatches,
+    TrainingData,
+    dataset_stats,
+)
+from pi0.train.distributed import barrier, mean_over_ranks, rank_and_world, shard_model
 from pi0.train.lora import add_lora, merge_lora
+from pi0.train.loss import LossModule, unreachable_modules
 from pi0.train.report import TrainProgress, plot_loss
 from pi0.train.schedule import learning_rate
 
@@ -234,7 +240,10 @@ class Trainer:
     # DDP and FSDP save and resume alike (collective calls: every process makes them) ------------------------
 
     def _full_state(self) -> dict[str, Tensor]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         # on a CPU these are the live tensors themselves: copy them, since the weights change after this call
@@ -246,7 +255,10 @@ class Trainer:
         return {k: v for k, v in self._full_state().items() if k in names}
 
     def _load_state(self, state: dict[str, Tensor]) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
 
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
@@ -259,7 +271,10 @@ class Trainer:
                 e.copy_(tmp)
 
     def resume(self, step_dir: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
 
         state = torch.load(step_dir / TRAIN_STATE, map_location="cpu", weights_only=False)
         if state.get("ema") is not None:  # load the EMA into the parameters, keep it aside, then the raw weights
@@ -283,8 +298,12 @@ class Trainer:
     def save(self, step: int) -> Path:
         """step-NNNNNN/ written under a temporary name, renamed, `latest` pointed at it; old ones pruned.
         Every process takes part in gathering the state; process 0 writes."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
         from pi0.checkpoint.save import save_checkpoint
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         optimizer = get_optimizer_state_dict(self.model, self.opt,
                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -21,7 +21,6 @@ from pi0.backends.engine import kernels
 from pi0.backends.engine.kernels import compiled, rescale, run
 from pi0.hardware import int8_isa
 
-
 INT8_KERNELS = ("onednn", "int_mm", "plain")
 
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 _GELU_C = 2 * math.sqrt(2 / math.pi)
 
 

@@ -22,14 +22,13 @@ import math
 import torch
 from torch import Tensor
 
-from pi0.model.config import Pi0Config
 from pi0.backends.engine import ops
 from pi0.backends.engine.weights import GemmaLayer, choose_kernels, pack_weights
+from pi0.model.config import Pi0Config
 from pi0.model.functional import interpolate_position_embedding, patchify, posemb
 from pi0.model.observation import Observation, sampling_inputs
 from pi0.model.rtc import RTC, make_guide
 from pi0.timing import StageClock
-
 
 MLP_BLOCK_BYTES = 32 << 20  # the prefix's MLP runs on blocks of tokens whose gate|up product (fp32) is this size
 

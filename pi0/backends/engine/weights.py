@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pi0.backends.engine import int8, kernels, ops
 from pi0.model.backend import Rows
 from pi0.model.config import Pi0Config, feeding_norm, norm_gain, norm_param
-from pi0.backends.engine import ops
-from pi0.backends.engine import int8, kernels
 
 INT8_STAGES = ("vision", "prefix", "expert", "embedding")
 _INT8_NAMES = {  # the linear weights of each stage that int8 covers; norms, biases, the time path and heads stay
