@@ -21,7 +21,7 @@ from pi0.backends.engine import int8 as int8_ops
 from pi0.backends.engine import ops
 from pi0.cli.options import add_device_args, device_and_dtype
 from pi0.hardware import peak_rss_gib
-from pi0.model.config import Pi0Config
+from pi0.model.config import SIZES, Pi0Config
 from pi0.model.rtc import RTC
 from pi0.timing import Progress, best_seconds
 
@@ -171,7 +171,7 @@ def run(args) -> dict[str, Any]:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--size", default="pi0", choices=["pi0", "pi05", "tiny", "tiny-pi05"])
+    p.add_argument("--size", default="pi0", choices=SIZES)
     p.add_argument("--checkpoint", help="real weights instead of seeded random ones")
     p.add_argument("--action-horizon", type=int, default=None, help="override the checkpoint's action horizon")
     add_device_args(p)

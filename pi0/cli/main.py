@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pi0.checkpoint.layouts import LAYOUTS
 from pi0.cli import sim
 from pi0.cli.checkpoints import cmd_convert, cmd_inspect
 from pi0.cli.demo import cmd_demo
@@ -17,6 +18,8 @@ from pi0.cli.options import (
 )
 from pi0.cli.serve import add_policy_args, cmd_infer, cmd_serve
 from pi0.errors import CheckpointError
+from pi0.model.config import SIZES
+from pi0.model.rtc import EXECUTION_HORIZON, MAX_GUIDANCE_WEIGHT, SCHEDULE, SCHEDULES
 from pi0.sim import SimError
 
 
@@ -34,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the shipped small pi0 solving Meta-World tasks in closed loop; with --size or "
                        "--checkpoint, the whole model's timing on a sample observation")
-    p.add_argument("--size", default=None, choices=["pi0", "pi05", "tiny", "tiny-pi05"],
+    p.add_argument("--size", default=None, choices=SIZES,
                    help="the timing demo: this architecture with seeded random weights")
     p.add_argument("--episodes", type=int, default=3, help="closed-loop demo: episodes per task")
     p.add_argument("--out-dir", default="pi0_demo", help="closed-loop demo: where the video, plot and report go")
@@ -82,18 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=None, help="serve from N Ray Serve replicas (pip install "
                    "'pi0[ray]'), each loading the model once")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start Ray locally)")
-    p.add_argument("--rtc-horizon", type=int, default=10, help="real-time chunking: execution horizon for requests "
-                   "whose 'rtc' leaves it out")
-    p.add_argument("--rtc-schedule", default="linear", choices=["linear", "exp", "ones", "zeros"],
+    p.add_argument("--rtc-horizon", type=int, default=EXECUTION_HORIZON, help="real-time chunking: execution horizon "
+                   "for requests whose 'rtc' leaves it out")
+    p.add_argument("--rtc-schedule", default=SCHEDULE, choices=SCHEDULES,
                    help="real-time chunking: prefix weight schedule for requests that leave it out")
-    p.add_argument("--rtc-max-guidance", type=float, default=10.0, help="real-time chunking: guidance cap for "
-                   "requests that leave it out")
+    p.add_argument("--rtc-max-guidance", type=float, default=MAX_GUIDANCE_WEIGHT, help="real-time chunking: guidance "
+                   "cap for requests that leave it out")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="write a checkpoint in another layout (e.g. openpi Orbax -> safetensors)")
     p.add_argument("src", help=CHECKPOINT_HELP)
     p.add_argument("dst", help="a new (or empty) directory")
-    p.add_argument("--layout", default="openpi", choices=["openpi", "lerobot", "lerobot_legacy"],
+    p.add_argument("--layout", default="openpi", choices=list(LAYOUTS),
                    help="openpi: what openpi's convert_jax_model_to_pytorch.py writes (default)")
     p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: the source's)")
     p.add_argument("--action-horizon", type=int, default=None, help=HORIZON_HELP)

@@ -42,7 +42,7 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
 
 def rtc_defaults(args: argparse.Namespace):
     """`pi0 serve --rtc-*`, checked (RTCDefaults raises ValueError naming the option)."""
-    from pi0.robot.policy import RTCDefaults
+    from pi0.model.rtc import RTCDefaults
 
     d = RTCDefaults()
     return RTCDefaults(getattr(args, "rtc_horizon", d.execution_horizon), getattr(args, "rtc_schedule", d.schedule),

@@ -10,7 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from pi0.data.dataset import CAMERA_DTYPES, CODEBASE_VERSION, DEFAULT_FEATURES, DatasetError, av_module, pyarrow_modules
+from pi0.data.dataset import (
+    CAMERA_DTYPES,
+    CODEBASE_VERSION,
+    DEFAULT_FEATURES,
+    DatasetError,
+    av_module,
+    pyarrow_modules,
+)
 
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
 

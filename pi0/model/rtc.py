@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 SCHEDULES = ("linear", "exp", "ones", "zeros")
+# what an RTC request may leave out, unless a server sets other defaults (`RTCDefaults`)
+EXECUTION_HORIZON, SCHEDULE, MAX_GUIDANCE_WEIGHT = 10, "linear", 10.0
 JACOBIANS = ("identity", "exact")
 
 
@@ -35,9 +37,9 @@ class RTC:
 
     prev_actions: Tensor
     inference_delay: int
-    execution_horizon: int = 10
-    schedule: str = "linear"
-    max_guidance_weight: float = 10.0
+    execution_horizon: int = EXECUTION_HORIZON
+    schedule: str = SCHEDULE
+    max_guidance_weight: float = MAX_GUIDANCE_WEIGHT
     jacobian: str = "identity"
 
     def validate(self, batch: int, horizon: int, action_dim: int) -> None:
@@ -154,3 +156,23 @@ def make_guide(rtc: RTC | list[RTC | None] | None, batch: int, horizon: int, act
         if all(r is None for r in rows):
             return None
     return Guide(rows, horizon, action_dim, device)
+
+
+@dataclass(frozen=True)
+class RTCDefaults:
+    """What a request's "rtc" map may leave out (`pi0 serve --rtc-horizon --rtc-schedule --rtc-max-guidance`),
+    checked when made: a server whose defaults would make every RTC request fail does not start."""
+
+    execution_horizon: int = EXECUTION_HORIZON
+    schedule: str = SCHEDULE
+    max_guidance_weight: float = MAX_GUIDANCE_WEIGHT
+
+    def __post_init__(self) -> None:
+        h, beta = self.execution_horizon, self.max_guidance_weight
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+            raise ValueError(f"--rtc-horizon must be an integer >= 1 (how far into a new chunk the previous one still "
+                             f"pulls), got {h!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--rtc-schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+            raise ValueError(f"--rtc-max-guidance must be a finite number > 0, got {beta!r}")

@@ -19,31 +19,11 @@ from pi0.errors import BadRequest
 from pi0.hardware import resolve_device, resolve_dtype
 from pi0.model.features import features
 from pi0.model.observation import Observation, concat_observations, sample_observation
-from pi0.model.rtc import RTC, SCHEDULES
+from pi0.model.rtc import RTC, RTCDefaults
 from pi0.robot.lerobot import LeRobotPipeline, is_lerobot_pipeline
 from pi0.robot.openpi import OpenpiPipeline
 from pi0.robot.pipeline import Pipeline
 from pi0.robot.tokenizer import find_tokenizer
-
-
-@dataclass(frozen=True)
-class RTCDefaults:
-    """What a request's "rtc" map may leave out (`pi0 serve --rtc-horizon --rtc-schedule --rtc-max-guidance`),
-    checked when made: a server whose defaults would make every RTC request fail does not start."""
-
-    execution_horizon: int = 10
-    schedule: str = "linear"
-    max_guidance_weight: float = 10.0
-
-    def __post_init__(self) -> None:
-        h, beta = self.execution_horizon, self.max_guidance_weight
-        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
-            raise ValueError(f"--rtc-horizon must be an integer >= 1 (how far into a new chunk the previous one still "
-                             f"pulls), got {h!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--rtc-schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-            raise ValueError(f"--rtc-max-guidance must be a finite number > 0, got {beta!r}")
 
 
 def make_pipeline(info: CheckpointInfo, *, preset: str | None = None, tokenizer: str | os.PathLike | None = None,

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pi0.model.config import SIZES
 from pi0.robot.presets import PRESETS
 from pi0.train.args import TrainArgs
 from pi0.train.trainer import TRAIN_STATE, Trainer
@@ -20,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default=None, help="the checkpoint to fine-tune (any layout pi0 reads)")
     p.add_argument("--download", action="store_true", help="fetch --init's hub repo id if it is not in the "
                    "huggingface_hub cache (pi0 downloads nothing otherwise)")
-    p.add_argument("--size", default=None, help="train from seeded random weights instead: tiny, tiny-pi05, pi0, pi05, "
+    p.add_argument("--size", default=None, help="train from seeded random weights instead: "
+                   f"{', '.join(SIZES)}, "
                    "or a JSON file with a Pi0Config")
     p.add_argument("--out", help="output directory (checkpoints step-NNNNNN/, latest, train_log.jsonl, loss.png)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps in all (default 1000)")
