@@ -35,6 +35,12 @@ def backend_spec(backend: str) -> ModuleType:
     return importlib.import_module(BACKENDS[backend])
 
 
+def state_device(spec: ModuleType, device: str | torch.device) -> torch.device:
+    """Where a backend has the canonical tensors loaded: its own `state_device(device)` (a backend whose device is
+    no torch device loads them on the CPU and places them itself in `build`), else the torch device asked for."""
+    return getattr(spec, "state_device", resolve_device)(device)
+
+
 _BLOCK = 1 << 22  # values per generator block in random_state_dict
 
 
@@ -117,11 +123,11 @@ def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0,
     """A model with seeded random weights, allocated directly in `dtype` on `device`. dtype and device may
     be "auto" (pi0.hardware). progress: called with the fraction of parameters filled so far."""
     spec = backend_spec(backend)
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)[0]
+    where = state_device(spec, device)
+    dtype = resolve_dtype(dtype, where)[0]
     with weights_allocation():
-        state = random_state_dict(config, seed, compute_dtype(dtype, device), device, progress,
-                                  spec.load_hook(dtype, device))
+        state = random_state_dict(config, seed, compute_dtype(dtype, where), where, progress,
+                                  spec.load_hook(dtype, where))
         return spec.build(config, state, device)
 
 
@@ -140,10 +146,10 @@ def load_from_info(info: CheckpointInfo, *, backend: str, dtype: str | torch.dty
                    progress: Callable[[float], None] | None = None) -> Backend:
     """The model of an already inspected checkpoint."""
     spec = backend_spec(backend)
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)[0]
+    where = state_device(spec, device)
+    dtype = resolve_dtype(dtype, where)[0]
     with weights_allocation():
-        state = load_state_dict(info, compute_dtype(dtype, device), device, progress, spec.load_hook(dtype, device))
+        state = load_state_dict(info, compute_dtype(dtype, where), where, progress, spec.load_hook(dtype, where))
         model = spec.build(info.config, state, device)
     model.checkpoint_info = info
     return model

@@ -34,13 +34,16 @@ class CheckpointInfo:
     shapes: dict[str, tuple[int, ...]]  # canonical name -> shape
     dropped: list[str] = field(default_factory=list)  # file keys never read (unused lm_heads, ...)
     assumed: list[str] = field(default_factory=list)  # what no file said (printed as warnings)
-    orbax: Any = None  # (OrbaxParams, recipes) for the openpi_orbax layout
+    handle: Any = None  # what the container's reader keeps to read the tensors (Orbax: the params tree, recipes)
 
 
 class Reader(Protocol):
-    """A checkpoint container (a module: safetensors, Orbax): whether it holds `files`, its headers read into a
-    CheckpointInfo (no tensor data), and its canonical tensors read in `dtype` as (name, tensor) pairs, `hook`
-    applied to each as soon as it is read."""
+    """A checkpoint container (a module: safetensors, Orbax; registered in `pi0.checkpoint.containers`): the files of
+    a path that is one of its checkpoints (None: not one), whether it holds `files`, its headers read into a
+    CheckpointInfo (no tensor data), its canonical tensors read in `dtype` as (name, tensor) pairs (`hook` applied to
+    each as soon as it is read), and what `pi0 inspect` reports of it beyond the common fields."""
+
+    def locate(self, path: Path) -> CheckpointFiles | None: ...
 
     def claims(self, files: CheckpointFiles) -> bool: ...
 
@@ -48,6 +51,8 @@ class Reader(Protocol):
 
     def read(self, info: CheckpointInfo, dtype: torch.dtype, progress: Callable[[float], None] | None = None,
              hook: LoadHook | None = None) -> Iterator[tuple[str, Any]]: ...
+
+    def describe(self, info: CheckpointInfo) -> dict[str, Any]: ...
 
 
 def assumptions(config: Pi0Config, meta: dict[str, Any]) -> list[str]:

@@ -10,22 +10,13 @@ from typing import Any, Callable
 
 import torch
 
-from pi0.checkpoint import orbax, safetensors_io
-from pi0.checkpoint.info import CheckpointFiles, CheckpointInfo, Reader
+from pi0.checkpoint.containers import reader_for
+from pi0.checkpoint.info import CheckpointInfo
 from pi0.checkpoint.layouts import PI0_CONFIG
 from pi0.checkpoint.locate import resolve
 from pi0.errors import CheckpointError
 from pi0.model.backend import LoadHook
 from pi0.model.config import read_config_json
-
-READERS: dict[str, Reader] = {"openpi_orbax": orbax, "safetensors": safetensors_io}  # tried in this order
-
-
-def reader_for(files: CheckpointFiles) -> Reader:
-    for reader in READERS.values():
-        if reader.claims(files):
-            return reader
-    raise CheckpointError(f"{files.root}: no reader ({', '.join(READERS)}) can read {[s.name for s in files.shards]}")
 
 
 def inspect_checkpoint(path_or_repo_id: str | os.PathLike, *, action_horizon: int | None = None,

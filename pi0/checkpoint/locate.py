@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from pi0.checkpoint.containers import READERS
 from pi0.checkpoint.info import CheckpointFiles
-from pi0.checkpoint.orbax import find_params_dir
 from pi0.errors import CheckpointError
 
 
@@ -43,10 +43,9 @@ def resolve(path_or_repo_id: str | os.PathLike, download: bool = False) -> Check
     if str(path_or_repo_id).startswith(GCS_PREFIX):
         path_or_repo_id = resolve_gcs(str(path_or_repo_id))
     p = Path(path_or_repo_id).expanduser()
-    if p.is_dir() and (params := find_params_dir(p)) is not None:
-        root = params.parent if params.name == "params" else params
-        cfg = root / "config.json"
-        return CheckpointFiles(root, [params], cfg if cfg.exists() else None)
+    for reader in READERS.values():  # a container that recognises its own directories (Orbax's params/ tree)
+        if (files := reader.locate(p)) is not None:
+            return files
     if not p.exists() and _is_repo_id(str(path_or_repo_id)):
         p = _from_hub_cache(str(path_or_repo_id), download)
     if not p.exists():
@@ -105,12 +104,3 @@ def _from_hub_cache(repo_id: str, download: bool) -> Path:
         f"access, fetch it elsewhere with `huggingface-cli download {repo_id} --include '*.json' '*.safetensors' "
         "'assets/*'` and copy the cache, or pass a local directory holding model.safetensors."
     )
-
-
-def find_asset_stats(root: Path) -> dict[str, Path]:
-    """openpi's norm stats under `root/assets`: asset id (which may be a nested path such as
-    `physical-intelligence/libero`) -> its norm_stats.json."""
-    assets = root / "assets"
-    if not assets.is_dir():
-        return {}
-    return {f.parent.relative_to(assets).as_posix(): f for f in sorted(assets.rglob("norm_stats.json"))}

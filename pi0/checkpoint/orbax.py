@@ -307,8 +307,25 @@ def load(params: OrbaxParams, rec: dict[str, tuple[str, Recipe]], dtype: torch.d
 # The container reader (pi0.checkpoint.info.Reader)
 
 
+def locate(p: Path) -> CheckpointFiles | None:
+    """An Orbax checkpoint given as its directory, a training step or `params/`: its files (None: not one)."""
+    if not p.is_dir() or (params := find_params_dir(p)) is None:
+        return None
+    root = params.parent if params.name == "params" else params
+    cfg = root / "config.json"
+    return CheckpointFiles(root, [params], cfg if cfg.exists() else None)
+
+
 def claims(files: CheckpointFiles) -> bool:
     return len(files.shards) == 1 and files.shards[0].is_dir()
+
+
+def describe(info: CheckpointInfo) -> dict[str, Any]:
+    """How the arrays are stored: chunking, and whether it is a training step's layout."""
+    params = info.handle[0]
+    leaves = params.leaves.values()
+    return {"chunking": {"arrays": len(leaves), "several_chunks": sum(x.num_chunks > 1 for x in leaves),
+                         "max_chunks": max(x.num_chunks for x in leaves), "training_layout": params.training_layout}}
 
 
 def inspect(files: CheckpointFiles, meta: dict[str, Any]) -> CheckpointInfo:
@@ -331,7 +348,7 @@ def inspect(files: CheckpointFiles, meta: dict[str, Any]) -> CheckpointInfo:
     info = CheckpointInfo(
         files, "openpi_orbax", config, meta, len(params.leaves), sum(math.prod(x.shape) for x in params.leaves.values()),
         dtypes, {c: (params_dir, params.leaves[leaf].key) for c, (leaf, _) in rec.items()}, tensor_shapes,
-        assumed=assumptions(config, meta), orbax=(params, rec))
+        assumed=assumptions(config, meta), handle=(params, rec))
     check_against_config(info, params_dir)
     return info
 
@@ -339,6 +356,6 @@ def inspect(files: CheckpointFiles, meta: dict[str, Any]) -> CheckpointInfo:
 def read(info: CheckpointInfo, dtype: torch.dtype, progress: Callable[[float], None] | None = None,
          hook: Callable[[str, torch.Tensor], Any] | None = None) -> Iterator[tuple[str, Any]]:
     try:
-        yield from load(*info.orbax, dtype, progress, hook).items()
+        yield from load(*info.handle, dtype, progress, hook).items()
     except OrbaxError as e:
         raise CheckpointError(str(e)) from None

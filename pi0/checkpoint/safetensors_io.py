@@ -137,8 +137,17 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     tmp.replace(path)
 
 
+def locate(p: Path) -> CheckpointFiles | None:
+    """None: safetensors files are found by `pi0.checkpoint.locate.resolve`'s own rules (a file, shards, an index)."""
+    return None
+
+
 def claims(files: CheckpointFiles) -> bool:
     return all(s.is_file() for s in files.shards)
+
+
+def describe(info: CheckpointInfo) -> dict[str, Any]:
+    return {}
 
 
 def inspect(files: CheckpointFiles, meta: dict[str, Any]) -> CheckpointInfo:

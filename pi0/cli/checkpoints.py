@@ -38,16 +38,12 @@ def _asset_widths(path) -> dict:
 
 
 def inspect_report(info: CheckpointInfo) -> dict:
-    from pi0.checkpoint.locate import find_asset_stats
+    from pi0.checkpoint.containers import reader_for
+    from pi0.robot.assets import find_asset_stats
     from pi0.robot.lerobot import describe as describe_pipeline
 
     used = sum(torch.Size(s).numel() for s in info.shapes.values())
-    extra = {}
-    if info.orbax is not None:
-        leaves = info.orbax[0].leaves.values()
-        extra["chunking"] = {"arrays": len(leaves), "several_chunks": sum(x.num_chunks > 1 for x in leaves),
-                             "max_chunks": max(x.num_chunks for x in leaves),
-                             "training_layout": info.orbax[0].training_layout}
+    extra = reader_for(info.files).describe(info)
     return {
         "path": str(info.files.root),
         "files": [str(p) for p in info.files.shards],

@@ -1,8 +1,11 @@
 """The contracts a backend meets: the model it builds (`Backend`), and the load hook it may hand the loader.
 
-A backend is a package under `pi0/backends/` with a module `spec.py` that names it in `pi0.backends.factory`:
-`precision(dtype, device)` (the dtype canonical tensors are loaded in, and the backend's `LoadHook` or None) and
-`build(config, state, device)` (its model over the canonical state dict, placed by the backend itself)."""
+A backend is a package under `pi0/backends/` whose `spec.py` is named in `pi0.backends.factory.BACKENDS` and
+provides `load_hook(dtype, state_device)` (its `LoadHook`, or None: what happens to each canonical tensor as it is
+read, such as int8 quantisation), `build(config, state, device)` (its model over the canonical state dict, placed by
+the backend itself on `device`, the device the caller asked for) and, optionally, `state_device(device)` (the torch
+device the canonical tensors are loaded on; default: `device` itself, so a backend whose device is no torch device
+returns the CPU)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ dataset by worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import time
@@ -58,15 +59,17 @@ def collect(tasks: list[str], episodes: int, out: str | os.PathLike, *, env: str
     workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()
     report: dict[str, Any] = {"tasks": {}, "size": size, "camera": camera or sim.CAMERA, "wrist": wrist, "noise": noise}
-    # fresh processes (spawn): a forked child inherits this process's GL state, which EGL does not survive
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # fresh processes (spawn): a forked child inherits this process's GL state, which EGL does not survive; one
+    # worker runs in this process
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    with pool or contextlib.nullcontext():
         for task in tasks:
             kept, tried, next_seed = 0, 0, seed
             while kept < episodes:
                 want = episodes - kept
                 batch = list(range(next_seed, next_seed + want + max(1, want // 5)))  # a few spare for failures
                 next_seed = batch[-1] + 1
-                for ep in pool.map(_expert_episode, *zip(*[(env, task, s, size, camera, wrist, noise, max_steps)
+                for ep in (pool.map if pool else map)(_expert_episode, *zip(*[(env, task, s, size, camera, wrist, noise, max_steps)
                                                            for s in batch])):
                     if kept == episodes:
                         break  # spares not needed

@@ -16,6 +16,6 @@ def load_hook(dtype: torch.dtype, device: torch.device) -> LoadHook | None:
     return int8_quantizer(compute_dtype(dtype, device)) if dtype == torch.int8 else None
 
 
-def build(config: Pi0Config, state: dict[str, torch.Tensor], device: torch.device) -> Pi0Engine:
+def build(config: Pi0Config, state: dict[str, torch.Tensor], device: str | torch.device) -> Pi0Engine:
     """The engine over canonical tensors; it consumes (empties) `state` as it packs."""
     return Pi0Engine(config, state)

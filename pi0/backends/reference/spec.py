@@ -17,7 +17,7 @@ def load_hook(dtype: torch.dtype, device: torch.device) -> LoadHook | None:
     return None
 
 
-def build(config: Pi0Config, state: dict[str, torch.Tensor], device: torch.device) -> Pi0Reference:
+def build(config: Pi0Config, state: dict[str, torch.Tensor], device: str | torch.device) -> Pi0Reference:
     """The reference module holding `state`'s tensors themselves (already on `device`)."""
     with torch.device("meta"):
         model = Pi0Reference(config).eval().requires_grad_(False)
