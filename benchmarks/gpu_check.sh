@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU and PyTorch (no install step: it uses the python3 that holds torch):
 #   bash benchmarks/gpu_check.sh            # ~5 min on an H100
-# 1. the CUDA tests (tests/test_cuda.py: both backends on the GPU vs the CPU reference, bf16 gate; tiny sizes);
+# 1. the CUDA tests (tests/backends/test_cuda.py: both backends on the GPU vs the CPU reference, bf16 gate; tiny sizes);
 # 2. benchmarks/gpu_check.py at full size: parity on the GPU and `pi0 bench` W1 / W2 in bf16.
 # The last line is one JSON object with both results. OUT (if set) receives the logs.
 set -uo pipefail
@@ -13,7 +13,7 @@ LOG=${OUT:-/tmp}/gpu_check
 mkdir -p "$LOG"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$LOG/gpu.txt"
-$PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$LOG/pytest.txt"
+$PY -m pytest -q -p no:cacheprovider tests/backends/test_cuda.py 2>&1 | tee "$LOG/pytest.txt"
 tests_rc=${PIPESTATUS[0]}
 $PY benchmarks/gpu_check.py --device "$DEVICE" --size "$SIZE" 2>"$LOG/check.err" | tee "$LOG/check.json"
 check_rc=${PIPESTATUS[0]}

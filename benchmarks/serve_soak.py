@@ -12,7 +12,7 @@
    errors, ticks until chunks come back).
 
     .venv/bin/python benchmarks/serve_soak.py --requests 10000          # the full soak
-    .venv/bin/python benchmarks/serve_soak.py --short                   # what CI runs (tests/test_soak.py)
+    .venv/bin/python benchmarks/serve_soak.py --short                   # what CI runs (tests/serving/test_soak.py)
 
 Tiny weights, 224-px images. Exits 1 when a target fails (--check).
 """

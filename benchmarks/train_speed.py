@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
-    from tests.test_train import write_dataset
+    from tests.train.test_train import write_dataset
 
     tmp = Path(tempfile.mkdtemp())
     data = write_dataset(tmp / "data", episodes=20, frames=30, size=64)

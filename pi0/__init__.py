@@ -1,4 +1,4 @@
-"""pi0: inference for the pi0 / pi0.5 vision-language-action policies.
+"""pi0: the pi0 / pi0.5 vision-language-action policies, run, served, fine-tuned and evaluated; the public names.
 
 The names below are imported on first use, so that robot-side modules (`pi0.serving.stream`) import without
 torch."""
@@ -10,8 +10,8 @@ from typing import Any
 
 _EXPORTS = {
     "CheckpointError": "pi0.errors", "inspect_checkpoint": "pi0.checkpoint.load",
-    "GemmaConfig": "pi0.model.config", "Pi0Config": "pi0.model.config", "SiglipConfig": "pi0.model.config", "infer_config": "pi0.model.config",
-    "size_config": "pi0.model.config",
+    "GemmaConfig": "pi0.model.config", "Pi0Config": "pi0.model.config", "SiglipConfig": "pi0.model.config",
+    "infer_config": "pi0.model.config", "size_config": "pi0.model.config",
     "build_model": "pi0.backends.factory", "load_model": "pi0.backends.factory", "save_model": "pi0.backends.factory",
     "Observation": "pi0.model.observation", "sample_observation": "pi0.model.observation",
     "Policy": "pi0.robot.policy",

@@ -1,8 +1,8 @@
-"""The Ray Serve deployment tests/test_served.py talks to, in a process of its own (Ray in a pytest worker's process
+"""The Ray Serve deployment tests/serving/test_served.py talks to, in a process of its own (Ray in a pytest worker's process
 left MuJoCo's renderer unable to start there later): a local Ray instance, one app per limit profile of
 tests/served.py behind one proxy, each replica running `tests.served.switchable(CHECKPOINT)`. Prints one JSON line
 (the port and each profile's path) once every replica has been reached through the proxy, then serves until
-SIGTERM, then stops in order (tests/test_served.py kills its process group instead: Ray's orderly stop takes a
+SIGTERM, then stops in order (tests/serving/test_served.py kills its process group instead: Ray's orderly stop takes a
 minute on 2 cores).
 
     python tests/ray_deploy.py CHECKPOINT PORT

@@ -106,8 +106,8 @@ def _replace(text: str, **words: str) -> str:
 def test_the_readme_runs(tmp_path, tokenizer_path, monkeypatch):
     """In the README's order: the Python snippet, serve + client, fine-tune, serve the result, evaluate it in
     process and through the server (with RTC), ActionStream on that client, then make demo."""
-    from tests.test_policy import libero_obs
-    from tests.test_train import write_dataset
+    from tests.robot.test_policy import libero_obs
+    from tests.train.test_train import write_dataset
 
     ckpt = write_policy_checkpoint(tmp_path / "ckpt", "tiny", str(tokenizer_path))
     rng = np.random.default_rng(0)
@@ -188,7 +188,7 @@ def _table() -> list[list[str]]:
 def test_the_numbers_tables_commands_run():
     """Each command of the README's numbers table, at tiny size: `pi0 bench` on the tiny model, the
     shipped model's evaluation on one episode, the load benchmark for a second (its robots: 1 and 2), the soak's
-    short form (tests/test_soak.py runs it and checks its bounds)."""
+    short form (tests/serving/test_soak.py runs it and checks its bounds)."""
     table = _table()
     assert table, "the README's numbers table shows no command"
     for words in table:

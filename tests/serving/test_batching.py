@@ -15,9 +15,9 @@ from websockets.sync.client import connect  # noqa: E402
 
 import pi0  # noqa: E402
 from pi0.serving import msgpack_numpy  # noqa: E402
-from tests.test_lerobot_pipeline import ROOT, TOKENIZER, cases  # noqa: E402
-from tests.test_policy import libero_obs  # noqa: E402
-from tests.test_server import Running  # noqa: E402
+from tests.robot.test_lerobot_pipeline import ROOT, TOKENIZER, cases  # noqa: E402
+from tests.robot.test_policy import libero_obs  # noqa: E402
+from tests.serving.test_server import Running  # noqa: E402
 
 
 @pytest.mark.parametrize("backend", ["reference", "engine"])

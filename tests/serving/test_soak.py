@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("openpi_client")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.serial  # timed: run alone (make test runs these after the parallel part)

@@ -14,7 +14,7 @@ import pi0
 from tests.conftest import cli_env
 from tests.fixtures_lib import scaled_err
 
-ROOT = Path(__file__).parent / "fixtures" / "pipeline"
+ROOT = Path(__file__).parents[1] / "fixtures" / "pipeline"
 TOKENIZER = ROOT / "tokenizer.model"
 CHECKPOINTS = sorted(d.name for d in ROOT.iterdir() if d.is_dir())
 

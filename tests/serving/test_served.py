@@ -27,8 +27,8 @@ from pi0.serving import msgpack_numpy  # noqa: E402
 from pi0.serving.metrics import STAGES  # noqa: E402
 from tests.conftest import cli_env, free_port, write_policy_checkpoint  # noqa: E402
 from tests.served import PROFILES, refusal, switchable  # noqa: E402
-from tests.test_policy import libero_obs  # noqa: E402
-from tests.test_server import Running  # noqa: E402
+from tests.robot.test_policy import libero_obs  # noqa: E402
+from tests.serving.test_server import Running  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # one Ray instance at a time, on one worker
 
@@ -83,7 +83,7 @@ def served(request, tmp_path_factory, tokenizer_path):
         time.sleep(1)
     port = free_port()
     log = tmp_path_factory.mktemp("ray") / "ray_deploy.log"
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "ray_deploy.py"), ck, str(port)],
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "ray_deploy.py"), ck, str(port)],
                             stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=cli_env(),
                             start_new_session=True)  # Ray's processes in a group of their own: stopped at once
     try:
@@ -93,7 +93,7 @@ def served(request, tmp_path_factory, tokenizer_path):
         yield Served("ray", {n: port for n in PROFILES}, paths)
     finally:
         # SIGKILL to the whole group: ray_deploy.py's orderly stop takes a minute on 2 cores, and what it tears down
-        # (`pi0 serve --replicas` on SIGTERM) is tests/test_ray_serve.py's to test
+        # (`pi0 serve --replicas` on SIGTERM) is tests/serving/test_ray_serve.py's to test
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
         deadline = time.time() + 90

@@ -32,7 +32,7 @@ def test_full_size_layouts_have_the_real_counts(kind, layout, count):
     names = file_tensors(sd, cfg, layout)
     assert len(names) == count
     if layout == "lerobot" and kind == "pi0":  # the names LeRobot 0.6.1 itself writes
-        spec = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "spec", "pi0_keys_lerobot_0.6.1.txt")
+        spec = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "spec", "pi0_keys_lerobot_0.6.1.txt")
         if os.path.exists(spec):
             with open(spec) as f:
                 real = {ln.split("\t")[0]: json.loads(ln.split("\t")[1]) for ln in f if ln.startswith("model.")}

@@ -106,7 +106,7 @@ def test_gpu_check_script_runs_its_steps(tmp_path):
     """benchmarks/gpu_check.sh on the CPU at tiny size: the same steps as on a GPU, one JSON."""
     import pathlib
 
-    root = pathlib.Path(__file__).parent.parent
+    root = pathlib.Path(__file__).parents[2]
     r = subprocess.run(["bash", str(root / "benchmarks/gpu_check.sh")], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PY": sys.executable, "DEVICE": "cpu", "SIZE": "tiny", "OUT": str(tmp_path)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

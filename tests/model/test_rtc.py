@@ -122,7 +122,7 @@ def policy(tmp_path_factory, tokenizer_path):
 
 
 def test_policy_replies_carry_model_actions_and_take_rtc(policy):
-    from tests.test_policy import libero_obs
+    from tests.robot.test_policy import libero_obs
 
     obs = libero_obs(1)
     out = policy.infer(obs)
@@ -163,7 +163,7 @@ def test_bad_rtc_requests_are_named(policy, rtc, match):
     """Every field of the wrong type or value is a bad request (an exception of another type would reach the client
     as an internal error)."""
     from pi0.errors import BadRequest
-    from tests.test_policy import libero_obs
+    from tests.robot.test_policy import libero_obs
 
     with pytest.raises(BadRequest, match=match):
         policy.infer({**libero_obs(0), "rtc": rtc})
@@ -173,7 +173,7 @@ def run_robot(policy, rtc: bool, latency: float, hz: float = 50.0, ticks: int = 
     """A robot loop at `hz` on a simulated clock. Returns the executed actions, and for each chunk switch
     the distance between the new chunk's first executed action and what the old chunk had planned for
     that tick, and the stream."""
-    from tests.test_policy import libero_obs
+    from tests.robot.test_policy import libero_obs
 
     clock = SimulatedClock()
     stream = ActionStream(policy, hz, rtc=rtc, executor=SimulatedExecutor(clock, latency), clock=clock, **kw)
@@ -222,5 +222,5 @@ def test_stream_module_needs_no_torch():
     import sys
 
     code = "import sys; import pi0.serving.stream; assert 'torch' not in sys.modules; print('ok')"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert r.stdout.strip() == "ok", r.stderr

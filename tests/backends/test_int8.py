@@ -19,7 +19,7 @@ from pi0.backends.factory import random_state_dict
 from tests.stress import outlier_channels
 from pi0.backends.reference.model import Pi0Reference
 from tests.conftest import make_noise, make_obs, write_policy_checkpoint
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 # What int8 covers, written out here independently of the engine's own patterns
 LINEARS = re.compile(r"(vision\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])|projector"
@@ -357,7 +357,7 @@ def test_loaders_read_the_norms_first_for_int8(tmp_path):
     import warnings
 
     from tests.orbax_writer import jax_tree, write_orbax
-    from tests.test_orbax import TINY_2HEADS as cfg  # SigLIP's head count readable from Orbax's shapes
+    from tests.checkpoint.test_orbax import TINY_2HEADS as cfg  # SigLIP's head count readable from Orbax's shapes
 
     make = outlier_channels(cfg)
     state = {k: make(k, v) for k, v in random_state_dict(cfg, 1, torch.float32).items()}
@@ -420,7 +420,7 @@ def test_policy_int8(tmp_path, tokenizer_path):
     """A robot's observation through Policy(dtype="int8"): the actions of the float policy, to int8 precision."""
     import numpy as np
 
-    from tests.test_policy import libero_obs
+    from tests.robot.test_policy import libero_obs
 
     ck = write_policy_checkpoint(tmp_path, "tiny", tokenizer_path)
     want = pi0.Policy(ck, preset="libero", dtype="float32", seed=3).infer(libero_obs())["actions"]

@@ -18,9 +18,9 @@ from pi0.robot.policy import Policy  # noqa: E402
 from pi0.serving import msgpack_numpy  # noqa: E402
 from pi0.serving.stream import ActionStream, StreamStarved  # noqa: E402
 from tests.conftest import free_port, write_policy_checkpoint  # noqa: E402
-from tests.test_batching import Counting  # noqa: E402
-from tests.test_policy import libero_obs  # noqa: E402
-from tests.test_server import Running  # noqa: E402
+from tests.serving.test_batching import Counting  # noqa: E402
+from tests.robot.test_policy import libero_obs  # noqa: E402
+from tests.serving.test_server import Running  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def policy(tmp_path_factory, tokenizer_path):
 
 @pytest.fixture(scope="module")
 def lerobot_policy():
-    from tests.test_lerobot_pipeline import ROOT, TOKENIZER
+    from tests.robot.test_lerobot_pipeline import ROOT, TOKENIZER
 
     return Policy(ROOT / "pi0_default", dtype="float32", tokenizer=TOKENIZER, seed=0)
 
@@ -117,7 +117,7 @@ LEROBOT_BAD = [
 
 
 def test_the_lerobot_pipeline_names_bad_input_without_a_traceback(lerobot_policy):
-    from tests.test_lerobot_pipeline import cases
+    from tests.robot.test_lerobot_pipeline import cases
 
     _, good, _, _, _ = next(cases("pi0_default"))
     s = Running(lerobot_policy)
@@ -151,7 +151,7 @@ def _mutations(good: dict, rng: np.random.Generator):
 @pytest.mark.parametrize("which", ["openpi", "lerobot"])
 def test_fuzzed_observations_are_bad_requests_never_crashes(which, policy, lerobot_policy):
     """Both pipelines: every malformed observation raises BadRequest (named), never another exception."""
-    from tests.test_lerobot_pipeline import cases
+    from tests.robot.test_lerobot_pipeline import cases
 
     pol = policy if which == "openpi" else lerobot_policy
     good = libero_obs(0) if which == "openpi" else next(cases("pi0_default"))[1]
@@ -166,7 +166,7 @@ def test_fuzzed_observations_are_bad_requests_never_crashes(which, policy, lerob
 
 
 def test_metrics_content_type_and_json_logs(policy):
-    """/metrics is Prometheus text (what each stage observes: tests/test_served.py, for both servers)."""
+    """/metrics is Prometheus text (what each stage observes: tests/serving/test_served.py, for both servers)."""
     s = Running(policy)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/metrics", timeout=10) as r:

@@ -203,7 +203,7 @@ def test_lerobot_normalization_mapping_is_honoured(tmp_path, tokenizer_path):
     assert np.allclose(pol.prepare(obs).state[0, :8].numpy(), want, atol=1e-5)
 
 
-SHIPPED = Path(__file__).resolve().parents[1] / "pi0" / "assets" / "metaworld"
+SHIPPED = Path(__file__).resolve().parents[2] / "pi0" / "assets" / "metaworld"
 
 
 def metaworld_obs(**kw):

@@ -23,7 +23,7 @@ from pi0.train.args import TrainArgs  # noqa: E402
 from pi0.train.trainer import Trainer  # noqa: E402
 from tests.conftest import cli_env  # noqa: E402
 
-FIXTURE = Path(__file__).parent / "fixtures" / "datasets" / "videos"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "datasets" / "videos"
 TASKS = ["open the drawer", "close the drawer"]
 
 
@@ -340,7 +340,7 @@ def test_fine_tuning_a_lerobot_checkpoint_with_its_camera_slots(tmp_path):
     """--init a LeRobot-saved checkpoint: its cameras are matched by name (an error names the missing one),
     --cameras maps the dataset's onto its slots (none: an empty slot), and the result serves with the dataset's
     keys."""
-    from tests.test_lerobot_pipeline import ROOT, TOKENIZER
+    from tests.robot.test_lerobot_pipeline import ROOT, TOKENIZER
 
     init = dict(init=str(ROOT / "pi0_default"), size=None, tokenizer=str(TOKENIZER), steps=2, batch=2, lora=4,
                 action_horizon=None)

@@ -91,7 +91,7 @@ def test_unknown_tasks_are_named():
     assert issubclass(SimError, RuntimeError)
 
 
-SHIPPED = Path(__file__).resolve().parents[1] / "pi0" / "assets" / "metaworld"
+SHIPPED = Path(__file__).resolve().parents[2] / "pi0" / "assets" / "metaworld"
 
 
 def _eval_args(**kw):

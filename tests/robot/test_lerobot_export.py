@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 import pi0
 from pi0.checkpoint.layouts import PI0_CONFIG
 
-FIXTURES = Path(__file__).parent / "fixtures" / "export"
-LEROBOT_CONFIG = Path(__file__).parent / "fixtures" / "pipeline" / "pi0_default" / "config.json"  # LeRobot wrote it
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "export"
+LEROBOT_CONFIG = Path(__file__).parents[1] / "fixtures" / "pipeline" / "pi0_default" / "config.json"  # LeRobot wrote it
 
 
 def _observation(case):

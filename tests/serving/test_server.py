@@ -21,7 +21,7 @@ from pi0.robot.policy import Policy  # noqa: E402
 from pi0.serving import msgpack_numpy  # noqa: E402
 from pi0.serving.server import PolicyServer  # noqa: E402
 from tests.conftest import cli_env, free_port, wait_healthy, write_policy_checkpoint  # noqa: E402
-from tests.test_policy import libero_obs  # noqa: E402
+from tests.robot.test_policy import libero_obs  # noqa: E402
 
 
 class Running:
@@ -327,7 +327,7 @@ def test_a_robot_loop_through_the_server_gets_a_continuous_rtc_stream(server):
 def test_a_lerobot_checkpoint_is_served_with_lerobots_keys():
     """`pi0 serve` on a LeRobot-saved checkpoint: the robot sends LeRobot's dict (observation.images.<cam>,
     observation.state, task) and gets exactly LeRobot's actions; the metadata lists the expected keys."""
-    from tests.test_lerobot_pipeline import ROOT, TOKENIZER, cases
+    from tests.robot.test_lerobot_pipeline import ROOT, TOKENIZER, cases
 
     pol = Policy(ROOT / "pi05_default", dtype="float32", tokenizer=TOKENIZER, seed=0)
     s = Running(pol)

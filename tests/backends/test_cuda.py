@@ -6,7 +6,7 @@ import torch
 
 import pi0
 from tests.conftest import make_noise, make_obs
-from tests.test_engine import assert_bf16_gate, bf16_gate
+from tests.backends.test_engine import assert_bf16_gate, bf16_gate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
 

@@ -1,6 +1,6 @@
 """`pi0 serve --replicas 2` on Ray Serve (a local Ray instance, tiny weights): openpi's clients are spread over both
 replicas and answered with the policy's actions, /healthz and /metrics go through Ray's proxy, and SIGTERM leaves
-no Ray process behind. Slow (Ray starts in ~30 s on 2 cores). The service's rules under Ray: tests/test_served.py."""
+no Ray process behind. Slow (Ray starts in ~30 s on 2 cores). The service's rules under Ray: tests/serving/test_served.py."""
 
 import re
 import signal
@@ -17,7 +17,7 @@ openpi_client = pytest.importorskip("openpi_client.websocket_client_policy")
 from pi0.robot.policy import Policy  # noqa: E402
 from pi0.serving.ray_serve import REPORT_S  # noqa: E402
 from tests.conftest import cli_env, free_port, wait_healthy, write_policy_checkpoint  # noqa: E402
-from tests.test_policy import libero_obs  # noqa: E402
+from tests.robot.test_policy import libero_obs  # noqa: E402
 
 
 def _ray_processes() -> list[str]:
@@ -25,7 +25,7 @@ def _ray_processes() -> list[str]:
     return [p for p in out if "raylet" in p or "gcs_server" in p or p.startswith("ray::")]
 
 
-@pytest.mark.xdist_group("ray")  # one Ray instance at a time (tests/test_served.py starts one too)
+@pytest.mark.xdist_group("ray")  # one Ray instance at a time (tests/serving/test_served.py starts one too)
 def test_two_ray_serve_replicas_answer_openpi_clients_and_stop_cleanly(tmp_path, tokenizer_path):
     """Robots connecting at once are spread over the replicas (the fewest connections first), each answered as the
     policy alone answers; /metrics shows every replica's counts; SIGTERM leaves no Ray process."""

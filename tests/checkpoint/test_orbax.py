@@ -156,7 +156,7 @@ def test_policy_over_an_orbax_checkpoint_with_a_nested_asset_id(tmp_path, tokeni
     write_orbax(src / "params", jax_tree(model.state_dict(), model.config), dtype_of=lambda n: "float32")
     (src / "assets" / "org" / "robot").mkdir(parents=True)
     shutil.copy(st / "assets" / "robot" / "norm_stats.json", src / "assets" / "org" / "robot" / "norm_stats.json")
-    from tests.test_policy import libero_obs
+    from tests.robot.test_policy import libero_obs
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -165,7 +165,7 @@ def test_policy_over_an_orbax_checkpoint_with_a_nested_asset_id(tmp_path, tokeni
     assert np.array_equal(pol.infer(libero_obs(0))["actions"], want)
     assert pol.metadata["norm_stats"].endswith("org/robot/norm_stats.json")
     openpi_client = pytest.importorskip("openpi_client.websocket_client_policy")
-    from tests.test_server import Running
+    from tests.serving.test_server import Running
 
     s = Running(pol)  # served over openpi's protocol, no JAX anywhere
     try:

@@ -15,7 +15,7 @@ pytest.importorskip("av")
 from pi0.data.dataset import DatasetError, LeRobotDataset
 from pi0.data.writer import LeRobotDatasetWriter  # noqa: E402
 
-ROOT = Path(__file__).parent / "fixtures" / "datasets"
+ROOT = Path(__file__).parents[1] / "fixtures" / "datasets"
 FIELDS = ("observation.state", "action", "action_is_pad", "index", "episode_index", "frame_index", "timestamp",
           "task_index")
 
