@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-
 from pi0.backends.engine import int8, kernels
 from pi0.model.backend import LoadHook
 from pi0.model.config import Pi0Config, feeding_norm, norm_param

@@ -7,8 +7,7 @@ import torch
 
 import pi0
 from pi0 import hardware
-from pi0.backends.engine import ops
-from pi0.backends.engine import kernels
+from pi0.backends.engine import kernels, ops
 from pi0.backends.engine.model import Pi0Engine
 from pi0.backends.factory import random_state_dict
 from tests.conftest import make_noise, make_obs
@@ -136,8 +135,8 @@ def test_devices():
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "pi0", "pi05"])
 def test_canonical_shapes_are_the_reference_parameters(name):
-    from pi0.model.config import canonical_shapes
     from pi0.backends.reference.model import Pi0Reference
+    from pi0.model.config import canonical_shapes
 
     cfg = pi0.size_config(name)
     with torch.device("meta"):

@@ -151,7 +151,9 @@ def test_the_readme_runs(tmp_path, tokenizer_path, monkeypatch):
         args = _replace(" ".join(ev), **{"127.0.0.1:8000": f"127.0.0.1:{port}"}).split()
         report = json.loads(_run(*PI0, *args, *TINY_EVAL, "--json").stdout)
         assert report["episodes"] == 1 and report["rtc"] and report["server"]["preset"] == "generic"
-        from pi0.serving.stream import ActionStream  # the README's inline example, on the served model
+        from pi0.serving.stream import (
+            ActionStream,  # the README's inline example, on the served model
+        )
 
         client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=port)
         stream = eval(re.search(r"`(pi0\.ActionStream\(client, control_hz=50\))`", README).group(1),

@@ -1,9 +1,10 @@
-"""A policy's assets beside its weights, read and written in one place: norm stats (openpi's
+"""A policy's assets beside its weights, found, read and written in one place: norm stats (openpi's
 `assets/<id>/norm_stats.json`, LeRobot's `*normalizer*.safetensors` / `stats.safetensors`) and the tokenizer."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,34 @@ from typing import Any
 import numpy as np
 
 from pi0.robot.normalize import Normalizer, Stats
+
+OPENPI_TOKENIZER = "~/.cache/openpi/big_vision/paligemma_tokenizer.model"
+
+
+TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
+
+
+def find_tokenizer(explicit: str | os.PathLike | None, checkpoint_dir: Path | None) -> Path:
+    """--tokenizer PATH, else the checkpoint directory (and its assets/), else openpi's cache."""
+    tried: list[str] = []
+    candidates: list[Path] = []
+    if explicit:
+        candidates.append(Path(explicit).expanduser())
+    if checkpoint_dir is not None:
+        for base in (checkpoint_dir, checkpoint_dir / "assets"):
+            candidates += [base / n for n in TOKENIZER_NAMES]
+    env = os.environ.get("PI0_TOKENIZER")
+    if env:
+        candidates.append(Path(env).expanduser())
+    candidates.append(Path(OPENPI_TOKENIZER).expanduser())
+    for c in candidates:
+        tried.append(str(c))
+        if c.is_file():
+            return c
+    raise FileNotFoundError(
+        "no PaliGemma SentencePiece tokenizer found; looked at: " + ", ".join(tried) + ". Pass --tokenizer PATH "
+        f"(the file is gs://big_vision/paligemma_tokenizer.model, ~4 MB; openpi caches it at {OPENPI_TOKENIZER})"
+    )
 
 
 def find_asset_stats(root: Path) -> dict[str, Path]:

@@ -15,9 +15,8 @@ import numpy as np
 
 from pi0.checkpoint.info import CheckpointInfo
 from pi0.model.features import features
-from pi0.robot.assets import load_norm_stats
+from pi0.robot.assets import find_tokenizer, load_norm_stats
 from pi0.robot.normalize import Stats
-from pi0.robot.tokenizer import find_tokenizer
 
 PALIGEMMA = "google/paligemma-3b-pt-224"  # the tokenizer LeRobot's pipelines name
 PALIGEMMA_VOCAB = 257_152

@@ -20,10 +20,10 @@ from pi0.hardware import resolve_device, resolve_dtype
 from pi0.model.features import features
 from pi0.model.observation import Observation, concat_observations, sample_observation
 from pi0.model.rtc import RTC, RTCDefaults
+from pi0.robot.assets import find_tokenizer
 from pi0.robot.lerobot import LeRobotPipeline, is_lerobot_pipeline
 from pi0.robot.openpi import OpenpiPipeline
 from pi0.robot.pipeline import Pipeline
-from pi0.robot.tokenizer import find_tokenizer
 
 
 def make_pipeline(info: CheckpointInfo, *, preset: str | None = None, tokenizer: str | os.PathLike | None = None,

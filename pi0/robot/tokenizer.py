@@ -28,35 +28,6 @@ def prompt_text(value: Any, key: str, hint: str = "") -> str:
     return value
 
 
-OPENPI_TOKENIZER = "~/.cache/openpi/big_vision/paligemma_tokenizer.model"
-
-
-TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
-
-
-def find_tokenizer(explicit: str | os.PathLike | None, checkpoint_dir: Path | None) -> Path:
-    """--tokenizer PATH, else the checkpoint directory (and its assets/), else openpi's cache."""
-    tried: list[str] = []
-    candidates: list[Path] = []
-    if explicit:
-        candidates.append(Path(explicit).expanduser())
-    if checkpoint_dir is not None:
-        for base in (checkpoint_dir, checkpoint_dir / "assets"):
-            candidates += [base / n for n in TOKENIZER_NAMES]
-    env = os.environ.get("PI0_TOKENIZER")
-    if env:
-        candidates.append(Path(env).expanduser())
-    candidates.append(Path(OPENPI_TOKENIZER).expanduser())
-    for c in candidates:
-        tried.append(str(c))
-        if c.is_file():
-            return c
-    raise FileNotFoundError(
-        "no PaliGemma SentencePiece tokenizer found; looked at: " + ", ".join(tried) + ". Pass --tokenizer PATH "
-        f"(the file is gs://big_vision/paligemma_tokenizer.model, ~4 MB; openpi caches it at {OPENPI_TOKENIZER})"
-    )
-
-
 class PromptTokenizer:
     """openpi's PaligemmaTokenizer formats. pi0: BOS + text + "\\n"; pi0.5 with state:
     BOS + "Task: {text}, State: {s0 s1 ...};\\nAction: " (state discretised into 256 bins over [-1, 1]).

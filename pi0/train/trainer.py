@@ -98,7 +98,7 @@ class Trainer:
         self.tokenizer_path: Path | None = Path(a.tokenizer) if a.tokenizer else None
         if a.init is not None:
             from pi0.checkpoint.load import inspect_checkpoint
-            from pi0.robot.tokenizer import find_tokenizer
+            from pi0.robot.assets import find_tokenizer
 
             info = inspect_checkpoint(a.init, action_horizon=a.action_horizon, download=a.download)
             self.init_meta = info.meta

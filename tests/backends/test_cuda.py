@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import pi0
-from tests.conftest import make_noise, make_obs
 from tests.backends.test_engine import assert_bf16_gate, bf16_gate
+from tests.conftest import make_noise, make_obs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
 

@@ -14,7 +14,6 @@ from pi0.backends.factory import random_state_dict
 from tests.conftest import make_noise, make_obs
 from tests.fixtures_lib import MODELS, ROOT, cases, scaled_err
 
-
 # Every fast path and its fallback, whatever the CPU running the tests does: "probed" takes oneDNN packing and compiled
 # kernels where they work here; the others force packing and/or compiling off.
 KERNELS = {"probed": {}, "plain": {"pack": False, "fuse": False}, "unpacked": {"pack": False}, "eager": {"fuse": False}}

@@ -10,16 +10,15 @@ import pytest
 import torch
 
 import pi0
-from pi0.backends.engine import ops
-from pi0.backends.engine import int8, kernels, weights
+from pi0.backends.engine import int8, kernels, ops, weights
 from pi0.backends.engine.model import Pi0Engine
 from pi0.backends.engine.weights import int8_quantizer
-from pi0.hardware import compute_dtype, int8_isa, probe_bf16, resolve_dtype
 from pi0.backends.factory import random_state_dict
-from tests.stress import outlier_channels
 from pi0.backends.reference.model import Pi0Reference
-from tests.conftest import make_noise, make_obs, write_policy_checkpoint
+from pi0.hardware import compute_dtype, int8_isa, probe_bf16, resolve_dtype
 from tests.cli.test_cli import run
+from tests.conftest import make_noise, make_obs, write_policy_checkpoint
+from tests.stress import outlier_channels
 
 # What int8 covers, written out here independently of the engine's own patterns
 LINEARS = re.compile(r"(vision\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])|projector"
@@ -356,8 +355,10 @@ def test_loaders_read_the_norms_first_for_int8(tmp_path):
     same weights quantised norms first (the loaders read the norms before the products they feed)."""
     import warnings
 
+    from tests.checkpoint.test_orbax import (
+        TINY_2HEADS as cfg,  # SigLIP's head count readable from Orbax's shapes
+    )
     from tests.orbax_writer import jax_tree, write_orbax
-    from tests.checkpoint.test_orbax import TINY_2HEADS as cfg  # SigLIP's head count readable from Orbax's shapes
 
     make = outlier_channels(cfg)
     state = {k: make(k, v) for k, v in random_state_dict(cfg, 1, torch.float32).items()}

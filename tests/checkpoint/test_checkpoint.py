@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pi0
-from pi0.errors import CheckpointError
 from pi0.checkpoint.layouts import file_tensors
+from pi0.errors import CheckpointError
 from pi0.model.config import canonical_shapes
 from tests.conftest import make_noise
+
 
 def _same(a, b):  # the same weights give the same actions (up to memory-alignment rounding)
     return (a - b).abs().max() <= 1e-5

@@ -1,9 +1,9 @@
 """pi0.Policy: robot dict in, robot actions out, for each preset; `pi0 infer`."""
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +12,11 @@ import torch
 import pi0
 from pi0.errors import BadRequest
 from pi0.robot.policy import Policy
-from pi0.robot.presets import ALOHA_JOINT_FLIP, _gripper_from_angular, _gripper_to_angular
+from pi0.robot.presets import (
+    ALOHA_JOINT_FLIP,
+    _gripper_from_angular,
+    _gripper_to_angular,
+)
 from tests.conftest import cli_env, write_policy_checkpoint
 
 

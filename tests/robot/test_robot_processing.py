@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
+from pi0.robot.assets import find_tokenizer
 from pi0.robot.images import image_to_model, resize_with_pad_uint8, to_uint8_hwc
 from pi0.robot.normalize import Normalizer, Stats
 from pi0.robot.presets import _gripper_from_angular, _gripper_to_angular
-from pi0.robot.tokenizer import PromptTokenizer, find_tokenizer
+from pi0.robot.tokenizer import PromptTokenizer
 
 
 @pytest.mark.parametrize("shape", [(480, 640, 3), (240, 100, 3), (224, 224, 3), (50, 300, 3)])

@@ -18,8 +18,8 @@ from pi0.robot.policy import Policy  # noqa: E402
 from pi0.serving import msgpack_numpy  # noqa: E402
 from pi0.serving.stream import ActionStream, StreamStarved  # noqa: E402
 from tests.conftest import free_port, write_policy_checkpoint  # noqa: E402
-from tests.serving.test_batching import Counting  # noqa: E402
 from tests.robot.test_policy import libero_obs  # noqa: E402
+from tests.serving.test_batching import Counting  # noqa: E402
 from tests.serving.test_server import Running  # noqa: E402
 
 

@@ -26,8 +26,8 @@ from websockets.sync.client import connect  # noqa: E402
 from pi0.serving import msgpack_numpy  # noqa: E402
 from pi0.serving.metrics import STAGES  # noqa: E402
 from tests.conftest import cli_env, free_port, write_policy_checkpoint  # noqa: E402
-from tests.served import PROFILES, refusal, switchable  # noqa: E402
 from tests.robot.test_policy import libero_obs  # noqa: E402
+from tests.served import PROFILES, refusal, switchable  # noqa: E402
 from tests.serving.test_server import Running  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # one Ray instance at a time, on one worker

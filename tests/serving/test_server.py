@@ -3,8 +3,8 @@ server nor the connection; /healthz answers during a long request; the API key i
 
 import asyncio
 import os
-import threading
 import statistics
+import threading
 import time
 import urllib.error
 import urllib.request

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pi0.sim.metaworld import MetaWorldEnv, SimError  # noqa: E402 (sets MUJOCO_GL first)
 from pi0.sim.collect import collect  # noqa: E402
 from pi0.sim.evaluate import wilson_interval  # noqa: E402
+from pi0.sim.metaworld import MetaWorldEnv, SimError  # noqa: E402 (sets MUJOCO_GL first)
 
 pytest.importorskip("metaworld")
 pytest.importorskip("av")

@@ -17,9 +17,9 @@ pytest.importorskip("av")
 import pi0  # noqa: E402
 from pi0.data.dataset import DatasetError
 from pi0.data.writer import LeRobotDatasetWriter  # noqa: E402
+from pi0.train.args import TrainArgs  # noqa: E402
 from pi0.train.lora import add_lora, merge_lora  # noqa: E402
 from pi0.train.schedule import learning_rate  # noqa: E402
-from pi0.train.args import TrainArgs  # noqa: E402
 from pi0.train.trainer import Trainer  # noqa: E402
 from tests.conftest import cli_env  # noqa: E402
 
