@@ -52,7 +52,8 @@ def test_a_backend_is_its_package_and_a_registry_line(tmp_path, monkeypatch):
     ours = pi0.build_model(cfg, backend="fp64", seed=3).sample_actions(obs, noise=noise)
     ref = pi0.build_model(cfg, backend="reference", seed=3).sample_actions(obs, noise=noise)
     assert ours.dtype == torch.float32 and (ours - ref).abs().max() < 1e-4
-    assert isinstance(pi0.build_model(cfg, backend="fp64"), pi0.model.backend.Backend)
+    model = pi0.build_model(cfg, backend="fp64")
+    assert isinstance(model, pi0.model.backend.Backend) and model.dtype == torch.float64  # built by its own spec
     with pytest.raises(ValueError, match="unknown backend 'fp128': choose one of reference, engine, fp64"):
         pi0.build_model(cfg, backend="fp128")
 

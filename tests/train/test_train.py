@@ -128,6 +128,10 @@ def test_a_preset_that_maps_joints_trains_and_serves_in_the_robots_units(tmp_pat
     policy = pi0.Policy(ckpt, backend="reference", dtype="float32")  # the preset from config.json
     assert policy.metadata["preset"] == "aloha"
     aloha = PRESETS["aloha"]
+    # the norm stats describe the data in the model's units (after the maps), as openpi computes them
+    assert np.allclose(t.action_stats.mean, aloha.actions_in(t.ds.column("action").astype(np.float32)).mean(0), atol=1e-5)
+    assert np.allclose(t.state_stats.mean, aloha.state_in(t.ds.column("observation.state").astype(np.float32)).mean(0),
+                       atol=1e-5)
     for index in (0, 7):
         item = t.ds[index]
         # the targets are in the model's units: the robot's chunk through aloha's inverse map, normalised
