@@ -122,7 +122,7 @@ def test_a_simulator_is_one_module_and_a_registry_line(tmp_path, monkeypatch):
     mod.make = lambda task, size, wrist, camera=None: _PointEnv(task, size, wrist)
     mod.check_tasks = lambda tasks: tasks
     mod.instruction = lambda task: "reach the goal"
-    cam = {"dtype": "video", "shape": (16, 16, 3), "names": ["height", "width", "channels"]}
+    cam = {"dtype": "video", "shape": (32, 32, 3), "names": ["height", "width", "channels"]}
     mod.features = lambda size, wrist: {"observation.images.image": {**cam, "shape": (size, size, 3)},
                                         "observation.state": {"dtype": "float32", "shape": (4,), "names": None},
                                         "action": {"dtype": "float32", "shape": (4,), "names": None}}
@@ -142,12 +142,12 @@ def test_a_simulator_is_one_module_and_a_registry_line(tmp_path, monkeypatch):
         step = np.clip((goal - pos[:2]) * 4, -1, 1)
         return {"actions": np.tile(np.append(np.append(step, 0), 0), (2, 1))}
 
-    report = evaluate(lambda: ChunkRunner(expert_chunks, 1), ["reach"], 2, env="point", size=16, max_steps=40,
+    report = evaluate(lambda: ChunkRunner(expert_chunks, 1), ["reach"], 2, env="point", size=32, max_steps=40,
                       video=tmp_path / "point.mp4")
     assert report["episodes"] == 2 and (tmp_path / "point.mp4").stat().st_size > 0
     from pi0.data.dataset import LeRobotDataset
 
-    r = collect(["reach"], 2, tmp_path / "demos", env="point", size=16, noise=0.0, max_steps=40, workers=1,
+    r = collect(["reach"], 2, tmp_path / "demos", env="point", size=32, noise=0.0, max_steps=40, workers=1,
                 log=lambda _: None)
     ds = LeRobotDataset(tmp_path / "demos")
     assert r["episodes"] == 2 and ds.info["robot_type"] == "point" and ds.tasks == ["reach the goal"]

@@ -129,6 +129,10 @@ class LeRobotDataset:
         for need in ("index", "episode_index", "frame_index", "timestamp", "task_index"):
             if need not in table.column_names:
                 raise DatasetError(f"{self.root / 'data'}: the frames have no '{need}' column")
+        listed = np.array([e["episode_index"] for e in self.episodes], dtype=np.int64)
+        in_meta = np.isin(_to_numpy(table.column("episode_index"), "episode_index").reshape(-1), listed)
+        if not in_meta.all():  # frames of an episode meta/ does not list (a recorder killed between two writes)
+            table = table.filter(in_meta)
         self._columns: dict[str, np.ndarray] = {}
         self._images: dict[str, Any] = {}
         for name in table.column_names:

@@ -20,6 +20,9 @@ from pi0.data.dataset import (
 )
 
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
+# SVT-AV1 (LeRobot's encoder) kills the process with SIGFPE on small frames in some builds (PyAV 15.1's: 24 x 24 px
+# and below, measured); refused before the encoder sees them
+MIN_VIDEO_SIDE = 26
 
 
 def vector_stats(x: np.ndarray) -> dict[str, list]:
@@ -95,12 +98,12 @@ class LeRobotDatasetWriter:
         from pi0.data.dataset import LeRobotDataset
 
         info = json.loads((self.root / "meta" / "info.json").read_text())
-        theirs = {k: (v.get("dtype"), list(v.get("shape", []))) for k, v in info.get("features", {}).items()}
-        ours = {k: (v["dtype"], list(v["shape"])) for k, v in self.features.items()}
+        theirs = {k: (v.get("dtype"), tuple(v.get("shape", []))) for k, v in info.get("features", {}).items()}
+        ours = {k: (v["dtype"], tuple(v["shape"])) for k, v in self.features.items()}
         if theirs != ours or int(info.get("fps", -1)) != self.fps:
-            diff = sorted(set(theirs.items()) ^ set((k, (d, tuple(s))) for k, (d, s) in ours.items()), key=str)
+            diff = sorted({k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)})
             raise DatasetError(f"{self.root} holds a dataset of other features or fps (fps {info.get('fps')} vs "
-                               f"{self.fps}; differing: {[k for k, _ in diff][:6]}): record into a new directory")
+                               f"{self.fps}; features that differ: {diff[:6]}): record into a new directory")
         listed = {self.root / "meta" / "info.json"}
         ds = LeRobotDataset(self.root)
         self.episodes = [{k: v for k, v in e.items() if not k.startswith("stats/")} for e in ds.episodes]
@@ -160,6 +163,11 @@ class LeRobotDatasetWriter:
         if missing:
             raise DatasetError(f"episode {len(self.episodes)} lacks features {missing}")
         n = len(frames[self.vectors[0]] if self.vectors else frames[self.cameras[0]])
+        for k in self.cameras:
+            h, w = self.features[k]["shape"][:2]
+            if min(h, w) < MIN_VIDEO_SIDE:
+                raise DatasetError(f"{k}: {h} x {w} px frames; AV1 video needs at least {MIN_VIDEO_SIDE} px a side here "
+                                   "(smaller frames crash some builds of its encoder): record larger frames")
         for k in self.cameras + self.vectors:
             want = tuple(self.features[k]["shape"])
             got = np.asarray(frames[k]).shape
@@ -191,7 +199,9 @@ class LeRobotDatasetWriter:
         for k in self.vectors:
             v = np.asarray(frames[k], dtype=np.dtype(self.features[k]["dtype"])).reshape(n, -1)
             self._rows[k].append(v)
-            columns[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+            # a one-value feature is a plain column, as LeRobot stores (and casts) it
+            columns[k] = (pa.array(v.reshape(-1)) if self.features[k]["shape"] == [1]
+                          else pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1]))
         columns["timestamp"] = pa.array((np.arange(n) / self.fps).astype(np.float32))
         columns["frame_index"] = pa.array(np.arange(n, dtype=np.int64))
         columns["episode_index"] = pa.array(np.full(n, ep_index, dtype=np.int64))
@@ -212,7 +222,8 @@ class LeRobotDatasetWriter:
             self._parquet.write_table(table)
         self.episodes.append(ep)
         self.total_frames += n
-        if self.per_episode:  # the episode's files complete, then meta/ that lists it
+        if self.per_episode:  # the episode's files complete (videos first: LeRobot reads every data file), then
+            # meta/ that lists it: a kill before the renames leaves only .partial files, which no reader looks at
             for partial, final in renames:
                 os.replace(partial, final)
             self.write_meta()

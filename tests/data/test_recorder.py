@@ -18,30 +18,7 @@ pytest.importorskip("av")
 
 from pi0.data.dataset import DatasetError, LeRobotDataset  # noqa: E402
 from pi0.data.recorder import Recorder  # noqa: E402
-
-SIZE = 16
-FEATURES = {
-    "observation.images.top": {"dtype": "video", "shape": (SIZE, SIZE, 3), "names": ["height", "width", "channels"]},
-    "observation.state": {"dtype": "float32", "shape": (4,), "names": None},
-    "action": {"dtype": "float32", "shape": (4,), "names": None},
-}
-
-
-def frame(e: int, i: int) -> dict:
-    """Frame i of episode e: a flat image (its shade encodes the frame), a state and an action that encode both."""
-    return {"observation.images.top": np.full((SIZE, SIZE, 3), 10 * i + 40 * e, np.uint8),
-            "observation.state": np.array([e, i, 0.5, -1], np.float32),
-            "action": np.array([i, -e, 0.25, 1], np.float32)}
-
-
-def record(root, episodes, frames=5, start=0, **kw) -> dict:
-    rec = Recorder(root, fps=10, features=FEATURES, robot_type="test", info={"source": "test"}, **kw)
-    for e in range(start, start + episodes):
-        for i in range(frames):
-            rec.add(frame(e, i), f"task {e % 2}", intervention=i == 2, chunk_index=i // 2, latency_s=0.01 * i)
-        rec.end_episode(success=e % 2 == 0)
-    return rec.close()
-
+from tests.data.recording import FEATURES, frame, record  # noqa: E402
 
 def test_recorded_episodes_read_back(tmp_path):
     r = record(tmp_path / "ds", 3)
@@ -55,9 +32,9 @@ def test_recorded_episodes_read_back(tmp_path):
         assert np.array_equal(item["action"], want["action"]) and np.array_equal(item["observation.state"],
                                                                                 want["observation.state"])
         assert abs(float(item["observation.images.top"].mean()) - 10 * i - 40 * e) < 3  # AV1, lossy
-        assert bool(item["intervention"][0]) == (i == 2) and int(item["chunk_index"][0]) == i // 2
-        assert bool(item["next.done"][0]) == (i == 4)
-        assert bool(item["next.success"][0]) == (i == 4 and e % 2 == 0)  # only where it happened
+        assert bool(item["intervention"]) == (i == 2) and int(item["chunk_index"]) == i // 2
+        assert bool(item["next.done"]) == (i == 4)
+        assert bool(item["next.success"]) == (i == 4 and e % 2 == 0)  # only where it happened
         assert item["task"] == f"task {e % 2}"
     info = json.loads((tmp_path / "ds" / "meta" / "info.json").read_text())
     assert info["pi0_record"] == [{"source": "test"}] and info["total_episodes"] == 3
@@ -101,32 +78,77 @@ def test_a_full_queue_drops_episodes_and_never_waits(tmp_path, monkeypatch):
 
 
 def test_a_killed_recorder_loses_only_the_episode_in_progress(tmp_path):
-    """SIGKILL while the third episode is being written: the two before it read back, the third's files are gone
-    after a restart, which appends."""
+    """SIGKILL while the third episode's files are written: the two before it read back, the third's partial files
+    are ignored, and a restart removes them and appends."""
     root = tmp_path / "ds"
     code = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(os.getcwd())!r})
-        from pi0.data.writer import LeRobotDatasetWriter
-        from tests.data.test_recorder import record
-        add, calls = LeRobotDatasetWriter.add_episode, []
+        import pi0.data.writer as writer
+        from tests.data.recording import record
+        replace = os.replace
 
-        def add_episode(self, frames, task):  # dies in the middle of the third episode's files
-            calls.append(1)
-            if len(calls) == 3:
-                real = self.write_meta
-                self.write_meta = lambda: os.kill(os.getpid(), signal.SIGKILL)
-            return add(self, frames, task)
+        def dying_replace(src, dst):  # the third episode's files are complete under their temporary names
+            if str(dst).endswith("file-002.parquet"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return replace(src, dst)
 
-        LeRobotDatasetWriter.add_episode = add_episode
+        writer.os.replace = dying_replace
         record({str(root)!r}, 4)
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == -signal.SIGKILL, r.stderr
-    assert list((root / "data").rglob("*.parquet"))  # the killed episode's files are there, meta/ does not list them
+    assert list((root / "data").rglob("*.partial"))  # what the killed process was writing
     ds = LeRobotDataset(root)
     assert ds.num_episodes == 2 and len(ds) == 10
-    record(root, 1, start=9)  # a restart: the killed episode's files removed, the new one appended
+    record(root, 1, start=9)  # a restart: the partial files removed, the new episode appended
     ds = LeRobotDataset(root)
     assert ds.num_episodes == 3 and np.array_equal(ds[12]["action"], frame(9, 2)["action"])
-    assert len(list((root / "data").rglob("*.parquet"))) == 3
+    assert not list(root.rglob("*.partial")) and len(list((root / "data").rglob("*.parquet"))) == 3
+
+
+def test_frames_of_an_unlisted_episode_are_not_read(tmp_path):
+    """Killed between an episode's last rename and the meta/ that lists it: its frames are in the data files but not
+    in meta/, and the reader keeps to meta/."""
+    root = tmp_path / "ds"
+    record(root, 2)
+    meta = root / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
+    kept = meta.read_bytes()
+    record(root, 1, start=2)
+    meta.write_bytes(kept)  # meta/ of two episodes beside the data of three
+    ds = LeRobotDataset(root)
+    assert ds.num_episodes == 2 and len(ds) == 10
+
+
+def test_lerobot_reads_what_pi0_records(tmp_path):
+    """LeRobot 0.6.1's loader read the same recordings (tools/make_record_fixtures.py: three episodes, two appended by
+    a second session; a session killed while writing its third episode): every frame's features and flags as pi0
+    reads them, the images to AV1's accuracy."""
+    from pathlib import Path
+
+    theirs = json.loads((Path(__file__).parents[1] / "fixtures" / "record" / "lerobot_read.json").read_text())
+    record(tmp_path / "appended", 3)
+    record(tmp_path / "appended", 2, start=3)
+    killed = tmp_path / "killed"
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(os.getcwd())!r})
+        import pi0.data.writer as writer
+        from tests.data.recording import record
+        replace = os.replace
+        writer.os.replace = lambda s, d: os.kill(os.getpid(), signal.SIGKILL) if str(d).endswith("file-002.parquet") else replace(s, d)
+        record({str(killed)!r}, 4)
+    """)
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == -signal.SIGKILL
+    for name in ("appended", "killed"):
+        ds, want = LeRobotDataset(tmp_path / name), theirs[name]
+        assert (ds.num_episodes, len(ds)) == (want["num_episodes"], want["num_frames"])
+        for f in want["frames"]:
+            item = ds[f["index"]]
+            assert item["task"] == f["task"] and int(item["episode_index"]) == f["episode_index"]
+            for key in ("action", "observation.state"):
+                assert np.allclose(item[key], f[key], atol=1e-6), (name, f["index"], key)
+            for key in ("intervention", "next.done", "next.success", "chunk_index"):
+                assert int(item[key]) == int(f[key]), (name, f["index"], key)
+            assert abs(float(item["latency_s"]) - f["latency_s"]) < 1e-6
+            assert abs(float(item["observation.images.top"].mean()) - f["image_mean"]) < 1.0  # both decode AV1
