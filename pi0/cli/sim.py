@@ -93,6 +93,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", default=None, help="write the report as JSON to this file, with how it was made (command, "
                    "seeds, versions, machine)")
+    p.add_argument("--record", default=None, metavar="DIR", help="record every episode into a LeRobot v3 dataset "
+                   "(appended where DIR holds one of the same features): the frames, the action executed, success")
+    p.add_argument("--dagger", action="store_true", help="with --record: label every visited state with the "
+                   "scripted expert's action (the dataset's `action`; the policy's is `action.policy`)")
+    p.add_argument("--takeover", type=int, default=0, metavar="N", help="with --dagger: where the robot has not moved "
+                   "for N steps the expert acts for N steps (recorded as `intervention`), then the policy again")
 
 
 def _checkpoint_cameras(path: str) -> tuple[int, bool]:
@@ -211,6 +217,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from pi0.sim import evaluate as ev
 
     sim = simulator(args.env)
+    record, dagger, takeover = getattr(args, "record", None), getattr(args, "dagger", False), getattr(args, "takeover", 0)
+    if (dagger or takeover) and record is None:
+        raise ValueError("--dagger and --takeover label what is recorded: give --record DIR")
+    if takeover and not dagger:
+        raise ValueError("--takeover lets the expert act: it needs --dagger")
     tasks = _tasks(args.env, args.tasks)
     seed = sim.EVAL_SEED if args.seed is None else args.seed
     if not args.server and not args.checkpoint:
@@ -245,7 +256,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     meta.update(image_size=size, wrist=wrist, workers=workers)
     t0 = time.perf_counter()
     report = ev.evaluate(spec, tasks, args.episodes, env=args.env, size=size, wrist=wrist, max_steps=args.max_steps,
-                         seed=seed, video=args.video, workers=workers)
+                         seed=seed, video=args.video, workers=workers, record=record, dagger=dagger, takeover=takeover)
     report.update(seconds=time.perf_counter() - t0, seed=seed, seeds=[seed, seed + args.episodes - 1],
                   max_steps=args.max_steps, source=args.server or _source(args.checkpoint), **meta)
     if args.expert:
@@ -269,6 +280,10 @@ def print_table(report: dict[str, Any]) -> None:
     lo, hi = report["ci95"]
     exp = f"{report['expert']['mean_success'] * 100:.0f}%" if "expert" in report else "-"
     print(f"{'mean':26s} {report['mean_success'] * 100:7.0f}% {lo * 100:6.0f}-{hi * 100:3.0f}% {'':>6s} {exp:>7s}")
+    if "recorded" in report:
+        r = report["recorded"]
+        print(f"recorded  {r['episodes']} episodes into {r['root']} ({r['total_episodes']} there in all; "
+              f"{r['expert_labels']} expert labels, {r['interventions']} steps taken over)")
 
 
 def plot_success(report: dict[str, Any], path: str | Path) -> None:

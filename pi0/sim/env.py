@@ -69,6 +69,9 @@ class Simulator(Protocol):
     def frame(self, env: Env, wrist: bool) -> dict[str, Any]:
         """One dataset frame of the current state: the features' keys but `action`."""
 
+    def record_frame(self, obs: dict[str, Any], wrist: bool) -> dict[str, Any]:
+        """An observation its environment made, as a dataset frame (the features' keys but `action`)."""
+
 
 def simulator(name: str) -> Simulator:
     if name not in SIMULATORS:

@@ -25,6 +25,8 @@ class EpisodeResult:
     success: bool
     steps: int
     inference_s: list[float] = field(default_factory=list)
+    frames: list[dict[str, Any]] | None = None  # what was recorded (`record`): dataset features per step
+    interventions: int = 0  # steps the expert took over
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -57,10 +59,14 @@ def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
 
 def run_episodes(runner: ChunkRunner | StreamRunner, episodes: list[tuple[str, int]], *, env: str = "metaworld",
                  size: int = 64, wrist: bool = False, max_steps: int = 300, film: set[tuple[str, int]] = frozenset(),
-                 video_size: int = 256, log: Callable[[str], None] | None = None
+                 video_size: int = 256, record: bool = False, dagger: bool = False, takeover: int = 0,
+                 log: Callable[[str], None] | None = None
                  ) -> tuple[list[EpisodeResult], dict[tuple[str, int], list[np.ndarray]]]:
     """Closed-loop episodes (task, seed), each until success or max_steps; the ones in `film` are filmed at
-    video_size px from the policy's camera. Returns the results and the films."""
+    video_size px from the policy's camera. record: keep every step as a dataset frame (the simulator's features,
+    `action` the action executed). dagger: label every visited state with the scripted expert's action (`action`;
+    the policy's own is `action.policy`); takeover > 0: where the robot has not moved for `takeover` steps, the expert
+    acts for as many (marked `intervention`), then the policy again. Returns the results and the films."""
     results: list[EpisodeResult] = []
     films: dict[tuple[str, int], list[np.ndarray]] = {}
     sim = simulator(env)
@@ -73,17 +79,39 @@ def run_episodes(runner: ChunkRunner | StreamRunner, episodes: list[tuple[str, i
         torch.manual_seed(seed)  # the policy's noise (drawn in process) depends on the episode alone
         runner.reset()
         before = len(runner.inference_s)
-        success, steps = False, 0
+        success, steps, expert_steps, interventions = False, 0, 0, 0
         frames = films.setdefault((task, seed), []) if (task, seed) in film else None
+        recorded: list[dict[str, Any]] | None = [] if record or dagger else None
+        states: list[np.ndarray] = []
         while steps < max_steps and not success:
             obs = scene.observation()
             if frames is not None:
                 frames.append(caption(scene.render(size=video_size), scene.prompt, steps, False))
-            success = scene.step(runner.next_action(obs))
+            label = scene.expert_action() if dagger else None
+            states.append(scene.state())
+            if takeover and not expert_steps and len(states) > takeover and \
+                    np.abs(states[-1] - states[-1 - takeover]).max() < STALLED:
+                expert_steps = takeover  # the policy stalls: the expert takes over for a while
+            if expert_steps:
+                action, chosen = scene.expert_action(), None
+                expert_steps -= 1
+                interventions += 1
+                if not expert_steps:
+                    runner.reset()  # the policy resumes from where the expert left the robot
+            else:
+                chosen = action = runner.next_action(obs)
+            if recorded is not None:
+                step = {**sim.record_frame(obs, wrist), "action": label if dagger else action,
+                        "intervention": chosen is None, "chunk_index": max(0, len(runner.inference_s) - before - 1),
+                        "latency_s": runner.inference_s[-1] if len(runner.inference_s) > before else 0.0}
+                if dagger:
+                    step["action.policy"] = action if chosen is None else chosen
+                recorded.append(step)
+            success = scene.step(action)
             steps += 1
         if frames is not None:
             frames += [caption(scene.render(size=video_size), scene.prompt, steps, success)] * (sim.FPS // 2)
-        results.append(EpisodeResult(task, seed, success, steps, runner.inference_s[before:]))
+        results.append(EpisodeResult(task, seed, success, steps, runner.inference_s[before:], recorded, interventions))
         if log:
             log(f"{task} seed {seed}: {'success' if success else 'failure'} after {steps} steps")
     for scene in envs.values():
@@ -91,21 +119,49 @@ def run_episodes(runner: ChunkRunner | StreamRunner, episodes: list[tuple[str, i
     return results, films
 
 
+STALLED = 1e-3  # the largest state change over `takeover` steps that counts as not moving
+
+
+def record_episodes(results: list[EpisodeResult], root: str | os.PathLike, *, env: str, size: int, wrist: bool,
+                    dagger: bool, info: dict[str, Any]) -> dict[str, Any]:
+    """The recorded episodes into a LeRobot v3 dataset at `root` (appended where one of the same features is)."""
+    from pi0.data.recorder import Recorder
+
+    sim = simulator(env)
+    features = sim.features(size, wrist)
+    if dagger:
+        features["action.policy"] = dict(features["action"])
+    rec = Recorder(root, fps=sim.FPS, features=features, robot_type=sim.ROBOT, max_queue=len(results) + 1,
+                   info={"env": env, "mode": "dagger" if dagger else "policy", **info})
+    for r in results:
+        for f in r.frames or []:
+            rec.add({k: v for k, v in f.items() if k not in ("intervention", "chunk_index", "latency_s")},
+                    sim.instruction(r.task), intervention=f["intervention"], chunk_index=f["chunk_index"],
+                    latency_s=f["latency_s"])
+        rec.end_episode(r.success)
+    out = rec.close()
+    out["expert_labels"] = sum(len(r.frames or []) for r in results) if dagger else 0
+    out["interventions"] = sum(r.interventions for r in results)
+    return out
+
+
 def evaluate(make_runner: Callable[[], ChunkRunner | StreamRunner], tasks: list[str], episodes: int, *,
              env: str = "metaworld", size: int = 64, wrist: bool = False, max_steps: int = 300, seed: int | None = None,
-             video: str | os.PathLike | None = None, workers: int = 1,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             video: str | os.PathLike | None = None, workers: int = 1, record: str | os.PathLike | None = None,
+             dagger: bool = False, takeover: int = 0, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Closed-loop success of a policy: `episodes` episodes per task (seeds seed, seed + 1, ...). make_runner:
     a picklable function that builds the policy's runner; with workers > 1 each of that many processes builds
     its own and takes every workers-th episode (rendering is single-threaded: one process per core). The
     answers do not depend on `workers`. seed: default the simulator's EVAL_SEED. video: the first episode of every
-    task, to this mp4, and frames of each to a png beside it."""
+    task, to this mp4, and frames of each to a png beside it. record: every episode into a LeRobot v3 dataset there
+    (`dagger`, `takeover`: see `run_episodes`), in episode order whatever `workers`."""
     sim = simulator(env)
     sim.check_tasks(tasks)
     seed = sim.EVAL_SEED if seed is None else seed
     jobs = [(task, seed + k) for task in tasks for k in range(episodes)]
     film = {(task, seed) for task in tasks} if video is not None else set()
-    kw = dict(env=env, size=size, wrist=wrist, max_steps=max_steps, film=film)
+    kw = dict(env=env, size=size, wrist=wrist, max_steps=max_steps, film=film, record=record is not None,
+              dagger=dagger, takeover=takeover)
     if workers <= 1:
         results, films = run_episodes(make_runner(), jobs, log=log, **kw)
     else:
@@ -119,7 +175,11 @@ def evaluate(make_runner: Callable[[], ChunkRunner | StreamRunner], tasks: list[
         ordered = [films[key] for key in sorted(films, key=lambda k: tasks.index(k[0]))]
         write_video([frame for film in ordered for frame in film], video, sim.FPS)
         contact_sheet(ordered, Path(video).with_suffix(".png"), held=sim.FPS // 2)
-    return summarize(results)
+    report = summarize(results)
+    if record is not None:
+        report["recorded"] = record_episodes(results, record, env=env, size=size, wrist=wrist, dagger=dagger,
+                                             info={"seeds": [seed, seed + episodes - 1], "tasks": tasks})
+    return report
 
 
 def _episodes_worker(make_runner: Callable[[], Any], jobs: list[tuple[str, int]], kw: dict[str, Any], workers: int):

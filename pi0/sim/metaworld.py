@@ -174,3 +174,11 @@ def frame(env: MetaWorldEnv, wrist: bool) -> dict[str, Any]:
     if wrist:
         out["observation.images.wrist_image"] = env.render(WRIST_CAMERA)
     return out
+
+
+def record_frame(obs: dict[str, Any], wrist: bool) -> dict[str, Any]:
+    """A robot observation (the `metaworld` preset's keys) as the dataset's features."""
+    out = {"observation.images.image": obs["observation/image"], "observation.state": obs["observation/state"]}
+    if wrist:
+        out["observation.images.wrist_image"] = obs["observation/wrist_image"]
+    return out

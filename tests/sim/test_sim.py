@@ -173,3 +173,35 @@ def test_the_shipped_model_through_pi0_serve_with_rtc():
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_dagger_records_expert_labels_and_takeovers(tmp_path):
+    """pi0 eval --record --dagger --takeover: every visited state labelled with the expert's action, the policy's own
+    kept beside it, the expert taking over where the robot stalls (marked), success recorded; a second run appends."""
+    from pi0.cli.sim import run_eval
+    from pi0.data.dataset import LeRobotDataset
+
+    out = tmp_path / "dagger"
+    args = _eval_args(episodes=2, max_steps=30, record=str(out), dagger=True, takeover=5, dtype="float32")
+    report = run_eval(args)
+    rec = report["recorded"]
+    ds = LeRobotDataset(out)
+    assert rec["episodes"] == 2 and ds.num_episodes == 2 and rec["expert_labels"] == len(ds)
+    assert set(ds.features) >= {"action", "action.policy", "intervention", "next.success", "observation.images.image"}
+    from pi0.sim.metaworld import MetaWorldEnv
+
+    env = MetaWorldEnv(SHIPPED_TASK, 64)
+    env.reset(10000)  # the first episode's scene (the first evaluation seed)
+    assert np.allclose(ds[0]["action"], env.expert_action(), atol=1e-6)  # the label is the expert's
+    env.close()
+    took = ds.column("intervention").reshape(-1).astype(bool)
+    assert took.sum() == rec["interventions"]
+    if took.any():  # where the expert acted, the recorded policy action is what was executed: the expert's
+        i = int(np.argmax(took))
+        assert np.allclose(ds[i]["action.policy"], ds[i]["action"], atol=1e-6)
+    success = ds.column("next.success").reshape(-1).astype(bool)
+    assert success.sum() == sum(round(r["success"] * r["episodes"]) for r in report["tasks"].values())
+    run_eval(_eval_args(episodes=1, max_steps=10, record=str(out), dagger=True, dtype="float32"))
+    assert LeRobotDataset(out).num_episodes == 3
+    with pytest.raises(ValueError, match="give --record"):
+        run_eval(_eval_args(episodes=1, dagger=True, dtype="float32"))
