@@ -12,8 +12,9 @@ from typing import Any
 class TrainArgs:
     """One run's options (`pi0 train --help` says each)."""
 
-    dataset: str
+    dataset: str | list[str]  # one LeRobot v3 dataset, or several of one robot (mixed)
     out: str
+    weights: list[float] | None = None  # per dataset: how often a sample comes from it (None: by size)
     init: str | None = None  # a checkpoint to fine-tune
     download: bool = False  # fetch --init's hub id if it is not in the huggingface_hub cache
     size: str | None = None  # or a model size (pi0.model.config.SIZES) / a Pi0Config JSON file: seeded random weights
@@ -46,6 +47,14 @@ class TrainArgs:
     workers: int = 0
     log_every: int = 10
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dataset, (list, tuple)) and len(self.dataset) == 1:
+            self.dataset = self.dataset[0]  # one dataset: its path, as runs saved before mixtures say it
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(self.dataset) if isinstance(self.dataset, (list, tuple)) else [self.dataset]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,7 +17,10 @@ from pi0.train.trainer import TRAIN_STATE, Trainer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", help="a LeRobot v3 dataset: a directory or a hub repo id in the local cache")
+    p.add_argument("--dataset", action="append", help="a LeRobot v3 dataset: a directory or a hub repo id in the local "
+                   "cache; repeat it to mix datasets of one robot (demonstrations, recorded deployments, DAgger labels)")
+    p.add_argument("--weights", default=None, help="with several --dataset: how often a sample comes from each, "
+                   "comma-separated (e.g. 1,2; default: in proportion to their frames)")
     p.add_argument("--init", default=None, help="the checkpoint to fine-tune (any layout pi0 reads)")
     p.add_argument("--download", action="store_true", help="fetch --init's hub repo id if it is not in the "
                    "huggingface_hub cache (pi0 downloads nothing otherwise)")
@@ -72,9 +75,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
     fields = {f.name for f in dataclasses.fields(TrainArgs)}
     d = {k: v for k, v in vars(ns).items() if k in fields and v is not None}
+    return TrainArgs(**_lists(d))
+
+
+def _lists(d: dict[str, Any]) -> dict[str, Any]:
+    """The comma-separated options as lists (--cameras, --weights)."""
     if isinstance(d.get("cameras"), str):
         d["cameras"] = [c.strip() for c in d["cameras"].split(",") if c.strip()]
-    return TrainArgs(**d)
+    if isinstance(d.get("weights"), str):
+        try:
+            d["weights"] = [float(w) for w in d["weights"].split(",") if w.strip()]
+        except ValueError:
+            raise ValueError(f"--weights {d['weights']!r}: give numbers separated by commas, one per --dataset") from None
+    if isinstance(d.get("dataset"), list) and len(d["dataset"]) == 1:
+        d["dataset"] = d["dataset"][0]
+    return d
 
 
 def resume_dir(path: str | os.PathLike) -> Path:
@@ -96,8 +111,7 @@ def resume_conflicts(ns: argparse.Namespace, saved: dict[str, Any]) -> list[str]
     default = vars(parser.parse_args([]))
     fields = {f.name for f in dataclasses.fields(TrainArgs)} - set(RESUME_MAY_CHANGE)
     given = {k: v for k, v in vars(ns).items() if k in fields and v != default.get(k)}
-    if isinstance(given.get("cameras"), str):
-        given["cameras"] = [c.strip() for c in given["cameras"].split(",") if c.strip()]
+    given = _lists(given)
     return [f"--{k.replace('_', '-')} {v} (the run has {saved.get(k)})" for k, v in given.items() if v != saved.get(k)]
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pi0.data.dataset import LeRobotDataset
+from pi0.data.mixture import DatasetMixture
 from pi0.model.config import Pi0Config
 from pi0.model.functional import sample_time
 from pi0.model.observation import Observation
@@ -51,7 +52,7 @@ class TrainingData:
     observation), images augmented, the action chunk through `pipeline.actions_in`, zero-padded to the model's
     action width."""
 
-    def __init__(self, dataset: LeRobotDataset, config: Pi0Config, cameras: list[str | None], pipeline: Pipeline,
+    def __init__(self, dataset: LeRobotDataset | DatasetMixture, config: Pi0Config, cameras: list[str | None], pipeline: Pipeline,
                  augment: bool, seed: int):
         assert len(cameras) == len(pipeline.cameras), (len(cameras), len(pipeline.cameras))
         self.ds, self.config, self.cameras, self.pipeline = dataset, config, cameras, pipeline
@@ -112,6 +113,8 @@ class StepBatches(torch.utils.data.Dataset):
         return self.steps - self.start
 
     def _index(self, position: int) -> int:
+        if isinstance(self.data.ds, DatasetMixture) and self.data.ds.weights is not None:
+            return self.data.ds.draw(self.seed, position)
         n = len(self.data)
         epoch, k = divmod(position, n)
         if epoch not in self._orders:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from pi0.data.dataset import DatasetError, LeRobotDataset
+from pi0.data.mixture import DatasetMixture
 from pi0.hardware import peak_gpu_gib, peak_rss_gib, resolve_device, resolve_dtype
 from pi0.model.config import size_config
 from pi0.model.features import feature_fields, features
@@ -77,7 +78,10 @@ class Trainer:
         self.dtype, self.dtype_reason = resolve_dtype(args.dtype, self.device)
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"training runs in float32 or bfloat16 autocast, not {self.dtype}")
-        self.ds = LeRobotDataset(args.dataset)
+        if len(args.datasets) > 1 or args.weights is not None:
+            self.ds = DatasetMixture([LeRobotDataset(d) for d in args.datasets], args.weights)
+        else:
+            self.ds = LeRobotDataset(args.datasets[0])
         self._model_and_config()
         self.ds.horizon = self.config.action_horizon  # samples carry the model's action chunk
         self._check_dataset()
@@ -341,7 +345,7 @@ class Trainer:
 
     @property
     def asset_id(self) -> str:
-        return Path(str(self.args.dataset).rstrip("/")).name or "dataset"
+        return "+".join(Path(str(d).rstrip("/")).name for d in self.args.datasets) or "dataset"
 
     def _config_fields(self, step: int) -> dict[str, Any]:
         """What config.json carries beside the model: the features pi0.Policy's pipeline reads (cameras in slot
@@ -357,7 +361,7 @@ class Trainer:
                 if k not in ("pi0", "input_features", "output_features", "robot_preset")}
         fields = feature_fields(cams, state, ds.shape(ACTION_KEY)[0], self.norm_mode, self.args.state_in_prompt,
                                 self.robot.name if self.robot is not None else None)
-        return {**keep, **fields, "pi0_train": {"dataset": str(self.args.dataset), "step": step, "cameras": self.cameras,
+        return {**keep, **fields, "pi0_train": {"dataset": self.args.dataset, "step": step, "cameras": self.cameras,
                                                 "asset_id": self.asset_id, "args": self.args.to_dict()}}
 
     # -- the loop ---------------------------------------------------------------------------------

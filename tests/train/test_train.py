@@ -53,7 +53,7 @@ def dataset(tmp_path_factory):
 
 
 def args(dataset, out, **kw) -> TrainArgs:
-    base = dict(dataset=str(dataset), out=str(out), size="tiny", steps=6, batch=4, lr=1e-3, action_horizon=4,
+    base = dict(dataset=dataset if isinstance(dataset, list) else str(dataset), out=str(out), size="tiny", steps=6, batch=4, lr=1e-3, action_horizon=4,
                 log_every=1, progress=False, dtype="float32")
     return TrainArgs(**{**base, **kw})
 
@@ -359,3 +359,32 @@ def test_fine_tuning_a_lerobot_checkpoint_with_its_camera_slots(tmp_path):
            "observation.images.wrist": np.zeros((32, 32, 3), np.uint8),
            "observation.state": np.zeros(6, np.float32), "prompt": "open the drawer"}
     assert policy.infer(obs)["actions"].shape == (t.config.action_horizon, 6)
+
+
+def test_datasets_mix_with_weights(tmp_path, dataset):
+    """pi0 train --dataset A --dataset B --weights 1,3: samples come from each in proportion to its weight, the norm
+    stats are those of all their frames, the tasks of both tokenised, and datasets of another robot refused."""
+    from pi0.data.dataset import LeRobotDataset
+    from pi0.train.command import add_arguments, args_from_namespace
+    import argparse
+
+    other = write_dataset(tmp_path / "other", episodes=3, seed=5)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = args_from_namespace(p.parse_args(["--dataset", str(dataset), "--dataset", str(other), "--weights", "1,3",
+                                          "--out", str(tmp_path / "run")]))
+    assert a.datasets == [str(dataset), str(other)] and a.weights == [1.0, 3.0]
+    t = Trainer(args([str(dataset), str(other)], tmp_path / "run", weights=[1.0, 3.0], steps=2))
+    n_first = len(LeRobotDataset(dataset))
+    draws = [t.ds.draw(0, p) for p in range(4000)]
+    share = np.mean([d >= n_first for d in draws])
+    assert abs(share - 0.75) < 0.03, share  # the second dataset, weight 3 of 4
+    both = np.concatenate([LeRobotDataset(dataset).column("action"), LeRobotDataset(other).column("action")])
+    assert np.allclose(t.action_stats.mean, both.mean(0), atol=1e-6)
+    ckpt = t.run()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["pi0_train"]["dataset"] == [str(dataset), str(other)]
+    pi0.Policy(ckpt, backend="reference", dtype="float32")  # serves
+    wrong = write_dataset(tmp_path / "wrong", episodes=2, action_dim=5)
+    with pytest.raises(DatasetError, match="differ"):
+        Trainer(args([str(dataset), str(wrong)], tmp_path / "run2"))
