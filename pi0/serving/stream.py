@@ -55,14 +55,18 @@ class ActionStream:
     "raise" or "wait" (module docstring). on_error(exc): called once per failed request. reconnect: makes a new
     client after a failure (e.g. `lambda: WebsocketClientPolicy(host, port)`). backoff_s: (first, max) delay
     between retries. executor / clock: where requests run and what time is (a thread per request and
-    time.monotonic; tests and simulations pass a simulated pair)."""
+    time.monotonic; tests and simulations pass a simulated pair). record: a directory to record every tick into as a
+    LeRobot v3 dataset (`pi0.data.recorder`: the observation, the action executed, its chunk and latency; episodes
+    end at `end_episode()` and `close()`; `pip install 'pi0[train]'`), written in the background, never
+    stalling the loop."""
 
     def __init__(self, policy: InferClient, control_hz: float, *, refill_at: int | None = None, rtc: bool = True,
                  execution_horizon: int | None = None, schedule: str | None = None,
                  max_guidance_weight: float | None = None, timeout_s: float = 10.0, on_empty: str = "hold",
                  on_error: Callable[[BaseException], None] | None = None,
                  reconnect: Callable[[], InferClient] | None = None, backoff_s: tuple[float, float] = (0.1, 5.0),
-                 executor: Executor | None = None, clock: Callable[[], float] = time.monotonic):
+                 executor: Executor | None = None, clock: Callable[[], float] = time.monotonic,
+                 record: str | None = None):
         if control_hz <= 0:
             raise ValueError(f"control_hz must be > 0, got {control_hz}")
         if on_empty not in ON_EMPTY:
@@ -92,6 +96,14 @@ class ActionStream:
         self._retry_at = -math.inf
         self._failures_in_a_row = 0
         self._lock = threading.Lock()
+        self.last_latency_s = 0.0
+        self.record_errors = 0
+        self.recorder = None
+        if record is not None:
+            from pi0.data.recorder import ObservationRecorder
+
+            self.recorder = ObservationRecorder(record, fps=max(1, round(control_hz)), robot_type=None,
+                                                info={"side": "robot", "control_hz": control_hz, "rtc": rtc})
 
     @classmethod
     def connect(cls, host: str, port: int, control_hz: float, *, api_key: str | None = None,
@@ -168,6 +180,7 @@ class ActionStream:
     def _take(self, reply: dict[str, Any], latency: float) -> None:
         """Replace the queue by a reply's chunk, minus the actions executed while it ran."""
         self.max_latency_s = max(self.max_latency_s, latency)
+        self.last_latency_s = latency
         actions = np.asarray(reply["actions"], dtype=np.float32)
         model = reply.get("model_actions")
         model = None if model is None else np.asarray(model, dtype=np.float32)
@@ -231,10 +244,27 @@ class ActionStream:
             self.ticks += 1
             if self.pending is None and len(self.queue) <= (self.refill_at or 0) and self.clock() >= self._retry_at:
                 self._request(obs)
+            if self.recorder is not None:
+                self._record(obs, action)
             return action
 
-    def close(self) -> None:
+    def _record(self, obs: dict[str, Any], action: np.ndarray) -> None:
+        try:
+            self.recorder.add(obs, action, chunk_index=max(0, self.chunks - 1), latency_s=self.last_latency_s)
+        except Exception as e:  # noqa: BLE001 - the robot keeps moving; the count and the log say what was lost
+            self.record_errors += 1
+            if self.record_errors == 1:
+                log.error("recording stopped for this tick and may miss others: %s", e)
+
+    def end_episode(self, success: bool | None = None) -> None:
+        """Recording: the episode ends here (`success` if known); the next tick starts another."""
+        if self.recorder is not None:
+            self.recorder.end_episode(success)
+
+    def close(self) -> dict[str, Any] | None:
+        """Stop requesting; with `record`, end the episode, write what is queued and return the recording's counts."""
         self.executor.shutdown(wait=False)
+        return None if self.recorder is None else {**self.recorder.close(), "record_errors": self.record_errors}
 
 
 def _new_executor() -> ThreadPoolExecutor:
