@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real-time chunking: prefix weight schedule for requests that leave it out")
     p.add_argument("--rtc-max-guidance", type=float, default=MAX_GUIDANCE_WEIGHT, help="real-time chunking: guidance "
                    "cap for requests that leave it out")
+    p.add_argument("--record", default=None, metavar="DIR", help="record every answered request (its observation and "
+                   "the chunk returned) into a LeRobot v3 dataset, an episode per connection or up to a request whose "
+                   "observation has episode_done: true (and episode_success); docs/recording.md")
+    p.add_argument("--record-fps", type=int, default=10, help="the recorded dataset's frame rate (the server "
+                   "sees requests, not control ticks)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="write a checkpoint in another layout (e.g. openpi Orbax -> safetensors)")

@@ -112,13 +112,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "can drive the policy (--api-key-file or PI0_API_KEY)", file=sys.stderr)
     limits = server_limits(args)  # checked before the model loads: limits that admit no robot are refused now
     rtc_defaults(args)
+    record = getattr(args, "record", None)
     if args.replicas is not None:
+        if record is not None:
+            raise ValueError("--record writes one dataset from one process: serve without --replicas to record")
         from pi0.serving import ray_serve
 
         return ray_serve.run(args, key, policy_kwargs(args), limits)
     policy = _policy(args)
     print(f"policy: {policy.metadata}", file=sys.stderr, flush=True)
-    server = PolicyServer(policy, args.host, args.port, api_key=key, **dataclasses.asdict(limits))
+    recorder = None
+    if record is not None:
+        from pi0.data.recorder import ObservationRecorder
+
+        recorder = ObservationRecorder(record, fps=args.record_fps, info={
+            "side": "server", "frames": "one per answered request: its observation, the first action of the chunk "
+            "returned (action) and the whole chunk (action.chunk); an episode per connection, or up to a request "
+            "whose observation carries episode_done", "checkpoint": str(args.checkpoint)})
+    server = PolicyServer(policy, args.host, args.port, api_key=key, recorder=recorder, **dataclasses.asdict(limits))
     try:
         server.run()
     except KeyboardInterrupt:

@@ -115,16 +115,16 @@ def encode_reply(rows: list[Any], timing: dict[str, Any], explicit: bool, prev_t
 
 
 def decode_and_prepare(policy: InferPolicy, message: bytes | str, max_message_bytes: int, max_batch: int,
-                       metrics: ServerMetrics) -> tuple[list[Any], bool]:
-    """(each row prepared, or its BadRequest / InternalError; whether it was an explicit batch): run off the
-    event loop. A message that is not even a request raises (see `refusal`)."""
+                       metrics: ServerMetrics) -> tuple[list[Any], bool, list[Any]]:
+    """(each row prepared, or its BadRequest / InternalError; whether it was an explicit batch; the rows' decoded
+    observations): run off the event loop. A message that is not even a request raises (see `refusal`)."""
     t0 = time.perf_counter()
     request = decode_request(message, max_message_bytes)
     explicit = "batch" in request
     observations = batch_rows(request, max_batch) if explicit else [request]
     rows = prepare_rows(policy, observations)
     metrics.observe("preprocess", (time.perf_counter() - t0) / len(rows))
-    return rows, explicit
+    return rows, explicit, observations
 
 
 def refusal(e: BaseException, metrics: ServerMetrics) -> str:

@@ -20,6 +20,8 @@ Beyond openpi's server (docs/serving.md has the whole story):
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncio
 import dataclasses
 import http
@@ -64,9 +66,10 @@ class PolicyServer(Service):
     def __init__(self, policy: InferPolicy, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                  max_message_bytes: int = 16 << 20, max_batch: int = 8, batch_wait_ms: float = 5.0,
                  max_connections: int = 256, ping_interval_s: float | None = 20.0, name: str | None = None,
-                 max_inflight_bytes: int | None = None, prepare_threads: int = 2, max_errors: int = 20):
+                 max_inflight_bytes: int | None = None, prepare_threads: int = 2, max_errors: int = 20,
+                 recorder: Any = None):
         super().__init__(policy, Limits(max_message_bytes, max_batch, batch_wait_ms, max_connections,
-                                        max_inflight_bytes, max_errors), name, prepare_threads)
+                                        max_inflight_bytes, max_errors), name, prepare_threads, recorder)
         self.host, self.port = host, port
         self.api_key = api_key
         self.ping_interval_s = ping_interval_s

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from pi0.serving import msgpack_numpy
 from pi0.serving.limits import Budget, Conduct, Limits
 from pi0.serving.metrics import ServerMetrics
@@ -80,8 +82,13 @@ class Service:
     off the event loop in lower-priority threads, dynamic batching on one model thread, errors, metrics, and each
     connection's session. `start()` before the first session, `stop()` at the end."""
 
-    def __init__(self, policy: InferPolicy, limits: Limits, name: str | None = None, prepare_threads: int = 2):
+    def __init__(self, policy: InferPolicy, limits: Limits, name: str | None = None, prepare_threads: int = 2,
+                 recorder: Any = None):
+        """recorder: a `pi0.data.recorder.ObservationRecorder` that gets every answered request's observation and
+        chunk (one episode per connection, or up to a request whose observation says "episode_done")."""
         self.policy, self.limits, self.name = policy, limits, name  # name: server_timing.replica when set
+        self.recorder = recorder
+        self._record_lock = threading.Lock()
         self.budget = Budget(limits.inflight_bytes)
         self.metrics = ServerMetrics(name)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
@@ -96,7 +103,28 @@ class Service:
     def stop(self) -> None:
         self.jobs.put(None)
         self.worker.join(timeout=60)
-        self.decoder.shutdown(wait=False)
+        self.decoder.shutdown(wait=self.recorder is not None)  # recording: what was answered is written
+        if self.recorder is not None:
+            counts = self.recorder.close()
+            log.info("recorded %s episodes into %s (%s requests of another shape not recorded)",
+                     counts.get("episodes"), counts.get("root"), counts.get("mismatched"))
+
+    def _record(self, key: Any, observations: list[Any], results: list[Any], end: bool = False) -> None:
+        """The answered rows of one request into the recording (on a preparing thread, after the reply went out)."""
+        try:
+            with self._record_lock:
+                for obs, result in zip(observations, results):
+                    if isinstance(result, dict) and isinstance(obs, dict):
+                        chunk = np.asarray(result["actions"])
+                        timing = result.get("policy_timing", {})
+                        self.recorder.add(obs, chunk[0], chunk=chunk, latency_s=timing.get("infer_ms", 0.0) / 1000.0,
+                                          key=key)
+                        if obs.get("episode_done"):
+                            self.recorder.end_episode(bool(obs.get("episode_success", False)), key)
+                if end:
+                    self.recorder.end_episode(None, key)
+        except Exception as e:  # noqa: BLE001 - recording never costs a robot its answer
+            log.error("recording failed for a request: %s", e)
 
     # -- admission --------------------------------------------------------------------------------
 
@@ -129,6 +157,8 @@ class Service:
         except Gone:
             pass
         finally:
+            if self.recorder is not None:  # the connection's episode ends with it
+                self.decoder.submit(self._record, id(link), [], [], True)
             self.connections -= 1
             self.budget.give(self.limits.reserved)
             self.metrics.set_connections(self.connections)
@@ -149,8 +179,10 @@ class Service:
             answer = await self.answer(loop, message, link.closed, prev_total_ms)  # within the reservation
             if answer is None:  # the client went away: its request is dropped
                 return
-            reply, rows = answer
+            reply, rows, observations = answer
             await link.send(reply)
+            if self.recorder is not None and rows:
+                self.decoder.submit(self._record, id(link), observations, rows)
             prev_total_ms = (time.perf_counter() - t0) * 1000.0
             wait = conduct.answered(failed_request(reply, rows))
             if conduct.exhausted:
@@ -164,15 +196,15 @@ class Service:
                 await asyncio.wait({link.closed}, timeout=wait)
 
     async def answer(self, loop: asyncio.AbstractEventLoop, message: bytes | str, closed: asyncio.Future,
-                     prev_total_ms: float | None) -> tuple[bytes | str, list[Any] | None] | None:
-        """(the reply, each row's result or exception; None for a message that was no request), or None when the
-        client left before its answer."""
+                     prev_total_ms: float | None) -> tuple[bytes | str, list[Any] | None, list[Any]] | None:
+        """(the reply, each row's result or exception (None for a message that was no request), the rows'
+        observations), or None when the client left before its answer."""
         try:
-            rows, explicit = await loop.run_in_executor(self.decoder, decode_and_prepare, self.policy, message,
+            rows, explicit, observations = await loop.run_in_executor(self.decoder, decode_and_prepare, self.policy, message,
                                                         self.limits.max_message_bytes, self.limits.max_batch,
                                                         self.metrics)
         except Exception as e:  # noqa: BLE001 - a bad request, or a bug of ours (an id for the client)
-            return refusal(e, self.metrics), None
+            return refusal(e, self.metrics), None, []
         good = [r for r in rows if not isinstance(r, Exception)]
         results: list[Any] = list(rows)
         timing: dict[str, Any] = {"infer_ms": 0.0, "queue_ms": 0.0, "batch_size": 0}
@@ -189,7 +221,7 @@ class Service:
         t = time.perf_counter()
         reply = encode_reply(results, timing, explicit, prev_total_ms)
         self.metrics.observe("postprocess", time.perf_counter() - t)
-        return reply, results
+        return reply, results, observations
 
     # -- the model thread -------------------------------------------------------------------------
 

@@ -58,3 +58,36 @@ def test_a_tick_of_another_shape_is_skipped_not_raised(tmp_path, policy):
     stream.next_action(odd)  # the robot still gets its action
     counts = stream.close()
     assert counts["mismatched"] == 1 and LeRobotDataset(tmp_path / "rec").num_episodes == 1
+
+
+def test_a_server_records_each_request_and_the_chunk_it_got(tmp_path, policy):
+    """pi0 serve --record: one frame per answered request (its observation, the chunk's first action, the whole
+    chunk), an episode per connection or up to episode_done; a bad request is not recorded."""
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    from pi0.data.recorder import ObservationRecorder
+    from tests.serving.test_server import Running
+
+    running = Running(policy, recorder=ObservationRecorder(tmp_path / "rec", fps=10, info={"side": "server"}))
+    try:
+        a = WebsocketClientPolicy(host="127.0.0.1", port=running.port)
+        chunks = [a.infer(robot_obs(0))["actions"]]
+        chunks.append(a.infer({**robot_obs(1), "episode_done": True, "episode_success": True})["actions"])
+        chunks.append(a.infer(robot_obs(2))["actions"])
+        with pytest.raises(Exception):
+            a.infer({**robot_obs(3), "observation/state": np.zeros(3, np.float32)})  # wrong width: not recorded
+        b = WebsocketClientPolicy(host="127.0.0.1", port=running.port)
+        chunks.append(b.infer(robot_obs(4))["actions"])
+        a._ws.close()
+        b._ws.close()
+    finally:
+        running.close()
+    ds = LeRobotDataset(tmp_path / "rec")
+    assert ds.num_episodes == 3 and len(ds) == 4  # [0, 1] (episode_done), [2] (connection closed), [4]
+    assert sorted(e["length"] for e in ds.episodes) == [1, 1, 2]
+    by_state = {int(ds[i]["observation.state"][0]): ds[i] for i in range(len(ds))}
+    for tick, chunk in zip((0, 1, 2, 4), chunks):
+        item = by_state[tick]
+        assert np.allclose(item["action.chunk"], np.asarray(chunk).reshape(-1), atol=1e-6)
+        assert np.allclose(item["action"], np.asarray(chunk)[0], atol=1e-6)
+    assert bool(by_state[1]["next.success"]) and bool(by_state[1]["next.done"])
