@@ -74,12 +74,9 @@ class Recorder:
         task, frames = self._open.pop(key, (None, []))
         if not frames:
             return False
-        episode = {k: np.stack([np.asarray(f[k]) for f in frames]) for k in frames[0]}
         n = len(frames)
-        episode["next.done"] = (np.arange(n) == n - 1)[:, None]
-        episode["next.success"] = np.full((n, 1), False) if not success else (np.arange(n) == n - 1)[:, None]
         try:
-            self._queue.put_nowait((episode, task))
+            self._queue.put_nowait((frames, task, bool(success)))  # stacked by the writer, not by the robot's loop
             return True
         except queue.Full:
             self.dropped_episodes += 1
@@ -94,7 +91,11 @@ class Recorder:
             try:
                 if item is None:
                     return
-                episode, task = item
+                frames, task, success = item
+                n = len(frames)
+                episode = {k: np.stack([np.asarray(f[k]) for f in frames]) for k in frames[0]}
+                episode["next.done"] = (np.arange(n) == n - 1)[:, None]
+                episode["next.success"] = np.full((n, 1), False) if not success else (np.arange(n) == n - 1)[:, None]
                 self.writer.add_episode(episode, task)
                 self.recorded_episodes += 1
             except Exception as e:  # noqa: BLE001 - reported by close(); the robot keeps moving
