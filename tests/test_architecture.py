@@ -18,7 +18,7 @@ ROOMS: dict[str, set[str]] = {
     "pi0.backends.engine": {"pi0.model"},  # the fast runtime
     "pi0.backends": {"pi0.model", "pi0.checkpoint", "pi0.backends.reference", "pi0.backends.engine"},  # the registry
     "pi0.robot": {"pi0.model", "pi0.checkpoint", "pi0.backends"},  # observation pipelines, presets, Policy
-    "pi0.serving": {"pi0.model", "pi0.robot"},  # the service, its transports, the robot side
+    "pi0.serving": {"pi0.model", "pi0.robot", "pi0.data"},  # the service, its transports, the robot side (recording)
     "pi0.train": {"pi0.model", "pi0.checkpoint", "pi0.backends", "pi0.robot", "pi0.data"},
     "pi0.sim": {"pi0.model", "pi0.data", "pi0.robot", "pi0.serving"},
     "pi0.cli": {"pi0.model", "pi0.data", "pi0.checkpoint", "pi0.backends", "pi0.backends.reference",

@@ -53,6 +53,7 @@ KNOWN = {
     r"pi0 eval --env metaworld --episodes 20": "table",
     r"python benchmarks/serve_load\.py .*": "table",
     r"python benchmarks/serve_soak\.py .*": "table",
+    r"python benchmarks/record_cost\.py.*": "table",
 }
 
 
@@ -190,7 +191,7 @@ def _table() -> list[list[str]]:
 def test_the_numbers_tables_commands_run():
     """Each command of the README's numbers table, at tiny size: `pi0 bench` on the tiny model, the
     shipped model's evaluation on one episode, the load benchmark for a second (its robots: 1 and 2), the soak's
-    short form (tests/serving/test_soak.py runs it and checks its bounds)."""
+    short form (tests/serving/test_soak.py runs it and checks its bounds), the recorder's cost on a few ticks."""
     table = _table()
     assert table, "the README's numbers table shows no command"
     for words in table:
@@ -205,5 +206,10 @@ def test_the_numbers_tables_commands_run():
             out = _run(sys.executable, *_without(words[1:], "--seconds", "--robots"), "--seconds", "1", "--robots",
                        "1", "2", cwd=ROOT).stdout
             assert len(out.splitlines()) >= 3
+        elif "record_cost.py" in words[1]:
+            out = _run(sys.executable, *_without(words[1:], "--ticks", "--episodes", "--seconds", "--clients"),
+                       "--ticks", "12", "--episodes", "1", "--seconds", "1", "--clients", "1", cwd=ROOT).stdout
+            report = json.loads(out)
+            assert report["killed_mid_episode"]["episodes_read"] == 3 and "cost_of_tick_pct" in report["loop_50hz"]
         else:
             assert "serve_soak.py" in words[1], words

@@ -205,3 +205,17 @@ def test_dagger_records_expert_labels_and_takeovers(tmp_path):
     assert LeRobotDataset(out).num_episodes == 3
     with pytest.raises(ValueError, match="give --record"):
         run_eval(_eval_args(episodes=1, dagger=True, dtype="float32"))
+
+
+def test_the_dagger_rounds_script_runs_end_to_end(tmp_path):
+    """tools/dagger_rounds.py at the smallest settings: demonstrations collected, the shipped model evaluated, one
+    round of DAgger labels, a fine-tune on demonstrations and labels together, its evaluation and the report."""
+    r = subprocess.run([sys.executable, "tools/dagger_rounds.py", "--work", str(tmp_path), "--tasks", SHIPPED_TASK,
+                        "--rounds", "1", "--episodes", "1", "--eval-episodes", "1", "--demos", "1", "--steps", "1",
+                        "--batch", "2", "--max-steps", "15", "--workers", "1"],
+                       cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600,
+                       env=cli_env())
+    assert r.returncode == 0, r.stderr[-2000:] + (tmp_path / "log.txt").read_text()[-3000:]
+    report = json.loads((tmp_path / "rounds.json").read_text())
+    assert report["rounds"][0]["expert_labels_total"] > 0 and "round 1" in r.stdout
+    assert (tmp_path / "round-1" / "latest" / "config.json").exists()
