@@ -123,7 +123,7 @@ class ObservationRecorder:
     and, where whole chunks are recorded (a server), the chunk flattened as `action.chunk`. A frame of another shape
     than the first is not recorded (counted in `mismatched`), never raised into the caller's loop."""
 
-    SKIP = ("prompt", "rtc", "episode_done", "episode_success")  # request fields that are no robot features
+    SKIP = ("prompt", "task", "rtc", "episode_done", "episode_success")  # request fields that are no robot features
 
     def __init__(self, root: str | os.PathLike, *, fps: int, robot_type: str | None = None, max_queue: int = 4,
                  info: dict[str, Any] | None = None):
@@ -131,6 +131,7 @@ class ObservationRecorder:
         self.recorder: Recorder | None = None
         self.layout: tuple[list[tuple[str, str]], list[str]] | None = None  # (images: key -> feature, state keys)
         self.mismatched = 0
+        self.error: Exception | None = None  # the recording could not start (another dataset in `root`, say)
 
     def _features(self, obs: dict[str, Any], action: np.ndarray, chunk: np.ndarray | None) -> None:
         images, state, feats = [], [], {}
@@ -160,10 +161,17 @@ class ObservationRecorder:
             latency_s: float = 0.0, intervention: bool = False, key: Any = None) -> bool:
         """One step (or one request): the observation, the action executed (or the chunk's first) and, optionally,
         the whole chunk returned. Returns whether it was recorded."""
+        if self.error is not None:
+            return False
         action = np.asarray(action, dtype=np.float32).reshape(-1)
         chunk = None if chunk is None else np.asarray(chunk, dtype=np.float32).reshape(-1)
         if self.recorder is None:
-            self._features(obs, action, chunk)
+            try:
+                self._features(obs, action, chunk)
+            except Exception as e:  # noqa: BLE001 - said once; the caller's loop goes on without recording
+                self.error = e
+                log.error("recording into %s cannot start: %s", self.root, e)
+                return False
         images, state = self.layout
         try:
             frame = {name: _hwc(np.asarray(obs[k])) for k, name in images}
@@ -175,7 +183,7 @@ class ObservationRecorder:
             feats = self.recorder.features
             if any(np.shape(v) != tuple(feats[k]["shape"]) for k, v in frame.items()):
                 raise ValueError("another shape")
-            task = obs.get("prompt", "")
+            task = obs.get("prompt", obs.get("task", ""))  # openpi's name for the instruction, or LeRobot's
             task = task.decode() if isinstance(task, bytes) else str(task)
         except (KeyError, ValueError, TypeError):
             self.mismatched += 1
@@ -188,7 +196,7 @@ class ObservationRecorder:
 
     def close(self) -> dict[str, Any]:
         out = self.recorder.close() if self.recorder is not None else {"root": str(self.root), "episodes": 0}
-        return {**out, "mismatched": self.mismatched}
+        return {**out, "mismatched": self.mismatched, "error": None if self.error is None else str(self.error)}
 
 
 def _hwc(a: np.ndarray) -> np.ndarray:

@@ -91,3 +91,15 @@ def test_a_server_records_each_request_and_the_chunk_it_got(tmp_path, policy):
         assert np.allclose(item["action.chunk"], np.asarray(chunk).reshape(-1), atol=1e-6)
         assert np.allclose(item["action"], np.asarray(chunk)[0], atol=1e-6)
     assert bool(by_state[1]["next.success"]) and bool(by_state[1]["next.done"])
+
+
+def test_recording_into_another_robots_dataset_is_said_once_and_the_robot_keeps_moving(tmp_path, policy):
+    from tests.data.recording import record
+
+    record(tmp_path / "other", 1)  # another robot's features there
+    stream = ActionStream(policy, 10.0, record=str(tmp_path / "other"), on_empty="wait")
+    for tick in range(3):
+        assert stream.next_action(robot_obs(tick)).shape == (7,)
+    counts = stream.close()
+    assert "other features" in counts["error"] and counts["episodes"] == 0
+    assert LeRobotDataset(tmp_path / "other").num_episodes == 1  # untouched
