@@ -28,7 +28,7 @@ TASKS = "drawer-open-v3,drawer-close-v3,button-press-topdown-v3,window-open-v3,w
 
 def pi0(*args: str, log: Path) -> dict:
     """A `pi0` command whose --json report is returned; its stderr goes to `log`."""
-    cmd = [str(ROOT / ".venv" / "bin" / "pi0"), *args]
+    cmd = [str(Path(sys.executable).parent / "pi0"), *args]  # the pi0 of the Python running this
     with open(log, "a") as err:
         err.write(f"$ {' '.join(cmd)}\n")
         err.flush()
@@ -71,12 +71,18 @@ def main() -> None:
     common = ["--env", "metaworld", "--tasks", a.tasks, "--max-steps", str(a.max_steps), "--workers", str(a.workers),
               "--dtype", "float32", "--json", "--no-expert"]
     current = str(SHIPPED)
-    base = pi0("eval", *common, "--checkpoint", current, "--episodes", str(a.eval_episodes), "--seed", "30000",
-               log=log)
+    cached = work / "shipped_eval.json"  # the shipped model's evaluation, kept across runs of the script
+    if cached.exists() and json.loads(cached.read_text()).get("episodes") == a.eval_episodes * len(a.tasks.split(",")):
+        base = json.loads(cached.read_text())
+    else:
+        base = pi0("eval", *common, "--checkpoint", current, "--episodes", str(a.eval_episodes), "--seed", "30000",
+                   log=log)
+        cached.write_text(json.dumps(base))
     print(table("shipped model (seeds 30000...)", base), flush=True)
     datasets, labels, rounds = [str(demos)], 0, []
     for r in range(1, a.rounds + 1):
         dagger = work / f"dagger-{r}"
+        shutil.rmtree(dagger, ignore_errors=True)  # this round's labels, not appended to an earlier run's
         rep = pi0("eval", *common, "--checkpoint", current, "--episodes", str(a.episodes), "--seed",
                   str(20000 + 1000 * r), "--record", str(dagger), "--dagger", "--takeover", str(a.takeover), log=log)
         labels += rep["recorded"]["expert_labels"]

@@ -20,9 +20,13 @@ class DatasetMixture:
         if not datasets:
             raise DatasetError("a mixture needs at least one dataset")
         first = datasets[0]
+        # what training reads must agree (cameras, state, action); other features (a recorder's flags, DAgger's
+        # action.policy) may differ and are not read
+        used = [*first.camera_keys, *(k for k in ("observation.state", "action") if k in first.features)]
         for ds in datasets[1:]:
-            mine = {k: (v["dtype"], tuple(v["shape"])) for k, v in first.features.items() if k != "task_index"}
-            theirs = {k: (v["dtype"], tuple(v["shape"])) for k, v in ds.features.items() if k != "task_index"}
+            mine = {k: (v["dtype"], tuple(v["shape"])) for k, v in first.features.items() if k in used}
+            theirs = {k: (v["dtype"], tuple(v["shape"])) for k, v in ds.features.items() if k in used or
+                      k in ds.camera_keys}
             if mine != theirs or ds.fps != first.fps:
                 diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
                 raise DatasetError(f"{ds.root} and {first.root} differ (fps {ds.fps} / {first.fps}; features {diff}): "
@@ -31,7 +35,9 @@ class DatasetMixture:
             if len(weights) != len(datasets) or any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
                 raise DatasetError(f"weights {weights}: give one non-negative weight per dataset ({len(datasets)}), not all 0")
         self.datasets, self.weights = datasets, None if weights is None else [float(w) for w in weights]
-        self.features, self.camera_keys, self.fps = first.features, first.camera_keys, first.fps
+        common = set.intersection(*(set(ds.features) for ds in datasets))
+        self.features = {k: v for k, v in first.features.items() if k in common}
+        self.camera_keys, self.fps = first.camera_keys, first.fps
         self.root: Path = first.root
         self.roots = [ds.root for ds in datasets]
         self.stats = None  # computed from the frames of all of them (`pi0.train.data.dataset_stats`)

@@ -388,3 +388,20 @@ def test_datasets_mix_with_weights(tmp_path, dataset):
     wrong = write_dataset(tmp_path / "wrong", episodes=2, action_dim=5)
     with pytest.raises(DatasetError, match="differ"):
         Trainer(args([str(dataset), str(wrong)], tmp_path / "run2"))
+    # a recording of the same robot carries more features (the recorder's flags, DAgger's action.policy): it mixes
+    from pi0.data.recorder import Recorder
+
+    ds0 = LeRobotDataset(dataset)
+    feats = {k: {**v, "shape": tuple(v["shape"])} for k, v in ds0.features.items()
+             if k in (*ds0.camera_keys, "observation.state", "action")}
+    feats = {k: ({**v, "dtype": "video"} if k in ds0.camera_keys else v) for k, v in feats.items()}
+    rec = Recorder(tmp_path / "recorded", fps=ds0.fps, features={**feats, "action.policy": feats["action"]})
+    for i in range(4):
+        item = ds0[i]
+        frame = {k: item[k].transpose(1, 2, 0) for k in ds0.camera_keys}
+        frame.update({"observation.state": item["observation.state"], "action": item["action"],
+                      "action.policy": item["action"]})
+        rec.add(frame, item["task"], intervention=i == 1)
+    rec.close(success=True)
+    mixed = Trainer(args([str(dataset), str(tmp_path / "recorded")], tmp_path / "run3", steps=1))
+    assert len(mixed.ds) == len(ds0) + 4 and "action.policy" not in mixed.ds.features
