@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500, help="fine-tuning steps a round")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--ema", type=float, default=None, help="keep and save an exponential moving average of the "
+                    "weights with this decay (the shipped model was trained with 0.999)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--ship", action="store_true")
     a = ap.parse_args()
@@ -91,7 +93,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         train = ["train", "--init", current, "--out", str(out), "--steps", str(a.steps), "--batch", str(a.batch),
                  "--lr", str(a.lr), "--warmup", str(max(1, a.steps // 30)), "--save-every", str(a.steps), "--quiet",
-                 "--dtype", "float32", "--seed", str(r)]
+                 "--dtype", "float32", "--seed", str(r)] + (["--ema", str(a.ema)] if a.ema else [])
         for d in datasets:
             train += ["--dataset", d]
         pi0(*train, log=log)
