@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +43,7 @@ def lerobot_read(root: Path) -> dict:
 
 
 def main() -> None:
-    from tests.data.recording import record
+    from tests.data.recording import killed_recording, record
 
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,23 +51,7 @@ def main() -> None:
         record(tmp / "recorded", 3)
         record(tmp / "recorded", 2, start=3)  # a second session appends
         out["appended"] = lerobot_read(tmp / "recorded")
-        code = textwrap.dedent(f"""
-            import os, signal, sys
-            sys.path.insert(0, {str(ROOT)!r})
-            import pi0.data.writer as writer
-            from tests.data.recording import record
-            replace = os.replace
-
-            def dying_replace(src, dst):
-                if str(dst).endswith("file-002.parquet"):
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return replace(src, dst)
-
-            writer.os.replace = dying_replace
-            record({str(tmp / 'killed')!r}, 4)
-        """)
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert r.returncode == -signal.SIGKILL, r.stderr
+        killed_recording(tmp / "killed")
         out["killed"] = lerobot_read(tmp / "killed")
     import lerobot
 

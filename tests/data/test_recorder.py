@@ -3,11 +3,6 @@ loop (a full queue drops and counts), a killed process loses only the episode in
 dataset, and a restart appends."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import numpy as np
@@ -18,7 +13,7 @@ pytest.importorskip("av")
 
 from pi0.data.dataset import DatasetError, LeRobotDataset  # noqa: E402
 from pi0.data.recorder import Recorder  # noqa: E402
-from tests.data.recording import FEATURES, frame, record  # noqa: E402
+from tests.data.recording import FEATURES, frame, killed_recording, record  # noqa: E402
 
 def test_recorded_episodes_read_back(tmp_path):
     r = record(tmp_path / "ds", 3)
@@ -81,23 +76,7 @@ def test_a_killed_recorder_loses_only_the_episode_in_progress(tmp_path):
     """SIGKILL while the third episode's files are written: the two before it read back, the third's partial files
     are ignored, and a restart removes them and appends."""
     root = tmp_path / "ds"
-    code = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {str(os.getcwd())!r})
-        import pi0.data.writer as writer
-        from tests.data.recording import record
-        replace = os.replace
-
-        def dying_replace(src, dst):  # the third episode's files are complete under their temporary names
-            if str(dst).endswith("file-002.parquet"):
-                os.kill(os.getpid(), signal.SIGKILL)
-            return replace(src, dst)
-
-        writer.os.replace = dying_replace
-        record({str(root)!r}, 4)
-    """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == -signal.SIGKILL, r.stderr
+    killed_recording(root)
     assert list((root / "data").rglob("*.partial"))  # what the killed process was writing
     ds = LeRobotDataset(root)
     assert ds.num_episodes == 2 and len(ds) == 10
@@ -129,17 +108,7 @@ def test_lerobot_reads_what_pi0_records(tmp_path):
     theirs = json.loads((Path(__file__).parents[1] / "fixtures" / "record" / "lerobot_read.json").read_text())
     record(tmp_path / "appended", 3)
     record(tmp_path / "appended", 2, start=3)
-    killed = tmp_path / "killed"
-    code = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {str(os.getcwd())!r})
-        import pi0.data.writer as writer
-        from tests.data.recording import record
-        replace = os.replace
-        writer.os.replace = lambda s, d: os.kill(os.getpid(), signal.SIGKILL) if str(d).endswith("file-002.parquet") else replace(s, d)
-        record({str(killed)!r}, 4)
-    """)
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == -signal.SIGKILL
+    killed_recording(tmp_path / "killed")
     for name in ("appended", "killed"):
         ds, want = LeRobotDataset(tmp_path / name), theirs[name]
         assert (ds.num_episodes, len(ds)) == (want["num_episodes"], want["num_frames"])
