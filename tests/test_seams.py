@@ -126,7 +126,6 @@ def test_a_simulator_is_one_module_and_a_registry_line(tmp_path, monkeypatch):
     mod.features = lambda size, wrist: {"observation.images.image": {**cam, "shape": (size, size, 3)},
                                         "observation.state": {"dtype": "float32", "shape": (4,), "names": None},
                                         "action": {"dtype": "float32", "shape": (4,), "names": None}}
-    mod.frame = lambda env, wrist: {"observation.images.image": env.render(), "observation.state": env.state()}
     mod.record_frame = lambda obs, wrist: {"observation.images.image": obs["observation/image"],
                                            "observation.state": obs["observation/state"]}
     monkeypatch.setitem(sys.modules, "point_sim", mod)

@@ -141,8 +141,7 @@ class ObservationRecorder:
             a = np.asarray(value)
             if a.dtype == np.uint8 and a.ndim == 3 and 3 in (a.shape[0], a.shape[-1]):
                 name = "observation.images." + key.replace("/", ".").split(".")[-1]
-                hwc = a if a.shape[-1] == 3 else a.transpose(1, 2, 0)
-                feats[name] = {"dtype": "video", "shape": hwc.shape, "names": ["height", "width", "channels"]}
+                feats[name] = {"dtype": "video", "shape": _hwc(a).shape, "names": ["height", "width", "channels"]}
                 images.append((key, name))
             elif a.dtype.kind in "uif" and a.ndim <= 1:
                 state.append(key)

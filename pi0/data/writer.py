@@ -104,7 +104,7 @@ class LeRobotDatasetWriter:
             diff = sorted({k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)})
             raise DatasetError(f"{self.root} holds a dataset of other features or fps (fps {info.get('fps')} vs "
                                f"{self.fps}; features that differ: {diff[:6]}): record into a new directory")
-        listed = {self.root / "meta" / "info.json"}
+        listed: set[Path] = set()
         ds = LeRobotDataset(self.root)
         self.episodes = [{k: v for k, v in e.items() if not k.startswith("stats/")} for e in ds.episodes]
         self.tasks = {task: i for i, task in enumerate(ds.tasks)}

@@ -44,8 +44,9 @@ class Policy:
     """Robot preset -> normalise -> images -> prompt tokens -> model -> unnormalise -> robot actions.
 
     checkpoint: directory, .safetensors or hub id (as `pi0.load_model`). preset: `libero`, `aloha`, `droid`,
-    `generic` (cameras and dims from the checkpoint's LeRobot features), or None to pick `generic` when the
-    checkpoint describes its features. seed: None draws fresh noise per call (openpi's behaviour); an int
+    `metaworld`, `generic` (cameras and dims from the checkpoint's LeRobot features), or None: a LeRobot checkpoint's
+    own processors, else the preset config.json records (`pi0 train --preset`), else `generic` when the checkpoint
+    describes its features. seed: None draws fresh noise per call (openpi's behaviour); an int
     gives the same noise every call (reproducible answers). state_in_prompt: pi0.5 only; False is the
     `pi05_libero` choice of leaving the discretised state out of the prompt. dtype / device: "auto" picks
     bf16 where the machine runs it natively (else fp32) and a CUDA GPU when there is one

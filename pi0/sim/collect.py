@@ -27,7 +27,7 @@ def _expert_episode(env: str, task: str, seed: int, size: int, camera: str | Non
     rng = np.random.default_rng([seed, 7])
     frames: list[dict[str, Any]] = []
     for _ in range(max_steps):
-        frame = sim.frame(scene, wrist)
+        frame = sim.record_frame(scene.observation(), wrist)
         a = scene.expert_action()
         frame["action"] = a
         frames.append(frame)

@@ -66,9 +66,6 @@ class Simulator(Protocol):
     def features(self, size: int, wrist: bool) -> dict[str, dict[str, Any]]:
         """The LeRobot dataset features of its demonstrations (cameras as `observation.images.*`)."""
 
-    def frame(self, env: Env, wrist: bool) -> dict[str, Any]:
-        """One dataset frame of the current state: the features' keys but `action`."""
-
     def record_frame(self, obs: dict[str, Any], wrist: bool) -> dict[str, Any]:
         """An observation its environment made, as a dataset frame (the features' keys but `action`)."""
 

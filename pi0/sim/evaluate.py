@@ -88,12 +88,13 @@ def run_episodes(runner: ChunkRunner | StreamRunner, episodes: list[tuple[str, i
             if frames is not None:
                 frames.append(caption(scene.render(size=video_size), scene.prompt, steps, False))
             label = scene.expert_action() if dagger else None
-            states.append(scene.state())
-            if takeover and not expert_steps and len(states) > takeover and \
-                    np.abs(states[-1] - states[-1 - takeover]).max() < STALLED:
-                expert_steps = takeover  # the policy stalls: the expert takes over for a while
+            if takeover:
+                states.append(scene.state())
+                if not expert_steps and len(states) > takeover and \
+                        np.abs(states[-1] - states[-1 - takeover]).max() < STALLED:
+                    expert_steps = takeover  # the policy stalls: the expert takes over for a while
             if expert_steps:
-                action, chosen = scene.expert_action(), None
+                action, chosen = label if label is not None else scene.expert_action(), None
                 expert_steps -= 1
                 interventions += 1
                 if not expert_steps:

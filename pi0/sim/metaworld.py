@@ -169,13 +169,6 @@ def features(size: int, wrist: bool) -> dict[str, dict[str, Any]]:
     return feats
 
 
-def frame(env: MetaWorldEnv, wrist: bool) -> dict[str, Any]:
-    out = {"observation.images.image": env.render(), "observation.state": env.state()}
-    if wrist:
-        out["observation.images.wrist_image"] = env.render(WRIST_CAMERA)
-    return out
-
-
 def record_frame(obs: dict[str, Any], wrist: bool) -> dict[str, Any]:
     """A robot observation (the `metaworld` preset's keys) as the dataset's features."""
     out = {"observation.images.image": obs["observation/image"], "observation.state": obs["observation/state"]}
