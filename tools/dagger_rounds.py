@@ -1,6 +1,7 @@
 """Rounds of DAgger on Meta-World from the shipped small pi0: evaluate with DAgger labels (the scripted expert labels
 every state the policy visits, and takes over where it stalls) -> fine-tune the current model on the demonstrations
-and every round's labels -> evaluate on scene seeds no earlier step used; a table per round.
+and every round's labels, in the units the model learned (`--norm-stats checkpoint`) -> evaluate on scene seeds no
+earlier step used; a table per round.
 
     .venv/bin/python tools/dagger_rounds.py [--work /tmp/pi0-dagger] [--rounds 2] [--episodes 20] [--steps 1500]
                                             [--eval-episodes 20] [--ship]
@@ -93,7 +94,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         train = ["train", "--init", current, "--out", str(out), "--steps", str(a.steps), "--batch", str(a.batch),
                  "--lr", str(a.lr), "--warmup", str(max(1, a.steps // 30)), "--save-every", str(a.steps), "--quiet",
-                 "--dtype", "float32", "--seed", str(r)] + (["--ema", str(a.ema)] if a.ema else [])
+                 "--dtype", "float32", "--seed", str(r), "--norm-stats", "checkpoint"] + \
+            (["--ema", str(a.ema)] if a.ema else [])
         for d in datasets:
             train += ["--dataset", d]
         pi0(*train, log=log)

@@ -16,6 +16,7 @@ class TrainArgs:
     out: str
     weights: list[float] | None = None  # per dataset: how often a sample comes from it (None: by size)
     init: str | None = None  # a checkpoint to fine-tune
+    norm_stats: str = "dataset"  # dataset | checkpoint: the stats inputs and targets are normalised with
     download: bool = False  # fetch --init's hub id if it is not in the huggingface_hub cache
     size: str | None = None  # or a model size (pi0.model.config.SIZES) / a Pi0Config JSON file: seeded random weights
     steps: int = 1000

@@ -13,7 +13,7 @@ import torch
 from pi0.model.config import SIZES
 from pi0.robot.presets import PRESETS
 from pi0.train.args import TrainArgs
-from pi0.train.trainer import TRAIN_STATE, Trainer
+from pi0.train.trainer import NORM_STATS, TRAIN_STATE, Trainer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="with several --dataset: how often a sample comes from each, "
                    "comma-separated (e.g. 1,2; default: in proportion to their frames)")
     p.add_argument("--init", default=None, help="the checkpoint to fine-tune (any layout pi0 reads)")
+    p.add_argument("--norm-stats", default="dataset", choices=NORM_STATS, help="the state and action stats the "
+                   "model sees its data through: dataset (computed from the --dataset frames, for a new robot or "
+                   "task) or checkpoint (the --init checkpoint's own, so that fine-tuning on more data of the same "
+                   "robot, such as recorded deployments or DAgger labels, keeps the units the model learned)")
     p.add_argument("--download", action="store_true", help="fetch --init's hub repo id if it is not in the "
                    "huggingface_hub cache (pi0 downloads nothing otherwise)")
     p.add_argument("--size", default=None, help="train from seeded random weights instead: "

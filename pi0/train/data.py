@@ -5,6 +5,7 @@ the same pipeline; batches made per step, ahead of the loop, by DataLoader worke
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -12,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pi0.data.dataset import LeRobotDataset
+from pi0.data.dataset import DatasetError, LeRobotDataset
 from pi0.data.mixture import DatasetMixture
 from pi0.model.config import Pi0Config
 from pi0.model.functional import sample_time
 from pi0.model.observation import Observation
+from pi0.robot.assets import load_norm_stats
 from pi0.robot.normalize import Stats
 from pi0.robot.pipeline import Frame, Pipeline
 from pi0.train.schedule import batch_positions, epoch_order, sample_rng
@@ -125,6 +127,20 @@ class StepBatches(torch.utils.data.Dataset):
         step = self.start + k
         return collate([self.data.sample(self._index(p), step, p)
                         for p in batch_positions(step, self.batch, self.rank, self.world)])
+
+
+def checkpoint_stats(root: Path, mode: str, s_dim: int | None, a_dim: int) -> tuple[Stats | None, Stats, str]:
+    """A checkpoint's own state and action stats (in the model's units already), checked against the dataset's state
+    and action widths: what `pi0 train --norm-stats checkpoint` normalises with. Returns (state, actions, source)."""
+    normalizer, source = load_norm_stats(root, None, mode, mode)
+    if normalizer is None or normalizer.actions is None:
+        raise DatasetError(f"--norm-stats checkpoint: {root} holds no action stats ({source}); use --norm-stats dataset")
+    for what, st, width in (("state", normalizer.state, s_dim), ("action", normalizer.actions, a_dim)):
+        if width is not None and (st is None or len(st.mean) != width):
+            have = "no stats" if st is None else f"stats for {len(st.mean)} values"
+            raise DatasetError(f"--norm-stats checkpoint: {source} has {have} of {what}, the dataset's {what} has "
+                               f"{width} values; use --norm-stats dataset")
+    return normalizer.state if s_dim else None, normalizer.actions, f"{source} (the --init checkpoint's stats)"
 
 
 def dataset_stats(ds: LeRobotDataset, key: str, to_model: Callable[[np.ndarray], np.ndarray] | None = None) -> Stats:

@@ -46,6 +46,7 @@ from pi0.train.data import (
     STATE_KEY,
     StepBatches,
     TrainingData,
+    checkpoint_stats,
     dataset_stats,
 )
 from pi0.train.distributed import barrier, mean_over_ranks, rank_and_world, shard_model
@@ -55,8 +56,7 @@ from pi0.train.report import TrainProgress, plot_loss
 from pi0.train.schedule import learning_rate
 
 TRAIN_STATE = "train_state.pt"
-
-
+NORM_STATS = ("dataset", "checkpoint")  # where --norm-stats takes the stats from
 LOG = "train_log.jsonl"
 
 
@@ -99,6 +99,9 @@ class Trainer:
         if (a.init is None) == (a.size is None):
             raise ValueError("give --init CKPT (a checkpoint to fine-tune) or --size NAME (random weights), not both")
         self.init_meta: dict[str, Any] = {}
+        self.init_root: Path | None = None
+        if a.norm_stats not in NORM_STATS:
+            raise ValueError(f"--norm-stats {a.norm_stats!r}: choose one of {', '.join(NORM_STATS)}")
         self.tokenizer_path: Path | None = Path(a.tokenizer) if a.tokenizer else None
         if a.init is not None:
             from pi0.checkpoint.load import inspect_checkpoint
@@ -106,6 +109,7 @@ class Trainer:
 
             info = inspect_checkpoint(a.init, action_horizon=a.action_horizon, download=a.download)
             self.init_meta = info.meta
+            self.init_root = info.files.root
             self.tokenizer_path = find_tokenizer(a.tokenizer, info.files.root)
             self.model = pi0.load_model(a.init, backend="reference", action_horizon=a.action_horizon,
                                         device=self.device)
@@ -197,12 +201,18 @@ class Trainer:
                 if theirs is not None and ours != theirs:
                     raise DatasetError(f"{ds.root}: {what} has {ours} values; preset {robot.name}'s robot has {theirs}")
         maps = robot.maps
-        self.state_stats = dataset_stats(ds, STATE_KEY, robot.state_in if maps else None) if s_dim else None
-        self.action_stats = dataset_stats(ds, ACTION_KEY, robot.actions_in if maps else None)
+        if a.norm_stats == "checkpoint":
+            if self.init_root is None:
+                raise ValueError("--norm-stats checkpoint keeps the stats of the checkpoint being fine-tuned: give --init")
+            self.state_stats, self.action_stats, source = checkpoint_stats(self.init_root, mode, s_dim, a_dim)
+        else:
+            self.state_stats = dataset_stats(ds, STATE_KEY, robot.state_in if maps else None) if s_dim else None
+            self.action_stats = dataset_stats(ds, ACTION_KEY, robot.actions_in if maps else None)
+            source = f"{ds.root} (dataset stats)"
         self.pipeline = OpenpiPipeline(cfg, robot, Normalizer(self.state_stats, self.action_stats, mode, mode),
                                        PromptTokenizer(self.tokenizer_path, cfg.max_token_len),
                                        state_in_prompt=a.state_in_prompt, state_len=s_dim, action_dim=a_dim,
-                                       stats_source=f"{ds.root} (dataset stats)")
+                                       stats_source=source)
         self.data = TrainingData(ds, cfg, self.cameras, self.pipeline, a.augment, a.seed)
 
     def _trainable(self) -> None:

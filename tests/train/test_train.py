@@ -405,3 +405,29 @@ def test_datasets_mix_with_weights(tmp_path, dataset):
     rec.close(success=True)
     mixed = Trainer(args([str(dataset), str(tmp_path / "recorded")], tmp_path / "run3", steps=1))
     assert len(mixed.ds) == len(ds0) + 4 and "action.policy" not in mixed.ds.features
+
+
+def test_fine_tuning_keeps_the_checkpoints_stats_when_asked(tmp_path, dataset):
+    """--norm-stats checkpoint: fine-tuning on more data of the same robot normalises with the --init checkpoint's
+    stats (and saves them), not the new data's; without --init, or with stats of another width, a clear error."""
+    from pi0.robot.assets import load_norm_stats
+
+    first = Trainer(args(dataset, tmp_path / "first", steps=1)).run()
+    shifted = write_dataset(tmp_path / "shifted", episodes=3, seed=7)  # the same robot, other states and actions
+    keep = dict(init=str(first), size=None, action_horizon=None, steps=1)
+    t = Trainer(args([str(dataset), str(shifted)], tmp_path / "kept", norm_stats="checkpoint", **keep))
+    saved, _ = load_norm_stats(first, None, "MEAN_STD", "MEAN_STD")
+    for ours, theirs in ((t.action_stats, saved.actions), (t.state_stats, saved.state)):
+        assert np.array_equal(ours.mean, theirs.mean) and np.array_equal(ours.std, theirs.std)
+    assert t.pipeline.stats_source.endswith("(the --init checkpoint's stats)")
+    again, _ = load_norm_stats(t.run(), None, "MEAN_STD", "MEAN_STD")
+    assert np.array_equal(again.actions.mean, saved.actions.mean)
+    fresh = Trainer(args([str(dataset), str(shifted)], tmp_path / "fresh", **keep))  # the default: the data's own
+    assert not np.allclose(fresh.action_stats.mean, saved.actions.mean)
+    with pytest.raises(ValueError, match="give --init"):
+        Trainer(args(dataset, tmp_path / "none", norm_stats="checkpoint"))
+    wider = write_dataset(tmp_path / "wider", episodes=2, state_dim=5)
+    with pytest.raises(DatasetError, match="stats for 4 values of state, the dataset's state has 5"):
+        Trainer(args(wider, tmp_path / "wide", norm_stats="checkpoint", **keep))
+    with pytest.raises(ValueError, match="--norm-stats 'mine'"):
+        Trainer(args(dataset, tmp_path / "bad", norm_stats="mine", **keep))
