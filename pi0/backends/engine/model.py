@@ -18,11 +18,13 @@ Primitive ops live in `pi0.backends.engine.ops`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from pi0.backends.engine import ops
+from pi0.backends.engine.buckets import Bucket, BucketRules, Buffers
 from pi0.backends.engine.weights import GemmaLayer, choose_kernels, pack_weights
 from pi0.model.config import Pi0Config
 from pi0.model.functional import interpolate_position_embedding, patchify, posemb
@@ -56,6 +58,15 @@ class Pi0Engine:
         weights = pack_weights(config, state, chosen, self.dtype, self.vision_dtype)
         self.w = weights  # the packed weights (self.w.vlm_layers, ...)
         self._schedules: dict[int, dict[str, Tensor]] = {}
+        self.runner = None  # `use_buckets`: calls planned into buckets and run on static buffers
+
+    def use_buckets(self, rules: BucketRules | None = None, capture: bool | None = None, compile: bool = False):
+        """Run every call (but real-time chunked ones) as a bucket's static call (`pi0.backends.engine.graphs`):
+        on CUDA replayed from a graph captured per bucket. Returns the runner (`runner.warmup(buckets)`)."""
+        from pi0.backends.engine.graphs import GraphRunner
+
+        self.runner = GraphRunner(self, rules, capture, compile)
+        return self.runner
 
     # -- schedule ---------------------------------------------------------------------------
 
@@ -212,6 +223,36 @@ class Pi0Engine:
                 x = x + ops.linear(y, layer.down_w) * gate2.to(self.dtype)
         return x
 
+    def conditions(self, sched: dict[str, Tensor], step: int) -> tuple[Tensor, ...]:
+        """What `velocity` takes of the schedule at one step, as tensors (so a compiled step sees one graph for
+        every step): pi0 (time_bias [We],), pi0.5 (mods [depth, 6We], final [3We])."""
+        if self.config.pi05:
+            return sched["mods"][step], sched["final"][step]
+        return (sched["time_bias"][step],)
+
+    def velocity(self, x_t: Tensor, cond: tuple[Tensor, ...], act_start: int, rope: tuple[Tensor, Tensor],
+                 key_mask: Tensor | None, k_buf: list[Tensor], v_buf: list[Tensor]) -> Tensor:
+        """v_t [B, H, action_dim] fp32 at x_t: the action tokens through the expert against the cached prefix."""
+        cfg, g = self.config, self.config.expert
+        a = ops.linear(x_t, self.w.action_in_w, self.w.action_in_b)  # fp32 [B, H, We]
+        if cfg.pi05:
+            mods, final = cond
+            scale, shift, _ = final[None, None].chunk(3, dim=-1)
+            out = self._expert_pass(a.to(self.dtype), act_start, rope, key_mask, k_buf, v_buf, mods[None])
+            out = ops.ada_rms_norm(out, scale, shift, g.rms_norm_eps)
+        else:
+            u = torch.nn.functional.silu(ops.linear(a, self.w.at_in_action_w) + cond[0])
+            a = ops.linear(u, self.w.at_out_w, self.w.at_out_b).to(self.dtype)
+            out = self._expert_pass(a, act_start, rope, key_mask, k_buf, v_buf, None)
+            out = ops.rms_norm(out, self.w.final_norm, g.rms_norm_eps)
+        return ops.linear(out, self.w.action_out_w, self.w.action_out_b)  # fp32
+
+    def euler_step(self, x_t: Tensor, cond: tuple[Tensor, ...], dt: float, act_start: int,
+                   rope: tuple[Tensor, Tensor], key_mask: Tensor | None, k_buf: list[Tensor],
+                   v_buf: list[Tensor]) -> Tensor:
+        """One denoising step, x_t + dt * v_t: the unit `pi0.backends.engine.graphs.compiled_step` compiles."""
+        return x_t + dt * self.velocity(x_t, cond, act_start, rope, key_mask, k_buf, v_buf)
+
     @torch.no_grad()
     def sample_actions(self, obs: Observation, *, noise: Tensor | None = None, num_steps: int | None = None,
                        stages: dict[str, float] | None = None, rtc: RTC | list[RTC | None] | None = None) -> Tensor:
@@ -227,6 +268,10 @@ class Pi0Engine:
                              "backend only; the engine computes LeRobot's identity-Jacobian guidance")
         sched = self._schedule(num_steps)
         clock = StageClock(stages)
+        if self.runner is not None and guide is None:  # a bucket's static call (replayed as a graph on CUDA)
+            actions = self.runner(obs, x_t, num_steps)
+            clock.lap("graph")
+            return actions
 
         prefix, n_valid, key_mask = self.embed_prefix(obs)
         clock.lap("vision")
@@ -250,20 +295,36 @@ class Pi0Engine:
         rope = self._rope(n_valid[:, None] + n_state + torch.arange(horizon, device=self.device)[None, :])  # same every step
         dt = -1.0 / num_steps
         for step in range(num_steps):
-            a = ops.linear(x_t, self.w.action_in_w, self.w.action_in_b)  # fp32 [B, H, We]
-            if cfg.pi05:
-                mods = sched["mods"][step][None]
-                scale, shift, _ = sched["final"][step][None, None].chunk(3, dim=-1)
-                out = self._expert_pass(a.to(self.dtype), act_start, rope, key_mask, k_buf, v_buf, mods)
-                out = ops.ada_rms_norm(out, scale, shift, g.rms_norm_eps)
-            else:
-                u = torch.nn.functional.silu(ops.linear(a, self.w.at_in_action_w) + sched["time_bias"][step])
-                a = ops.linear(u, self.w.at_out_w, self.w.at_out_b).to(self.dtype)
-                out = self._expert_pass(a, act_start, rope, key_mask, k_buf, v_buf, None)
-                out = ops.rms_norm(out, self.w.final_norm, g.rms_norm_eps)
-            v_t = ops.linear(out, self.w.action_out_w, self.w.action_out_b)  # fp32
+            v_t = self.velocity(x_t, self.conditions(sched, step), act_start, rope, key_mask, k_buf, v_buf)
             if guide is not None:
                 v_t = guide.velocity(x_t, v_t, 1.0 + step * dt)
             x_t = x_t + dt * v_t
         clock.lap("denoise")
         return x_t
+
+    @torch.no_grad()
+    def sample_bucket(self, buf: Buffers, bucket: Bucket, step: Callable[..., Tensor] | None = None) -> None:
+        """One call on a bucket's static buffers (`pi0.backends.engine.buckets`): `sample_actions`' work with every
+        shape the bucket's and nothing read back to the host, so that a CUDA graph can replay it. Writes buf.out.
+        step: the denoising step to run (default `euler_step`; `graphs.compiled_step` compiles it)."""
+        cfg = self.config
+        n_state, lp = (0 if cfg.pi05 else 1), bucket.prefix
+        scale = torch.tensor(math.sqrt(cfg.vlm.width), dtype=torch.float32).to(self.dtype)
+        prefix = ops.embedding(self.w.embed, buf.ids) * scale  # [B, Lp, W]
+        if bucket.cameras:
+            feats = self.embed_images(buf.images)  # [N, P, W]
+            tokens = feats.reshape(-1, feats.shape[-1])[buf.image_index]  # [B, Lp, W]
+            prefix = torch.where(buf.is_image[..., None], tokens, prefix)
+        key_mask = buf.key_mask  # [B, Lp + n_state + H]
+        self.fill_kv_cache(prefix, key_mask[:, :lp], buf.k, buf.v)
+        if not cfg.pi05:
+            s = ops.linear(buf.state, self.w.state_w, self.w.state_b)[:, None, :].to(self.dtype)
+            self._expert_pass(s, lp, self._rope(buf.n_valid[:, None]), key_mask, buf.k, buf.v, None, need_output=False)
+        horizon = cfg.action_horizon
+        rope = self._rope(buf.n_valid[:, None] + n_state + torch.arange(horizon, device=self.device)[None, :])
+        sched, dt = self._schedule(bucket.steps), -1.0 / bucket.steps
+        step = step or self.euler_step
+        x_t = buf.noise
+        for i in range(bucket.steps):
+            x_t = step(x_t, self.conditions(sched, i), dt, lp + n_state, rope, key_mask, buf.k, buf.v)
+        buf.out.copy_(x_t)

@@ -1,0 +1,106 @@
+"""The engine's static-shape runner: a call is planned on the host into a bucket, copied into that bucket's buffers
+and replayed: on CUDA from a graph captured once per bucket, elsewhere by calling the same work directly (the
+capture is the one step that differs). Optionally with the denoising step compiled as one graph.
+
+Capture and replay happen on the thread that calls the runner (a CUDA graph must not be replayed from several
+threads at once: pytorch#123177); `pi0 serve` calls its model from one worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pi0.backends.engine.buckets import Bucket, BucketRules, Buffers, plan_call
+from pi0.model.observation import Observation
+
+WARMUP_RUNS = 3  # eager runs on a side stream before a capture (allocator and kernels settle; the usual recipe)
+
+
+def compiled_step(engine) -> Callable[..., Tensor]:
+    """The engine's Euler step under torch.compile, whole (fullgraph: a graph break is an error), with symbolic
+    batch and prefix sizes so that every bucket beyond the first of batch 1 and the first of a larger batch reuses
+    the graph (torch specialises a size of 1)."""
+    return torch.compile(engine.euler_step, fullgraph=True, dynamic=True)
+
+
+@dataclass
+class Entry:
+    """A bucket's buffers, its CUDA graph (None: the work is called directly) and what preparing it cost."""
+
+    buffers: Buffers
+    graph: object | None
+    seconds: float
+
+
+class GraphRunner:
+    """Static-shape calls of one engine. capture: CUDA graphs (default: on CUDA devices); compile: the denoising
+    step compiled (`compiled_step`)."""
+
+    def __init__(self, engine, rules: BucketRules | None = None, capture: bool | None = None, compile: bool = False):
+        self.engine = engine
+        self.rules = rules or BucketRules()
+        self.capture = engine.device.type == "cuda" if capture is None else capture
+        if self.capture and engine.device.type != "cuda":
+            raise ValueError(f"CUDA graphs capture on CUDA devices; the engine is on {engine.device}")
+        self.step = compiled_step(engine) if compile else None
+        self.entries: dict[Bucket, Entry] = {}
+        self.replays = 0
+
+    def prepare(self, bucket: Bucket) -> Entry:
+        """The bucket's entry: allocated (and on CUDA warmed up and captured) the first time it is asked for."""
+        if bucket in self.entries:
+            return self.entries[bucket]
+        t0 = time.perf_counter()
+        e = self.engine
+        buf = Buffers.allocate(e.config, bucket, e.dtype, e.vision_dtype, e.device, len(e.w.expert_layers))
+        graph = None
+        if self.capture:
+            side = torch.cuda.Stream(device=e.device)
+            side.wait_stream(torch.cuda.current_stream(e.device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):
+                    e.sample_bucket(buf, bucket, self.step)
+            torch.cuda.current_stream(e.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                e.sample_bucket(buf, bucket, self.step)
+            torch.cuda.synchronize(e.device)
+        self.entries[bucket] = Entry(buf, graph, time.perf_counter() - t0)
+        return self.entries[bucket]
+
+    def __call__(self, obs: Observation, noise: Tensor, num_steps: int) -> Tensor:
+        """actions [B, H, action_dim] fp32 for a validated observation and its noise."""
+        plan = plan_call(self.engine.config, obs, num_steps, self.rules)
+        entry = self.prepare(plan.bucket)
+        entry.buffers.fill(plan, obs, noise)
+        if entry.graph is not None:
+            entry.graph.replay()
+        else:
+            self.engine.sample_bucket(entry.buffers, plan.bucket, self.step)
+        self.replays += 1
+        return entry.buffers.out[:plan.rows].clone()
+
+    def warmup(self, buckets: Iterable[Bucket]) -> dict[Bucket, float]:
+        """Prepare these buckets now (before a robot asks); seconds each took."""
+        return {b: self.prepare(b).seconds for b in buckets}
+
+
+def buckets_for(config, rules: BucketRules, image_size: int, cameras: int, max_tokens: int, batches: Iterable[int],
+                num_steps: int) -> list[Bucket]:
+    """Every bucket calls of up to `cameras` valid cameras a row and 1..max_tokens prompt tokens fall in, at these
+    batch sizes (what `pi0 serve` warms up for its configuration)."""
+    from pi0.backends.engine.buckets import patches_per_image
+
+    n_patch = patches_per_image(config, image_size)
+    out = []
+    for b in sorted({rules.batch(n) for n in batches}):
+        for n in range(1, max_tokens + 1):
+            bucket = Bucket(b, cameras, rules.prefix(cameras * n_patch + n), num_steps, image_size)
+            if bucket not in out:
+                out.append(bucket)
+    return out
