@@ -30,8 +30,9 @@ NATIVE_BF16_MIN_SPEEDUP = 1.0  # timing fallback: bf16 counts as native where it
 # (native bf16 runs 2-6x faster than fp32 here, emulated bf16 5-8x slower: the threshold sits between)
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86; ARM reports "bf16" among its Features
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "int8": torch.int8}
-DTYPE_CHOICES = ("auto", "bfloat16", "float32", "int8")
+           "float16": torch.float16, "fp16": torch.float16, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+DTYPE_CHOICES = ("auto", "bfloat16", "float32", "int8", "fp8")
+FP8_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -154,6 +155,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
                              "bfloat16 or auto")
         compute, why = resolve_dtype("auto", dev)
         return dtype, f"dtype int8 -> int8 weights and activations, {_name(compute)} between them ({why})"
+    if dtype == torch.float8_e4m3fn:
+        cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+        if cap is None or cap < FP8_CAPABILITY:
+            where = f"{dev.type} has none" if cap is None else f"{torch.cuda.get_device_name(dev)} is {cap[0]}.{cap[1]}"
+            raise ValueError(f"fp8 runs on GPUs with fp8 tensor cores (compute capability 8.9+: Ada, Hopper, "
+                             f"Blackwell); {where}. Use bfloat16 or auto (int8 on a CPU)")
+        return dtype, "dtype fp8 -> e4m3 weights (a scale per output channel) and activations (a scale per token), " \
+                      "bf16 between them"
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype {dtype} is not supported: choose one of {', '.join(DTYPE_CHOICES)}")
     if dtype == torch.bfloat16:  # asked for: PI0_NATIVE_BF16 only colours the note (the probe where it is unusable)
@@ -165,7 +174,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
 
 
 def compute_dtype(dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
-    """The float dtype a model of (resolved) `dtype` computes in: itself, or for int8 the "auto" float dtype."""
+    """The float dtype a model of (resolved) `dtype` computes in: itself, for int8 the "auto" float dtype, for fp8
+    bf16."""
+    if dtype == torch.float8_e4m3fn:
+        return torch.bfloat16
     return resolve_dtype("auto", device)[0] if dtype == torch.int8 else dtype
 
 

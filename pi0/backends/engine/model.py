@@ -2,7 +2,7 @@
 
 - Weights packed once: fused QKV, fused gate|up, (1 + w) norm weights in fp32; bf16 by default; with
   dtype int8 the big linear weights arrive as `int8.Int8Weight` (quantised by `int8_quantizer` as they were
-  loaded) and run as dynamic W8A8 products.
+  loaded) and run as dynamic W8A8 products; with dtype fp8 as `fp8.Fp8Weight` (e4m3, `Fp8Quantizer`).
 - Work that cannot change the answer is skipped, not masked: masked cameras are not encoded, padding
   tokens are dropped (each row's valid prefix is packed to the front), the last VLM layer computes only
   its k, v, the pi0 state token runs through the expert once per call (it never sees the actions), and
@@ -25,6 +25,8 @@ from torch import Tensor
 
 from pi0.backends.engine import ops
 from pi0.backends.engine.buckets import Bucket, BucketRules, Buffers
+from pi0.backends.engine.fp8 import Fp8Weight, fp8_kernel
+from pi0.backends.engine.int8 import Int8Weight
 from pi0.backends.engine.weights import GemmaLayer, choose_kernels, pack_weights
 from pi0.model.config import Pi0Config
 from pi0.model.functional import interpolate_position_embedding, patchify, posemb
@@ -49,9 +51,13 @@ class Pi0Engine:
         self.dtype = state["vlm.embed_tokens.weight"].dtype  # an Int8Weight's is the float dtype it computes in
         self.device = state["projector.bias"].device
         self.vision_dtype = vision_dtype or self.dtype
-        quantized = [t for t in state.values() if not isinstance(t, Tensor)]  # int8 weights (`int8_quantizer`)
+        quantized = [t for t in state.values() if isinstance(t, Int8Weight)]  # int8 weights (`int8_quantizer`)
+        fp8_weights = [t for t in state.values() if isinstance(t, Fp8Weight)]  # (`Fp8Quantizer`)
         chosen = choose_kernels(self.dtype, self.vision_dtype, self.device, len(quantized), pack, fuse)
         self.fused, self.kernels = chosen.fused, chosen.report
+        if fp8_weights:
+            self.kernels["fp8_kernel"], why = fp8_kernel(self.device.type, self.device.index)
+            self.kernels.update(fp8_tensors=len(fp8_weights), why=self.kernels["why"] + "; " + why)
         if quantized:  # input channels computed in float next to the int8 products, summed over weights
             self.kernels["int8_outlier_columns"] = sum(t.outlier_cols.numel() for t in quantized
                                                        if t.outlier_cols is not None)

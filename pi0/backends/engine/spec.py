@@ -1,9 +1,10 @@
-"""The engine backend as `pi0.backends.factory` builds it: packed weights, int8 quantised as they load."""
+"""The engine backend as `pi0.backends.factory` builds it: packed weights, int8 and fp8 quantised as they load."""
 
 from __future__ import annotations
 
 import torch
 
+from pi0.backends.engine.fp8 import Fp8Quantizer
 from pi0.backends.engine.model import Pi0Engine
 from pi0.backends.engine.weights import int8_quantizer
 from pi0.hardware import compute_dtype
@@ -12,7 +13,10 @@ from pi0.model.config import Pi0Config
 
 
 def load_hook(dtype: torch.dtype, device: torch.device) -> LoadHook | None:
-    """For int8, the quantiser applied to each tensor as it is loaded (so only one float tensor is ever held)."""
+    """For int8 and fp8, the quantiser applied to each tensor as it is loaded (so only one float tensor is ever
+    held)."""
+    if dtype == torch.float8_e4m3fn:
+        return Fp8Quantizer(compute_dtype(dtype, device))
     return int8_quantizer(compute_dtype(dtype, device)) if dtype == torch.int8 else None
 
 

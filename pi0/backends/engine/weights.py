@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pi0.backends.engine import int8, kernels, ops
+from pi0.backends.engine import fp8, int8, kernels, ops
 from pi0.model.backend import Rows
 from pi0.model.config import Pi0Config, feeding_norm, norm_gain, norm_param
 
@@ -223,7 +223,7 @@ def pack_weights(config: Pi0Config, state: dict[str, Tensor], kernels: Kernels, 
 
     def take(name: str, dtype: torch.dtype | None = dt) -> Tensor:
         t = state.pop(name)
-        if isinstance(t, int8.Int8Weight):
+        if isinstance(t, (int8.Int8Weight, fp8.Fp8Weight)):
             return t
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
@@ -233,6 +233,8 @@ def pack_weights(config: Pi0Config, state: dict[str, Tensor], kernels: Kernels, 
     def pack_as(w: Tensor | int8.Int8Weight, rows: int) -> Tensor | int8.Int8Weight:
         if isinstance(w, int8.Int8Weight):
             return int8.pack_int8(w, rows, kernels.int8_kernel, kernels.compiled)
+        if isinstance(w, fp8.Fp8Weight):
+            return fp8.pack_fp8(w, w.q.device)
         return ops.pack(w, rows, kernels.packed[w.dtype])
 
     def packed(name: str, rows: int, dtype: torch.dtype = dt) -> Tensor:
@@ -314,10 +316,12 @@ def pack_weights(config: Pi0Config, state: dict[str, Tensor], kernels: Kernels, 
 
 
 def cat_rows(ws: list) -> Tensor | int8.Int8Weight:
-    """Weights stacked along their output rows (fused QKV, gate|up): per-row scales make quantising the parts
-    and then stacking them the same as quantising the stack."""
+    """Weights stacked along their output rows (fused QKV, gate|up): per-row scales (int8, fp8) make quantising the
+    parts and then stacking them the same as quantising the stack."""
     if all(isinstance(w, Tensor) for w in ws):
         return torch.cat(ws)
+    if all(isinstance(w, fp8.Fp8Weight) and w.kernel == "emulated" for w in ws):
+        return fp8.Fp8Weight(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]), ws[0].dtype)
     if not all(isinstance(w, int8.Int8Weight) and w.kernel == "plain" for w in ws):
         raise TypeError("cat_rows: mixed float / int8 (or already packed) weights")
     cols = ws[0].outlier_cols
@@ -330,8 +334,10 @@ def cat_rows(ws: list) -> Tensor | int8.Int8Weight:
 
 
 def scale_rows(w: Tensor | int8.Int8Weight, c: float) -> Tensor | int8.Int8Weight:
-    """c * w (the attention scale folded into W_q): for int8, into the per-row scales (and outlier columns)."""
+    """c * w (the attention scale folded into W_q): for int8 and fp8, into the per-row scales (and outlier columns)."""
     if isinstance(w, int8.Int8Weight):
         outlier_w = None if w.outlier_w is None else (w.outlier_w.float() * c).to(w.outlier_w.dtype)
         return dataclasses.replace(w, scale=w.scale * c, outlier_w=outlier_w)
+    if isinstance(w, fp8.Fp8Weight):
+        return dataclasses.replace(w, scale=w.scale * c)
     return (w.float() * c).to(w.dtype)

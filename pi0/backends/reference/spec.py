@@ -11,8 +11,9 @@ from pi0.model.config import Pi0Config
 
 def load_hook(dtype: torch.dtype, device: torch.device) -> LoadHook | None:
     """None: the reference keeps every tensor as read (float32 or bfloat16)."""
-    if dtype == torch.int8:
-        raise ValueError("int8 is an engine dtype: the reference backend is the fp32 specification (use "
+    if dtype in (torch.int8, torch.float8_e4m3fn):
+        name = "int8" if dtype == torch.int8 else "fp8"
+        raise ValueError(f"{name} is an engine dtype: the reference backend is the fp32 specification (use "
                          "backend='engine', or float32 / bfloat16 for the reference)")
     return None
 
