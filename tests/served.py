@@ -43,7 +43,7 @@ class Switchable:
             raise RuntimeError("a CUDA error, say")
         return self.policy.run_prepared([p for p, _, _ in rows])
 
-    def warmup(self) -> float:
+    def warmup(self, batches=(1,)) -> float:
         return self.policy.warmup()
 
 

@@ -96,11 +96,20 @@ class Policy:
         """Model actions [H, action_dim] -> robot actions [H, robot_dim] in robot units."""
         return self.pipeline.actions_out(actions)
 
-    def warmup(self) -> float:
-        """One full model call on a synthetic observation shaped like the robot's (all cameras, the full
-        prompt length), so that one-time costs (compiling kernels) are paid before the first robot asks.
-        Returns its seconds."""
+    def warmup(self, batches: tuple[int, ...] = (1,)) -> float:
+        """Pay one-time costs before the first robot asks: on a model whose calls run as buckets (the engine on a
+        GPU: `pi0.backends.engine.graphs`), every bucket of the robot's cameras, each prompt length and these batch
+        sizes is prepared (captured); otherwise one full call on a synthetic observation shaped like the robot's
+        (compiling kernels). Returns its seconds."""
         t0 = time.perf_counter()
+        runner = getattr(self.model, "runner", None)
+        if runner is not None:
+            from pi0.backends.engine.graphs import buckets_for
+
+            cameras = sum(c is not None for c in self.pipeline.cameras)
+            runner.warmup(buckets_for(self.config, runner.rules, self.config.vision.image_size, cameras,
+                                      self.config.max_token_len, batches, self.num_steps or self.config.num_steps))
+            return time.perf_counter() - t0
         obs = sample_observation(self.config, num_cameras=len(self.pipeline.cameras),
                                  num_valid_tokens=self.config.max_token_len)
         self.model.sample_actions(obs, num_steps=self.num_steps)

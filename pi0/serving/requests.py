@@ -23,7 +23,7 @@ class InferPolicy(Protocol):
 
     def run_prepared(self, rows: list[Any]) -> list[dict[str, Any]]: ...
 
-    def warmup(self) -> float: ...
+    def warmup(self, batches: tuple[int, ...] = (1,)) -> float: ...  # every batch size it will be asked
 
 
 class InternalError(Exception):

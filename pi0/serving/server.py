@@ -117,7 +117,8 @@ class PolicyServer(Service):
                          self.bound_port)
                 if started is not None:
                     started.set()
-                seconds = await asyncio.get_running_loop().run_in_executor(None, self.policy.warmup)
+                batches = tuple(range(1, self.limits.max_batch + 1))  # the sizes dynamic batching makes
+                seconds = await asyncio.get_running_loop().run_in_executor(None, self.policy.warmup, batches)
                 self.ready = True
                 log.info("warm-up call took %.2f s; ready", seconds)
                 await (stop if stop is not None else asyncio.get_running_loop().create_future())

@@ -133,3 +133,24 @@ def test_the_compiled_denoising_step_is_one_graph_without_recompiles():
             compiled = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == compiled <= 2, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_a_policy_warms_the_buckets_its_robot_will_use(tmp_path, tokenizer_path):
+    """Policy.warmup prepares every bucket of the robot's cameras, each prompt length and the batch sizes asked
+    for; a robot's call then lands in one of them (nothing is prepared while it waits), with the dynamic
+    call's actions."""
+    import numpy as np
+
+    from tests.conftest import write_policy_checkpoint
+    from tests.robot.test_policy import libero_obs
+
+    ck = write_policy_checkpoint(tmp_path, "tiny", tokenizer_path)
+    want = pi0.Policy(ck, preset="libero", dtype="float32", seed=3).infer(libero_obs())["actions"]
+    pol = pi0.Policy(ck, preset="libero", dtype="float32", seed=3)
+    runner = pol.model.use_buckets()
+    pol.warmup(batches=(1, 2))
+    warmed = set(runner.entries)
+    assert {b.batch for b in warmed} == {1, 2} and {b.cameras for b in warmed} == {2}  # libero: two cameras
+    got = pol.infer(libero_obs())["actions"]
+    assert set(runner.entries) == warmed and runner.replays == 1, (warmed, set(runner.entries) - warmed)
+    assert np.abs(got - want).max() <= 1e-4

@@ -62,7 +62,7 @@ class Counting:
         self.batches.append(len(rows))
         return self.policy.run_prepared(rows)
 
-    def warmup(self):
+    def warmup(self, batches=(1,)):
         return self.policy.warmup()
 
 

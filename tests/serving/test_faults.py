@@ -60,7 +60,7 @@ class Faulty:
             raise RuntimeError("a CUDA error, say")
         return self.policy.run_prepared(rows)
 
-    def warmup(self):
+    def warmup(self, batches=(1,)):
         return self.policy.warmup()
 
 

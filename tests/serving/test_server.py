@@ -184,7 +184,7 @@ class SlowPolicy:
         time.sleep(self.delay)
         return self.policy.run_prepared(rows)
 
-    def warmup(self):
+    def warmup(self, batches=(1,)):
         time.sleep(self.delay)
         return self.policy.warmup()
 

@@ -2,12 +2,16 @@
 and replayed: on CUDA from a graph captured once per bucket, elsewhere by calling the same work directly (the
 capture is the one step that differs). Optionally with the denoising step compiled as one graph.
 
-Capture and replay happen on the thread that calls the runner (a CUDA graph must not be replayed from several
-threads at once: pytorch#123177); `pi0 serve` calls its model from one worker.
+One call at a time (a lock: a bucket's buffers are shared), and a capture that only watches its own thread
+(`capture_error_mode="thread_local"`), so that a server's other threads may use the GPU while a bucket is captured.
+These are manual graphs, not torch.compile's cudagraph trees, whose thread-local state is what breaks when a server
+replays from another thread (pytorch#123177). A bucket whose capture fails is called directly, and says why.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from torch import Tensor
 from pi0.backends.engine.buckets import Bucket, BucketRules, Buffers, plan_call
 from pi0.model.observation import Observation
 
+log = logging.getLogger(__name__)
 WARMUP_RUNS = 3  # eager runs on a side stream before a capture (allocator and kernels settle; the usual recipe)
 
 
@@ -35,6 +40,7 @@ class Entry:
     buffers: Buffers
     graph: object | None
     seconds: float
+    why: str = ""  # why there is no graph where one was asked for
 
 
 class GraphRunner:
@@ -50,6 +56,7 @@ class GraphRunner:
         self.step = compiled_step(engine) if compile else None
         self.entries: dict[Bucket, Entry] = {}
         self.replays = 0
+        self.lock = threading.Lock()
 
     def prepare(self, bucket: Bucket) -> Entry:
         """The bucket's entry: allocated (and on CUDA warmed up and captured) the first time it is asked for."""
@@ -58,36 +65,47 @@ class GraphRunner:
         t0 = time.perf_counter()
         e = self.engine
         buf = Buffers.allocate(e.config, bucket, e.dtype, e.vision_dtype, e.device, len(e.w.expert_layers))
-        graph = None
+        graph, why = None, ""
         if self.capture:
-            side = torch.cuda.Stream(device=e.device)
-            side.wait_stream(torch.cuda.current_stream(e.device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_RUNS):
-                    e.sample_bucket(buf, bucket, self.step)
-            torch.cuda.current_stream(e.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                e.sample_bucket(buf, bucket, self.step)
-            torch.cuda.synchronize(e.device)
-        self.entries[bucket] = Entry(buf, graph, time.perf_counter() - t0)
+            try:
+                graph = self._capture(buf, bucket)
+            except RuntimeError as err:  # called directly instead: slower, never wrong
+                why = f"capture failed: {str(err).splitlines()[0][:200]}"
+                log.warning("bucket %s: %s; its calls run without a graph", bucket, why)
+        self.entries[bucket] = Entry(buf, graph, time.perf_counter() - t0, why)
         return self.entries[bucket]
+
+    def _capture(self, buf: Buffers, bucket: Bucket):
+        e = self.engine
+        side = torch.cuda.Stream(device=e.device)
+        side.wait_stream(torch.cuda.current_stream(e.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                e.sample_bucket(buf, bucket, self.step)
+        torch.cuda.current_stream(e.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            e.sample_bucket(buf, bucket, self.step)
+        torch.cuda.synchronize(e.device)
+        return graph
 
     def __call__(self, obs: Observation, noise: Tensor, num_steps: int) -> Tensor:
         """actions [B, H, action_dim] fp32 for a validated observation and its noise."""
         plan = plan_call(self.engine.config, obs, num_steps, self.rules)
-        entry = self.prepare(plan.bucket)
-        entry.buffers.fill(plan, obs, noise)
-        if entry.graph is not None:
-            entry.graph.replay()
-        else:
-            self.engine.sample_bucket(entry.buffers, plan.bucket, self.step)
-        self.replays += 1
-        return entry.buffers.out[:plan.rows].clone()
+        with self.lock:
+            entry = self.prepare(plan.bucket)
+            entry.buffers.fill(plan, obs, noise)
+            if entry.graph is not None:
+                entry.graph.replay()
+            else:
+                self.engine.sample_bucket(entry.buffers, plan.bucket, self.step)
+            self.replays += 1
+            return entry.buffers.out[:plan.rows].clone()
 
     def warmup(self, buckets: Iterable[Bucket]) -> dict[Bucket, float]:
         """Prepare these buckets now (before a robot asks); seconds each took."""
-        return {b: self.prepare(b).seconds for b in buckets}
+        with self.lock:
+            return {b: self.prepare(b).seconds for b in buckets}
 
 
 def buckets_for(config, rules: BucketRules, image_size: int, cameras: int, max_tokens: int, batches: Iterable[int],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pi0.backends.engine.fp8 import Fp8Quantizer
@@ -21,5 +23,9 @@ def load_hook(dtype: torch.dtype, device: torch.device) -> LoadHook | None:
 
 
 def build(config: Pi0Config, state: dict[str, torch.Tensor], device: str | torch.device) -> Pi0Engine:
-    """The engine over canonical tensors; it consumes (empties) `state` as it packs."""
-    return Pi0Engine(config, state)
+    """The engine over canonical tensors; it consumes (empties) `state` as it packs. On a GPU its calls run as
+    buckets replayed from CUDA graphs (`Pi0Engine.use_buckets`; PI0_GRAPHS=0 runs them as they come)."""
+    engine = Pi0Engine(config, state)
+    if torch.device(device).type == "cuda" and os.environ.get("PI0_GRAPHS", "1") != "0":
+        engine.use_buckets()
+    return engine
