@@ -108,11 +108,16 @@ def test_gpu_check_script_runs_its_steps(tmp_path):
 
     root = pathlib.Path(__file__).parents[2]
     r = subprocess.run(["bash", str(root / "benchmarks/gpu_check.sh")], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PY": sys.executable, "DEVICE": "cpu", "SIZE": "tiny", "OUT": str(tmp_path)})
+                       env={**os.environ, "PY": sys.executable, "DEVICE": "cpu", "SIZE": "tiny", "OUT": str(tmp_path),
+                            "COMPILE": "0"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     assert rep["cuda_tests"]["exit_code"] == 0
     check = rep["check"]
-    assert check["pass"] and set(check["parity"]) == {"reference_fp32", "engine_fp32", "engine_bf16"}
-    assert check["parity"]["engine_fp32"]["max_abs"] <= 1e-4
-    assert set(check["bench_bf16"]) == {"W1", "W2"} and check["bench_bf16"]["W1"]["latency_s"] > 0
+    assert check["pass"] and set(check["parity"]) == {"reference_fp32", "engine_fp32", "engine_fp32_direct", "engine_bf16"}
+    assert check["parity"]["engine_fp32"]["max_abs"] <= 1e-4 and check["parity"]["engine_fp32"]["graphs"]
+    assert "fp8 tensor cores" in check["fp8"]  # refused on a CPU, with the reason
+    speed = check["speed"]
+    assert set(speed["bfloat16_graphs"]) == {"W1_b1", "W2_b1", "W1_b8", "buckets"}
+    assert {b["batch"] for b in speed["bfloat16_graphs"]["buckets"]} == {1, 8}
+    assert speed["bfloat16_direct"]["W1_b1"]["latency_ms"] > 0 and "bfloat16_graphs" in speed["speedup_over_direct_W1_b1"]
