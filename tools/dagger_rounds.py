@@ -1,7 +1,8 @@
-"""Rounds of DAgger on Meta-World from the shipped small pi0: evaluate with DAgger labels (the scripted expert labels
-every state the policy visits, and takes over where it stalls) -> fine-tune the current model on the demonstrations
-and every round's labels, in the units the model learned (`--norm-stats checkpoint`) -> evaluate on scene seeds no
-earlier step used; a table per round.
+"""Rounds of DAgger on Meta-World from the shipped small pi0: run the current model and let the scripted expert take
+over from the states it leads to (`pi0 eval --recover`, HG-DAgger: the expert's own trajectories from a step drawn
+per episode, or from where the robot stalls; `--labels state` labels every visited state instead, `--dagger`) ->
+fine-tune the current model on the demonstrations and every round's expert data, in the units the model learned
+(`--norm-stats checkpoint`) -> evaluate on scene seeds no earlier step used; a table per round.
 
     .venv/bin/python tools/dagger_rounds.py [--work /tmp/pi0-dagger] [--rounds 2] [--episodes 20] [--steps 1500]
                                             [--eval-episodes 20] [--ship]
@@ -51,6 +52,9 @@ def main() -> None:
     ap.add_argument("--tasks", default=TASKS)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--episodes", type=int, default=20, help="DAgger episodes per task and round")
+    ap.add_argument("--labels", default="recover", choices=["recover", "state"], help="recover: the expert's "
+                    "trajectories from the states the policy led to (pi0 eval --recover); state: the expert's action at "
+                    "every state the policy visits (pi0 eval --dagger)")
     ap.add_argument("--takeover", type=int, default=10, help="the expert acts where the robot stalled this many steps")
     ap.add_argument("--eval-episodes", type=int, default=20)
     ap.add_argument("--max-steps", type=int, default=200)
@@ -87,7 +91,8 @@ def main() -> None:
         dagger = work / f"dagger-{r}"
         shutil.rmtree(dagger, ignore_errors=True)  # this round's labels, not appended to an earlier run's
         rep = pi0("eval", *common, "--checkpoint", current, "--episodes", str(a.episodes), "--seed",
-                  str(20000 + 1000 * r), "--record", str(dagger), "--dagger", "--takeover", str(a.takeover), log=log)
+                  str(20000 + 1000 * r), "--record", str(dagger), "--recover" if a.labels == "recover" else "--dagger",
+                  "--takeover", str(a.takeover), log=log)
         labels += rep["recorded"]["expert_labels"]
         datasets.append(str(dagger))
         out = work / f"round-{r}"

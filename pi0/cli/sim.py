@@ -98,7 +98,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dagger", action="store_true", help="with --record: label every visited state with the "
                    "scripted expert's action (the dataset's `action`; the policy's is `action.policy`)")
     p.add_argument("--takeover", type=int, default=0, metavar="N", help="with --dagger: where the robot has not moved "
-                   "for N steps the expert acts for N steps (recorded as `intervention`), then the policy again")
+                   "for N steps the expert acts for N steps (recorded as `intervention`), then the policy again; with "
+                   "--recover: the expert takes over for good where the robot has not moved for N steps")
+    p.add_argument("--recover", action="store_true", help="with --record (HG-DAgger): the policy acts until a step "
+                   "drawn from the episode's seed in [0, max-steps / 2), then the scripted expert to the end; only the "
+                   "expert's frames are recorded: its own trajectories from the states the policy led to")
 
 
 def _checkpoint_cameras(path: str) -> tuple[int, bool]:
@@ -218,10 +222,13 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     sim = simulator(args.env)
     record, dagger, takeover = getattr(args, "record", None), getattr(args, "dagger", False), getattr(args, "takeover", 0)
-    if (dagger or takeover) and record is None:
-        raise ValueError("--dagger and --takeover label what is recorded: give --record DIR")
-    if takeover and not dagger:
-        raise ValueError("--takeover lets the expert act: it needs --dagger")
+    recover = getattr(args, "recover", False)
+    if (dagger or takeover or recover) and record is None:
+        raise ValueError("--dagger, --recover and --takeover label what is recorded: give --record DIR")
+    if takeover and not (dagger or recover):
+        raise ValueError("--takeover lets the expert act: it needs --dagger or --recover")
+    if dagger and recover:
+        raise ValueError("--recover records the expert's own trajectories, --dagger labels the policy's: choose one")
     tasks = _tasks(args.env, args.tasks)
     seed = sim.EVAL_SEED if args.seed is None else args.seed
     if not args.server and not args.checkpoint:
@@ -256,7 +263,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     meta.update(image_size=size, wrist=wrist, workers=workers)
     t0 = time.perf_counter()
     report = ev.evaluate(spec, tasks, args.episodes, env=args.env, size=size, wrist=wrist, max_steps=args.max_steps,
-                         seed=seed, video=args.video, workers=workers, record=record, dagger=dagger, takeover=takeover)
+                         seed=seed, video=args.video, workers=workers, record=record, dagger=dagger, takeover=takeover,
+                         recover=recover)
     report.update(seconds=time.perf_counter() - t0, seed=seed, seeds=[seed, seed + args.episodes - 1],
                   max_steps=args.max_steps, source=args.server or _source(args.checkpoint), **meta)
     if args.expert:

@@ -60,13 +60,20 @@ def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
 def run_episodes(runner: ChunkRunner | StreamRunner, episodes: list[tuple[str, int]], *, env: str = "metaworld",
                  size: int = 64, wrist: bool = False, max_steps: int = 300, film: set[tuple[str, int]] = frozenset(),
                  video_size: int = 256, record: bool = False, dagger: bool = False, takeover: int = 0,
-                 log: Callable[[str], None] | None = None
+                 recover: bool = False, log: Callable[[str], None] | None = None
                  ) -> tuple[list[EpisodeResult], dict[tuple[str, int], list[np.ndarray]]]:
     """Closed-loop episodes (task, seed), each until success or max_steps; the ones in `film` are filmed at
     video_size px from the policy's camera. record: keep every step as a dataset frame (the simulator's features,
     `action` the action executed). dagger: label every visited state with the scripted expert's action (`action`;
     the policy's own is `action.policy`); takeover > 0: where the robot has not moved for `takeover` steps, the expert
-    acts for as many (marked `intervention`), then the policy again. Returns the results and the films."""
+    acts for as many (marked `intervention`), then the policy again. recover (HG-DAgger): the policy acts until a step
+    drawn from the episode's seed in [0, max_steps / 2) (or, with takeover, until it stalls), then the expert to the
+    end; only the expert's frames are recorded (`intervention`, `action` the expert's executed action), so that every
+    action chunk a frame trains on is one the expert carried out from a state the policy led to. Per-state labels
+    (`dagger`) are the expert's answer at each of the policy's states, which the policy never followed: a chunk of
+    them is no trajectory (docs/recording.md measures what that does). Returns the results and the films."""
+    if recover and dagger:
+        raise ValueError("recover records the expert's own trajectories; dagger labels the policy's: choose one")
     results: list[EpisodeResult] = []
     films: dict[tuple[str, int], list[np.ndarray]] = {}
     sim = simulator(env)
@@ -79,9 +86,10 @@ def run_episodes(runner: ChunkRunner | StreamRunner, episodes: list[tuple[str, i
         torch.manual_seed(seed)  # the policy's noise (drawn in process) depends on the episode alone
         runner.reset()
         before = len(runner.inference_s)
-        success, steps, expert_steps, interventions = False, 0, 0, 0
+        success, steps, expert_steps, interventions, handed = False, 0, 0, 0, False
+        switch = int(np.random.default_rng([seed, 17]).integers(0, max(1, max_steps // 2))) if recover else None
         frames = films.setdefault((task, seed), []) if (task, seed) in film else None
-        recorded: list[dict[str, Any]] | None = [] if record or dagger else None
+        recorded: list[dict[str, Any]] | None = [] if record or dagger or recover else None
         states: list[np.ndarray] = []
         while steps < max_steps and not success:
             obs = scene.observation()
@@ -90,10 +98,16 @@ def run_episodes(runner: ChunkRunner | StreamRunner, episodes: list[tuple[str, i
             label = scene.expert_action() if dagger else None
             if takeover:
                 states.append(scene.state())
-                if not expert_steps and len(states) > takeover and \
-                        np.abs(states[-1] - states[-1 - takeover]).max() < STALLED:
-                    expert_steps = takeover  # the policy stalls: the expert takes over for a while
-            if expert_steps:
+            stalled = bool(takeover) and len(states) > takeover and \
+                np.abs(states[-1] - states[-1 - takeover]).max() < STALLED
+            if recover:
+                handed = handed or steps >= switch or stalled  # the expert has the robot to the end
+            elif stalled and not expert_steps:
+                expert_steps = takeover  # the policy stalls: the expert takes over for a while
+            if handed:
+                action, chosen = scene.expert_action(), None
+                interventions += 1
+            elif expert_steps:
                 action, chosen = label if label is not None else scene.expert_action(), None
                 expert_steps -= 1
                 interventions += 1
@@ -101,7 +115,7 @@ def run_episodes(runner: ChunkRunner | StreamRunner, episodes: list[tuple[str, i
                     runner.reset()  # the policy resumes from where the expert left the robot
             else:
                 chosen = action = runner.next_action(obs)
-            if recorded is not None:
+            if recorded is not None and (handed or not recover):
                 step = {**sim.record_frame(obs, wrist), "action": label if dagger else action,
                         "intervention": chosen is None, "chunk_index": max(0, len(runner.inference_s) - before - 1),
                         "latency_s": runner.inference_s[-1] if len(runner.inference_s) > before else 0.0}
@@ -124,7 +138,7 @@ STALLED = 1e-3  # the largest state change over `takeover` steps that counts as 
 
 
 def record_episodes(results: list[EpisodeResult], root: str | os.PathLike, *, env: str, size: int, wrist: bool,
-                    dagger: bool, info: dict[str, Any]) -> dict[str, Any]:
+                    dagger: bool, info: dict[str, Any], recover: bool = False) -> dict[str, Any]:
     """The recorded episodes into a LeRobot v3 dataset at `root` (appended where one of the same features is)."""
     from pi0.data.recorder import Recorder
 
@@ -133,15 +147,17 @@ def record_episodes(results: list[EpisodeResult], root: str | os.PathLike, *, en
     if dagger:
         features["action.policy"] = dict(features["action"])
     rec = Recorder(root, fps=sim.FPS, features=features, robot_type=sim.ROBOT, max_queue=len(results) + 1,
-                   info={"env": env, "mode": "dagger" if dagger else "policy", **info})
+                   info={"env": env, "mode": "dagger" if dagger else "recover" if recover else "policy", **info})
     for r in results:
-        for f in r.frames or []:
+        if not r.frames:  # recover: the policy succeeded before the expert took over
+            continue
+        for f in r.frames:
             rec.add({k: v for k, v in f.items() if k not in ("intervention", "chunk_index", "latency_s")},
                     sim.instruction(r.task), intervention=f["intervention"], chunk_index=f["chunk_index"],
                     latency_s=f["latency_s"])
         rec.end_episode(r.success)
     out = rec.close()
-    out["expert_labels"] = sum(len(r.frames or []) for r in results) if dagger else 0
+    out["expert_labels"] = sum(len(r.frames or []) for r in results) if dagger or recover else 0
     out["interventions"] = sum(r.interventions for r in results)
     return out
 
@@ -149,20 +165,21 @@ def record_episodes(results: list[EpisodeResult], root: str | os.PathLike, *, en
 def evaluate(make_runner: Callable[[], ChunkRunner | StreamRunner], tasks: list[str], episodes: int, *,
              env: str = "metaworld", size: int = 64, wrist: bool = False, max_steps: int = 300, seed: int | None = None,
              video: str | os.PathLike | None = None, workers: int = 1, record: str | os.PathLike | None = None,
-             dagger: bool = False, takeover: int = 0, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             dagger: bool = False, takeover: int = 0, recover: bool = False,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Closed-loop success of a policy: `episodes` episodes per task (seeds seed, seed + 1, ...). make_runner:
     a picklable function that builds the policy's runner; with workers > 1 each of that many processes builds
     its own and takes every workers-th episode (rendering is single-threaded: one process per core). The
     answers do not depend on `workers`. seed: default the simulator's EVAL_SEED. video: the first episode of every
     task, to this mp4, and frames of each to a png beside it. record: every episode into a LeRobot v3 dataset there
-    (`dagger`, `takeover`: see `run_episodes`), in episode order whatever `workers`."""
+    (`dagger`, `takeover`, `recover`: see `run_episodes`), in episode order whatever `workers`."""
     sim = simulator(env)
     sim.check_tasks(tasks)
     seed = sim.EVAL_SEED if seed is None else seed
     jobs = [(task, seed + k) for task in tasks for k in range(episodes)]
     film = {(task, seed) for task in tasks} if video is not None else set()
     kw = dict(env=env, size=size, wrist=wrist, max_steps=max_steps, film=film, record=record is not None,
-              dagger=dagger, takeover=takeover)
+              dagger=dagger, takeover=takeover, recover=recover)
     if workers <= 1:
         results, films = run_episodes(make_runner(), jobs, log=log, **kw)
     else:
@@ -179,7 +196,8 @@ def evaluate(make_runner: Callable[[], ChunkRunner | StreamRunner], tasks: list[
     report = summarize(results)
     if record is not None:
         report["recorded"] = record_episodes(results, record, env=env, size=size, wrist=wrist, dagger=dagger,
-                                             info={"seeds": [seed, seed + episodes - 1], "tasks": tasks})
+                                             info={"seeds": [seed, seed + episodes - 1], "tasks": tasks},
+                                             recover=recover)
     return report
 
 

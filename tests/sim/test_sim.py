@@ -207,6 +207,31 @@ def test_dagger_records_expert_labels_and_takeovers(tmp_path):
         run_eval(_eval_args(episodes=1, dagger=True, dtype="float32"))
 
 
+def test_recover_records_the_experts_own_trajectories_from_the_policys_states(tmp_path):
+    """pi0 eval --record --recover: the policy acts up to a step drawn from the episode's seed, the expert to the end;
+    only the expert's frames are recorded (every one an intervention, from the state the policy left the robot in,
+    to success or the step limit), and --dagger with it is refused."""
+    from pi0.cli.sim import run_eval
+    from pi0.data.dataset import LeRobotDataset
+    from pi0.sim.metaworld import MetaWorldEnv
+
+    out = tmp_path / "recover"
+    report = run_eval(_eval_args(episodes=2, max_steps=40, record=str(out), recover=True, dtype="float32"))
+    rec, ds = report["recorded"], LeRobotDataset(out)
+    assert rec["expert_labels"] == len(ds) == rec["interventions"] > 0 and "action.policy" not in ds.features
+    assert ds.column("intervention").reshape(-1).astype(bool).all()
+    switch = int(np.random.default_rng([10000, 17]).integers(0, 20))  # the first episode's handover step
+    env = MetaWorldEnv(SHIPPED_TASK, 64)
+    env.reset(10000)
+    first = ds.column("episode_index").reshape(-1) == 0
+    assert first.sum() == 40 - switch or ds.column("next.success").reshape(-1)[first].any()
+    state = ds[0]["observation.state"]
+    assert not np.allclose(state, env.state(), atol=1e-4) or switch == 0  # the policy moved the robot first
+    env.close()
+    with pytest.raises(ValueError, match="choose one"):
+        run_eval(_eval_args(episodes=1, record=str(out), recover=True, dagger=True, dtype="float32"))
+
+
 def test_the_dagger_rounds_script_runs_end_to_end(tmp_path):
     """tools/dagger_rounds.py at the smallest settings: demonstrations collected, the shipped model evaluated, one
     round of DAgger labels, a fine-tune on demonstrations and labels together, its evaluation and the report."""
