@@ -104,11 +104,8 @@ class Policy:
         t0 = time.perf_counter()
         runner = getattr(self.model, "runner", None)
         if runner is not None:
-            from pi0.backends.engine.graphs import buckets_for
-
             cameras = sum(c is not None for c in self.pipeline.cameras)
-            runner.warmup(buckets_for(self.config, runner.rules, self.config.vision.image_size, cameras,
-                                      self.config.max_token_len, batches, self.num_steps or self.config.num_steps))
+            runner.warm(cameras, self.config.max_token_len, batches, self.num_steps or self.config.num_steps)
             return time.perf_counter() - t0
         obs = sample_observation(self.config, num_cameras=len(self.pipeline.cameras),
                                  num_valid_tokens=self.config.max_token_len)

@@ -15,18 +15,35 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from pi0.backends.engine.buckets import Bucket, BucketRules, Buffers, plan_call
+from pi0.backends.engine.buckets import Bucket, BucketRules, Buffers, patches_per_image, plan_call
+from pi0.model.config import Pi0Config
 from pi0.model.observation import Observation
 
 log = logging.getLogger(__name__)
 WARMUP_RUNS = 3  # eager runs on a side stream before a capture (allocator and kernels settle; the usual recipe)
 
 
-def compiled_step(engine) -> Callable[..., Tensor]:
+class BucketEngine(Protocol):
+    """What the runner needs of an engine (`Pi0Engine`): its config, dtypes, device and packed weights, the static call
+    of a bucket and the denoising step."""
+
+    config: Pi0Config
+    dtype: torch.dtype
+    vision_dtype: torch.dtype
+    device: torch.device
+    w: Any
+
+    def sample_bucket(self, buf: Buffers, bucket: Bucket, step: Callable[..., Tensor] | None = None) -> None: ...
+
+    def euler_step(self, *args: Any) -> Tensor: ...
+
+
+def compiled_step(engine: BucketEngine) -> Callable[..., Tensor]:
     """The engine's Euler step under torch.compile, whole (fullgraph: a graph break is an error), with symbolic
     batch and prefix sizes so that every bucket beyond the first of batch 1 and the first of a larger batch reuses
     the graph (torch specialises a size of 1)."""
@@ -47,7 +64,7 @@ class GraphRunner:
     """Static-shape calls of one engine. capture: CUDA graphs (default: on CUDA devices); compile: the denoising
     step compiled (`compiled_step`)."""
 
-    def __init__(self, engine, rules: BucketRules | None = None, capture: bool | None = None, compile: bool = False):
+    def __init__(self, engine: BucketEngine, rules: BucketRules | None = None, capture: bool | None = None, compile: bool = False):
         self.engine = engine
         self.rules = rules or BucketRules()
         self.capture = engine.device.type == "cuda" if capture is None else capture
@@ -107,13 +124,18 @@ class GraphRunner:
         with self.lock:
             return {b: self.prepare(b).seconds for b in buckets}
 
+    def warm(self, cameras: int, max_tokens: int, batches: Iterable[int], num_steps: int,
+             image_size: int | None = None) -> dict[Bucket, float]:
+        """`warmup` of every bucket of calls with `cameras` valid cameras, 1..max_tokens prompt tokens and these batch
+        sizes (`buckets_for`); image_size: default the model's."""
+        size = image_size or self.engine.config.vision.image_size
+        return self.warmup(buckets_for(self.engine.config, self.rules, size, cameras, max_tokens, batches, num_steps))
 
-def buckets_for(config, rules: BucketRules, image_size: int, cameras: int, max_tokens: int, batches: Iterable[int],
+
+def buckets_for(config: Pi0Config, rules: BucketRules, image_size: int, cameras: int, max_tokens: int, batches: Iterable[int],
                 num_steps: int) -> list[Bucket]:
     """Every bucket calls of up to `cameras` valid cameras a row and 1..max_tokens prompt tokens fall in, at these
     batch sizes (what `pi0 serve` warms up for its configuration)."""
-    from pi0.backends.engine.buckets import patches_per_image
-
     n_patch = patches_per_image(config, image_size)
     out = []
     for b in sorted({rules.batch(n) for n in batches}):
