@@ -46,12 +46,25 @@ def table(name: str, report: dict) -> str:
     return "\n".join(rows)
 
 
+def allocation(report: dict, tasks: list[str], total: int, floor: int) -> dict[str, int]:
+    """Episodes a task for a round: `floor` each, the rest in proportion to the task's failures in the last evaluation
+    (evenly where it failed nowhere)."""
+    fails = {t: 1.0 - report["tasks"][t]["success"] for t in tasks}
+    rest = max(0, total - floor * len(tasks))
+    if not sum(fails.values()):
+        return {t: max(floor, total // len(tasks)) for t in tasks}
+    return {t: floor + round(rest * f / sum(fails.values())) for t, f in fails.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/pi0-dagger")
     ap.add_argument("--tasks", default=TASKS)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--episodes", type=int, default=20, help="DAgger episodes per task and round")
+    ap.add_argument("--episodes", type=int, default=20, help="DAgger episodes per task and round (on average, "
+                    "with --focus)")
+    ap.add_argument("--no-focus", dest="focus", action="store_false", help="the same number of DAgger episodes for "
+                    "every task (default: 5 each, the rest by each task's failures in the last evaluation)")
     ap.add_argument("--labels", default="recover", choices=["recover", "state"], help="recover: the expert's "
                     "trajectories from the states the policy led to (pi0 eval --recover); state: the expert's action at "
                     "every state the policy visits (pi0 eval --dagger)")
@@ -75,8 +88,9 @@ def main() -> None:
     if not (demos / "meta" / "info.json").exists():
         pi0("sim", "collect", "--env", "metaworld", "--tasks", a.tasks, "--episodes", str(a.demos), "--out", str(demos),
             "--image-size", "64", "--noise", "0.3", "--seed", "0", log=log)
-    common = ["--env", "metaworld", "--tasks", a.tasks, "--max-steps", str(a.max_steps), "--workers", str(a.workers),
-              "--dtype", "float32", "--json", "--no-expert"]
+    tasks = a.tasks.split(",")
+    options = ["--env", "metaworld", "--max-steps", str(a.max_steps), "--dtype", "float32", "--json", "--no-expert"]
+    common = ["--tasks", a.tasks, "--workers", str(a.workers)] + options
     current = str(SHIPPED)
     cached = work / "shipped_eval.json"  # the shipped model's evaluation, kept across runs of the script
     if cached.exists() and json.loads(cached.read_text()).get("episodes") == a.eval_episodes * len(a.tasks.split(",")):
@@ -90,10 +104,17 @@ def main() -> None:
     for r in range(1, a.rounds + 1):
         dagger = work / f"dagger-{r}"
         shutil.rmtree(dagger, ignore_errors=True)  # this round's labels, not appended to an earlier run's
-        rep = pi0("eval", *common, "--checkpoint", current, "--episodes", str(a.episodes), "--seed",
-                  str(20000 + 1000 * r), "--record", str(dagger), "--recover" if a.labels == "recover" else "--dagger",
-                  "--takeover", str(a.takeover), log=log)
-        labels += rep["recorded"]["expert_labels"]
+        last = rounds[-1]["eval"] if rounds else base
+        share = allocation(last, tasks, a.episodes * len(tasks), min(5, a.episodes)) if a.focus else \
+            {t: a.episodes for t in tasks}
+        rep = {"episodes": share, "recorded": []}
+        for task, n in share.items():  # into one dataset (the recorder appends)
+            if n:
+                one = pi0("eval", "--tasks", task, "--workers", str(min(a.workers, n)), *options, "--checkpoint",
+                          current, "--episodes", str(n), "--seed", str(20000 + 1000 * r), "--record", str(dagger),
+                          "--recover" if a.labels == "recover" else "--dagger", "--takeover", str(a.takeover), log=log)
+                rep["recorded"].append(one["recorded"])
+                labels += one["recorded"]["expert_labels"]
         datasets.append(str(dagger))
         out = work / f"round-{r}"
         shutil.rmtree(out, ignore_errors=True)
@@ -108,7 +129,8 @@ def main() -> None:
         ev = pi0("eval", *common, "--checkpoint", current, "--episodes", str(a.eval_episodes), "--seed",
                  str(30000 + 1000 * r), log=log)
         rounds.append({"round": r, "expert_labels_total": labels, "dagger": rep, "eval": ev})
-        print(table(f"round {r} ({labels} expert labels so far; seeds {30000 + 1000 * r}...)", ev), flush=True)
+        print(table(f"round {r} ({labels} expert labels so far, DAgger episodes {share}; seeds {30000 + 1000 * r}...)",
+                    ev), flush=True)
     summary = {"shipped": base, "rounds": rounds, "seconds": time.time() - t0, "args": vars(a)}
     (work / "rounds.json").write_text(json.dumps(summary, indent=1))
     if a.ship and rounds:
