@@ -63,7 +63,8 @@ def parity(size: str, device: str, seeds: int) -> dict:
     cpu = pi0.build_model(cfg, seed=0)
     cases = []
     for s in range(seeds):
-        obs = pi0.sample_observation(cfg, 1, 12 + 3 * s, seed=s, masked_cameras=s % 2, token_len=min(48, cfg.max_token_len))
+        obs = pi0.sample_observation(cfg, 1, 12 + 3 * s, seed=s, masked_cameras=s % 2,
+                                     token_len=min(48, cfg.max_token_len))
         noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(s))
         cases.append((obs, noise, cpu.sample_actions(obs, noise=noise)))
     del cpu
@@ -82,7 +83,8 @@ def parity(size: str, device: str, seeds: int) -> dict:
             errs.append((got - want).abs().max().item())
             rels.append(errs[-1] / want.std().item())
             pccs.append(torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1].item())
-        r = {"max_abs": max(errs), "max_abs_over_std": max(rels), "mean_pcc": statistics.mean(pccs), "min_pcc": min(pccs),
+        r = {"max_abs": max(errs), "max_abs_over_std": max(rels), "mean_pcc": statistics.mean(pccs),
+             "min_pcc": min(pccs),
              "graphs": backend == "engine" and graphs}
         if dtype == "float32":
             r["pass"] = max(errs) <= 1e-4
@@ -129,7 +131,8 @@ def speed(size: str, device: str, repeats: int, compile_step: bool) -> dict:
         for variant, options in variants:
             key = f"{dtype}_{variant}"
             try:
-                model.runner = None if options is None else model.use_buckets(capture=device.startswith("cuda"), **options)
+                cuda = device.startswith("cuda")
+                model.runner = None if options is None else model.use_buckets(capture=cuda, **options)
                 out[key] = {f"{w}_b{b}": timed(model, *observation(cfg, w, b), device, repeats) for w, b in CASES}
                 if model.runner is not None:
                     out[key]["buckets"] = [{**vars(bucket), "prepare_s": e.seconds, "graph": e.graph is not None,

@@ -78,7 +78,8 @@ def plan_call(config: Pi0Config, obs: Observation, num_steps: int, rules: Bucket
     first = {pair: j for j, pair in enumerate(pairs)}
     layouts = []  # per row: (image slots' indices into the flattened image tokens, language ids)
     for i in range(rows):
-        image_slots = [first[(c, i)] * n_patch + p for c in range(len(masks)) if (c, i) in first for p in range(n_patch)]
+        image_slots = [first[(c, i)] * n_patch + p
+                       for c in range(len(masks)) if (c, i) in first for p in range(n_patch)]
         layouts.append((image_slots, tokens[i][token_masks[i]]))
     longest = max(len(s) + len(t) for s, t in layouts)
     cameras = max(sum(bool(m[i]) for m in masks) for i in range(rows))

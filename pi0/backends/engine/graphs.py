@@ -64,7 +64,8 @@ class GraphRunner:
     """Static-shape calls of one engine. capture: CUDA graphs (default: on CUDA devices); compile: the denoising
     step compiled (`compiled_step`)."""
 
-    def __init__(self, engine: BucketEngine, rules: BucketRules | None = None, capture: bool | None = None, compile: bool = False):
+    def __init__(self, engine: BucketEngine, rules: BucketRules | None = None, capture: bool | None = None,
+                 compile: bool = False):
         self.engine = engine
         self.rules = rules or BucketRules()
         self.capture = engine.device.type == "cuda" if capture is None else capture
@@ -132,8 +133,8 @@ class GraphRunner:
         return self.warmup(buckets_for(self.engine.config, self.rules, size, cameras, max_tokens, batches, num_steps))
 
 
-def buckets_for(config: Pi0Config, rules: BucketRules, image_size: int, cameras: int, max_tokens: int, batches: Iterable[int],
-                num_steps: int) -> list[Bucket]:
+def buckets_for(config: Pi0Config, rules: BucketRules, image_size: int, cameras: int, max_tokens: int,
+                batches: Iterable[int], num_steps: int) -> list[Bucket]:
     """Every bucket calls of up to `cameras` valid cameras a row and 1..max_tokens prompt tokens fall in, at these
     batch sizes (what `pi0 serve` warms up for its configuration)."""
     n_patch = patches_per_image(config, image_size)
