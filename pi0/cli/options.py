@@ -15,8 +15,8 @@ from pi0.hardware import resolve_device, resolve_dtype
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="engine", choices=list(BACKENDS))
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 where the machine runs it natively, else "
-                   "float32), bfloat16, float32, int8 (engine on a CPU: int8 weights and activations) or fp8 (engine on a GPU "
-                   "with fp8 tensor cores: e4m3 weights and activations)")
+                   "float32), bfloat16, float32, int8 (engine on a CPU: int8 weights and activations) or fp8 (engine "
+                   "on a GPU with fp8 tensor cores: e4m3 weights and activations)")
     p.add_argument("--device", default="auto", help="auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1, ...")
 
 

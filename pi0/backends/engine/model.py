@@ -124,7 +124,7 @@ class Pi0Engine:
         pairs = [(c, i) for c, m in enumerate(obs.image_masks) for i in torch.nonzero(m).flatten().tolist()]
         feats = self.embed_images(torch.stack([obs.images[c][i] for c, i in pairs])) if pairs else None
         feat_of = {pair: j for j, pair in enumerate(pairs)}
-        scale = torch.tensor(math.sqrt(self.config.vlm.width), dtype=torch.float32).to(self.dtype)
+        scale = self._token_scale()
         seqs = []
         for i in range(b):
             cams = [feats[feat_of[(c, i)]] for c in range(len(obs.images)) if (c, i) in feat_of]
@@ -229,6 +229,22 @@ class Pi0Engine:
                 x = x + ops.linear(y, layer.down_w) * gate2.to(self.dtype)
         return x
 
+    def _token_scale(self) -> Tensor:
+        """Gemma's embedding scale, sqrt(width), rounded to the engine dtype as the reference rounds it."""
+        return torch.tensor(math.sqrt(self.config.vlm.width), dtype=torch.float32).to(self.dtype)
+
+    def _state_token(self, state: Tensor | None, lp: int, n_valid: Tensor, key_mask: Tensor | None,
+                     k_buf: list[Tensor], v_buf: list[Tensor]) -> tuple[int, tuple[Tensor, Tensor]]:
+        """pi0's state token into the KV buffers at slot lp (it sees the prefix and itself only, so its k, v are fixed
+        for the call), and where the action tokens follow: (their first slot, their RoPE tables, the same every
+        step). pi0.5 has no state token."""
+        n_state = 0 if self.config.pi05 else 1
+        if n_state:
+            s = ops.linear(state, self.w.state_w, self.w.state_b)[:, None, :].to(self.dtype)
+            self._expert_pass(s, lp, self._rope(n_valid[:, None]), key_mask, k_buf, v_buf, None, need_output=False)
+        steps = torch.arange(self.config.action_horizon, device=self.device)[None, :]
+        return lp + n_state, self._rope(n_valid[:, None] + n_state + steps)
+
     def conditions(self, sched: dict[str, Tensor], step: int) -> tuple[Tensor, ...]:
         """What `velocity` takes of the schedule at one step, as tensors (so a compiled step sees one graph for
         every step): pi0 (time_bias [We],), pi0.5 (mods [depth, 6We], final [3We])."""
@@ -292,13 +308,9 @@ class Pi0Engine:
             key_mask = torch.cat([key_mask, torch.ones(b, n_state + horizon, dtype=torch.bool, device=self.device)], 1)
             assert key_mask.shape[1] == total, f"key mask {key_mask.shape[1]} != prefix+suffix {total}"
         self.fill_kv_cache(prefix, None if key_mask is None else key_mask[:, :lp], k_buf, v_buf)
-        if not cfg.pi05:  # the state token sees the prefix and itself only: its k, v are fixed for the call
-            s = ops.linear(obs.state, self.w.state_w, self.w.state_b)[:, None, :].to(self.dtype)
-            self._expert_pass(s, lp, self._rope(n_valid[:, None]), key_mask, k_buf, v_buf, None, need_output=False)
+        act_start, rope = self._state_token(obs.state, lp, n_valid, key_mask, k_buf, v_buf)
         clock.lap("prefix")
 
-        act_start = lp + n_state
-        rope = self._rope(n_valid[:, None] + n_state + torch.arange(horizon, device=self.device)[None, :])  # same every step
         dt = -1.0 / num_steps
         for step in range(num_steps):
             v_t = self.velocity(x_t, self.conditions(sched, step), act_start, rope, key_mask, k_buf, v_buf)
@@ -313,24 +325,18 @@ class Pi0Engine:
         """One call on a bucket's static buffers (`pi0.backends.engine.buckets`): `sample_actions`' work with every
         shape the bucket's and nothing read back to the host, so that a CUDA graph can replay it. Writes buf.out.
         step: the denoising step to run (default `euler_step`; `graphs.compiled_step` compiles it)."""
-        cfg = self.config
-        n_state, lp = (0 if cfg.pi05 else 1), bucket.prefix
-        scale = torch.tensor(math.sqrt(cfg.vlm.width), dtype=torch.float32).to(self.dtype)
-        prefix = ops.embedding(self.w.embed, buf.ids) * scale  # [B, Lp, W]
+        lp = bucket.prefix
+        prefix = ops.embedding(self.w.embed, buf.ids) * self._token_scale()  # [B, Lp, W]
         if bucket.cameras:
             feats = self.embed_images(buf.images)  # [N, P, W]
             tokens = feats.reshape(-1, feats.shape[-1])[buf.image_index]  # [B, Lp, W]
             prefix = torch.where(buf.is_image[..., None], tokens, prefix)
         key_mask = buf.key_mask  # [B, Lp + n_state + H]
         self.fill_kv_cache(prefix, key_mask[:, :lp], buf.k, buf.v)
-        if not cfg.pi05:
-            s = ops.linear(buf.state, self.w.state_w, self.w.state_b)[:, None, :].to(self.dtype)
-            self._expert_pass(s, lp, self._rope(buf.n_valid[:, None]), key_mask, buf.k, buf.v, None, need_output=False)
-        horizon = cfg.action_horizon
-        rope = self._rope(buf.n_valid[:, None] + n_state + torch.arange(horizon, device=self.device)[None, :])
+        act_start, rope = self._state_token(buf.state, lp, buf.n_valid, key_mask, buf.k, buf.v)
         sched, dt = self._schedule(bucket.steps), -1.0 / bucket.steps
         step = step or self.euler_step
         x_t = buf.noise
         for i in range(bucket.steps):
-            x_t = step(x_t, self.conditions(sched, i), dt, lp + n_state, rope, key_mask, buf.k, buf.v)
+            x_t = step(x_t, self.conditions(sched, i), dt, act_start, rope, key_mask, buf.k, buf.v)
         buf.out.copy_(x_t)
