@@ -104,15 +104,13 @@ def run_episodes(runner: ChunkRunner | StreamRunner, episodes: list[tuple[str, i
                 handed = handed or steps >= switch or stalled  # the expert has the robot to the end
             elif stalled and not expert_steps:
                 expert_steps = takeover  # the policy stalls: the expert takes over for a while
-            if handed:
-                action, chosen = scene.expert_action(), None
-                interventions += 1
-            elif expert_steps:
+            if handed or expert_steps:
                 action, chosen = label if label is not None else scene.expert_action(), None
-                expert_steps -= 1
                 interventions += 1
-                if not expert_steps:
-                    runner.reset()  # the policy resumes from where the expert left the robot
+                if expert_steps:
+                    expert_steps -= 1
+                    if not expert_steps:
+                        runner.reset()  # the policy resumes from where the expert left the robot
             else:
                 chosen = action = runner.next_action(obs)
             if recorded is not None and (handed or not recover):
@@ -120,7 +118,7 @@ def run_episodes(runner: ChunkRunner | StreamRunner, episodes: list[tuple[str, i
                         "intervention": chosen is None, "chunk_index": max(0, len(runner.inference_s) - before - 1),
                         "latency_s": runner.inference_s[-1] if len(runner.inference_s) > before else 0.0}
                 if dagger:
-                    step["action.policy"] = action if chosen is None else chosen
+                    step["action.policy"] = action  # what was executed: the expert's where it acted
                 recorded.append(step)
             success = scene.step(action)
             steps += 1
