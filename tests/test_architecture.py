@@ -16,13 +16,16 @@ ROOMS: dict[str, set[str]] = {
     "pi0.checkpoint": {"pi0.model"},  # containers, key layouts, load / save / convert
     "pi0.backends.reference": {"pi0.model"},  # the numeric specification
     "pi0.backends.engine": {"pi0.model"},  # the fast runtime
-    "pi0.backends": {"pi0.model", "pi0.checkpoint", "pi0.backends.reference", "pi0.backends.engine"},  # the registry
+    "pi0.backends.ttnn": {"pi0.model"},  # ttnn ops: a Tenstorrent card, or emulated on the host
+    "pi0.backends": {"pi0.model", "pi0.checkpoint", "pi0.backends.reference", "pi0.backends.engine",
+                     "pi0.backends.ttnn"},  # the registry
     "pi0.robot": {"pi0.model", "pi0.checkpoint", "pi0.backends"},  # observation pipelines, presets, Policy
     "pi0.serving": {"pi0.model", "pi0.robot", "pi0.data"},  # the service, its transports, the robot side (recording)
     "pi0.train": {"pi0.model", "pi0.checkpoint", "pi0.backends", "pi0.robot", "pi0.data"},
     "pi0.sim": {"pi0.model", "pi0.data", "pi0.robot", "pi0.serving"},
     "pi0.cli": {"pi0.model", "pi0.data", "pi0.checkpoint", "pi0.backends", "pi0.backends.reference",
-                "pi0.backends.engine", "pi0.robot", "pi0.serving", "pi0.train", "pi0.sim"},  # the commands
+                "pi0.backends.engine", "pi0.backends.ttnn", "pi0.robot", "pi0.serving", "pi0.train",
+                "pi0.sim"},  # the commands
 }
 
 

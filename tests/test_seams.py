@@ -54,7 +54,7 @@ def test_a_backend_is_its_package_and_a_registry_line(tmp_path, monkeypatch):
     assert ours.dtype == torch.float32 and (ours - ref).abs().max() < 1e-4
     model = pi0.build_model(cfg, backend="fp64")
     assert isinstance(model, pi0.model.backend.Backend) and model.dtype == torch.float64  # built by its own spec
-    with pytest.raises(ValueError, match="unknown backend 'fp128': choose one of reference, engine, fp64"):
+    with pytest.raises(ValueError, match="unknown backend 'fp128': choose one of reference, engine, ttnn, fp64"):
         pi0.build_model(cfg, backend="fp128")
 
 

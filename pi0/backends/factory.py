@@ -26,7 +26,8 @@ from pi0.model.config import Pi0Config, canonical_shapes
 
 # name -> the module that builds it (`pi0.model.backend` says what such a module provides). A new backend is a
 # package under pi0/backends/ with its spec.py, and a line here.
-BACKENDS: dict[str, str] = {"reference": "pi0.backends.reference.spec", "engine": "pi0.backends.engine.spec"}
+BACKENDS: dict[str, str] = {"reference": "pi0.backends.reference.spec", "engine": "pi0.backends.engine.spec",
+                            "ttnn": "pi0.backends.ttnn.spec"}
 
 
 def backend_spec(backend: str) -> ModuleType:
@@ -39,6 +40,12 @@ def state_device(spec: ModuleType, device: str | torch.device) -> torch.device:
     """Where a backend has the canonical tensors loaded: its own `state_device(device)` (a backend whose device is
     no torch device loads them on the CPU and places them itself in `build`), else the torch device asked for."""
     return getattr(spec, "state_device", resolve_device)(device)
+
+
+def backend_dtype(spec: ModuleType, dtype: str | torch.dtype, where: torch.device) -> torch.dtype:
+    """The dtype a backend computes in: its own `resolve_dtype(dtype, device)` (a backend whose formats are no torch
+    dtype's, as TTNN's), else pi0.hardware's."""
+    return getattr(spec, "resolve_dtype", resolve_dtype)(dtype, where)[0]
 
 
 _BLOCK = 1 << 22  # values per generator block in random_state_dict
@@ -124,7 +131,7 @@ def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0,
     be "auto" (pi0.hardware). progress: called with the fraction of parameters filled so far."""
     spec = backend_spec(backend)
     where = state_device(spec, device)
-    dtype = resolve_dtype(dtype, where)[0]
+    dtype = backend_dtype(spec, dtype, where)
     with weights_allocation():
         state = random_state_dict(config, seed, compute_dtype(dtype, where), where, progress,
                                   spec.load_hook(dtype, where))
@@ -147,7 +154,7 @@ def load_from_info(info: CheckpointInfo, *, backend: str, dtype: str | torch.dty
     """The model of an already inspected checkpoint."""
     spec = backend_spec(backend)
     where = state_device(spec, device)
-    dtype = resolve_dtype(dtype, where)[0]
+    dtype = backend_dtype(spec, dtype, where)
     with weights_allocation():
         state = load_state_dict(info, compute_dtype(dtype, where), where, progress, spec.load_hook(dtype, where))
         model = spec.build(info.config, state, device)

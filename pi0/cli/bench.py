@@ -167,7 +167,7 @@ def run(args) -> dict[str, Any]:
             "threads": torch.get_num_threads(), "torch": torch.__version__,
         },
         "times_s": times,
-    }
+    } | ({"ttnn_ops": model.ops} if hasattr(model, "ops") else {})
 
 
 def add_arguments(p) -> None:
@@ -200,4 +200,13 @@ def main(args) -> int:
     print(f"compute   {rep['model_tflop']:.3f} TFLOP -> {rep['achieved_gflops']:.0f} GFLOP/s; GEMM {rep['gemm_gflops']:.0f} "
           f"GFLOP/s; efficiency {rep['efficiency']:.2f}")
     print(f"memory    peak RSS {rep['peak_rss_gib']:.2f} GiB; load/build {rep['load_s']:.1f} s")
+    if "ttnn_ops" in rep:
+        ops = rep["ttnn_ops"]
+        if ops["emulated"]:
+            print("ttnn      EMULATED on the host (each op its ttnn golden function): the times above are the host's, "
+                  "not a Tenstorrent card's")
+        for stage, counts in ops["stages"].items():
+            top = ", ".join(f"{op} {n}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1])[:6])
+            host = f"; host {ops['host_s'][stage]:.3f} s in ops" if stage in ops["host_s"] else ""
+            print(f"ttnn ops  {stage}: {sum(counts.values())} calls ({top}){host}")
     return 0

@@ -10,6 +10,7 @@ import time
 import torch
 
 import pi0
+from pi0.backends.ttnn.weights import device_format, format_table
 from pi0.checkpoint.info import CheckpointInfo
 from pi0.hardware import resolve_dtype
 from pi0.model.features import features
@@ -60,6 +61,7 @@ def inspect_report(info: CheckpointInfo) -> dict:
         "pipeline": describe_pipeline(info.files.root),
         "assumed": info.assumed,
         "config": info.config.to_dict(),
+        "ttnn_formats": {name: device_format(name, False)[0] for name in info.shapes},
     }
 
 
@@ -87,6 +89,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  assets  {asset}: norm stats " + ", ".join(f"{k} {n}" for k, n in widths.items()))
     if rep["dropped"]:
         print(f"  dropped (never used by the policy): {', '.join(rep['dropped'])}")
+    total = max(1, rep["num_used_params"])
+    rows = sorted(format_table(info.shapes).items(), key=lambda kv: -kv[1]["params"])
+    for i, (rule, n) in enumerate(rows):
+        print(f"  {'ttnn' if i == 0 else '':8}{rule}: {n['tensors']} tensors, {n['params'] / total:.0%} of the "
+              "params" + (" (the TTNN backend's device formats)" if i == 0 else ""))
     return 0
 
 

@@ -8,23 +8,25 @@ import sys
 
 import torch
 
-from pi0.backends.factory import BACKENDS
-from pi0.hardware import resolve_device, resolve_dtype
+from pi0.backends.factory import BACKENDS, backend_spec, state_device
+from pi0.hardware import resolve_dtype
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="engine", choices=list(BACKENDS))
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 where the machine runs it natively, else "
-                   "float32), bfloat16, float32, int8 (engine on a CPU: int8 weights and activations) or fp8 (engine "
-                   "on a GPU with fp8 tensor cores: e4m3 weights and activations)")
-    p.add_argument("--device", default="auto", help="auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1, ...")
+                   "float32; ttnn: its device formats), bfloat16, float32, int8 (engine on a CPU: int8 weights and "
+                   "activations) or fp8 (engine on a GPU with fp8 tensor cores: e4m3 weights and activations)")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1, "
+                   "...; backend ttnn: a Tenstorrent card when one is present, else emulated on the host")
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str]:
     """--device / --dtype resolved ("auto" included), with the choice and its reason printed in one line
     (stderr). Returns the device, the dtype and the reason."""
-    device = resolve_device(args.device)
-    dtype, why = resolve_dtype(args.dtype, device)
+    spec = backend_spec(getattr(args, "backend", "engine"))
+    device = state_device(spec, args.device)  # the host for a backend whose device is no torch device (TTNN)
+    dtype, why = getattr(spec, "resolve_dtype", resolve_dtype)(args.dtype, device)
     print(f"pi0 {getattr(args, 'cmd', 'bench')}: device {device}, {why}", file=sys.stderr, flush=True)
     return device, dtype, why
 

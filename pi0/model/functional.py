@@ -1,5 +1,5 @@
-"""Math that both backends need, in one place (the reference and the engine never import each other):
-the attention mask value, the flow-time embedding, SigLIP's patches and position-embedding resampling."""
+"""Math that the backends share, in one place (they never import each other): the attention mask value and rule,
+positions, the flow-time embedding, SigLIP's patches and position-embedding resampling."""
 
 from __future__ import annotations
 
@@ -54,3 +54,18 @@ def patchify(images: Tensor, patch: int) -> tuple[Tensor, int]:
     g, gw = h // patch, w // patch
     x = images[:, :, : g * patch, : gw * patch].reshape(n, c, g, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(n, g * gw, c * patch * patch), g
+
+
+def make_attn_mask(input_mask: Tensor, ar_mask: Tensor) -> Tensor:
+    """big_vision rule: query i sees key j iff cumsum(ar)[j] <= cumsum(ar)[i] and both are valid.
+    input_mask, ar_mask bool [B, L] -> bool [B, L, L]."""
+    assert input_mask.shape == ar_mask.shape, f"input_mask {list(input_mask.shape)} != ar_mask {list(ar_mask.shape)}"
+    cum = torch.cumsum(ar_mask.long(), dim=1)
+    visible = cum[:, None, :] <= cum[:, :, None]
+    valid = input_mask[:, None, :] & input_mask[:, :, None]
+    return visible & valid
+
+
+def positions_from_mask(input_mask: Tensor) -> Tensor:
+    """Padding does not advance the position: cumsum(input_mask) - 1."""
+    return torch.cumsum(input_mask.long(), dim=1) - 1

@@ -2,7 +2,7 @@
 
 import torch
 
-from pi0.backends.reference.model import make_attn_mask, positions_from_mask
+from pi0.model.functional import make_attn_mask, positions_from_mask
 
 
 def test_prefix_suffix_mask_table():

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from pi0.backends.reference.gemma import Gemma, joint_layer
 from pi0.backends.reference.siglip import SiglipVision, checkpointed
 from pi0.model.config import Pi0Config
-from pi0.model.functional import posemb, sample_time
+from pi0.model.functional import make_attn_mask, posemb, positions_from_mask, sample_time
 from pi0.model.observation import Observation, sampling_inputs
 from pi0.model.rtc import RTC, Guide, make_guide
 from pi0.timing import StageClock
@@ -33,21 +33,6 @@ from pi0.timing import StageClock
 
 # ---------------------------------------------------------------------------------------------
 # pi0 / pi0.5
-
-
-def make_attn_mask(input_mask: Tensor, ar_mask: Tensor) -> Tensor:
-    """big_vision rule: query i sees key j iff cumsum(ar)[j] <= cumsum(ar)[i] and both are valid.
-    input_mask, ar_mask bool [B, L] -> bool [B, L, L]."""
-    assert input_mask.shape == ar_mask.shape, f"input_mask {list(input_mask.shape)} != ar_mask {list(ar_mask.shape)}"
-    cum = torch.cumsum(ar_mask.long(), dim=1)
-    visible = cum[:, None, :] <= cum[:, :, None]
-    valid = input_mask[:, None, :] & input_mask[:, :, None]
-    return visible & valid
-
-
-def positions_from_mask(input_mask: Tensor) -> Tensor:
-    """Padding does not advance the position: cumsum(input_mask) - 1."""
-    return torch.cumsum(input_mask.long(), dim=1) - 1
 
 
 def cat_checked(parts: list[Tensor], dim: int, what: str, expected: int | None = None) -> Tensor:
