@@ -1,7 +1,8 @@
 """The TTNN model against the fp32 reference, stage by stage, at any size (full size by default), emulated on the host
 through ttnn's golden functions: fp32 goldens (the logic: max |difference| of the actions, ≤ 1e-4 expected) and the
 device's formats (bf16 activations, bfloat8_b MLP weights: PCC and errors of the image embeddings, the prefix's KV
-cache and the actions, over several observations). Seeded random weights; one camera masked, a ragged prompt.
+cache and the actions, over several observations). Seeded random weights, or a checkpoint's; one camera masked, a
+ragged prompt.
 
 Needs ttnn (Python 3.10 / 3.12: `make ttnn-venv`), ~20 GB of memory at full size and a few minutes a model:
 
@@ -11,6 +12,7 @@ Needs ttnn (Python 3.10 / 3.12: `make ttnn-venv`), ~20 GB of memory at full size
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import gc
 import json
 import sys
@@ -61,11 +63,18 @@ def stages_of(model, obs: pi0.Observation, noise: torch.Tensor) -> dict[str, tor
     return {"vision": vision, "prefix_kv": kv, "actions": actions, "seconds": time.perf_counter() - t}
 
 
-def run(size: str, seeds: list[int], weight_seed: int) -> dict:
-    cfg = pi0.size_config(size)
-    out: dict = {"size": size, "observations": len(seeds)}
+def make(source: str, weight_seed: int, **kwargs):
+    """A model of `source`: a size's seeded random weights, or a checkpoint's."""
+    if source in pi0.model.config.SIZES:
+        return pi0.build_model(pi0.size_config(source), seed=weight_seed, **kwargs)
+    return pi0.load_model(source, **kwargs)
+
+
+def run(source: str, seeds: list[int], weight_seed: int) -> dict:
+    out: dict = {"model": source, "observations": len(seeds)}
     t = time.perf_counter()
-    ref = pi0.build_model(cfg, backend="reference", seed=weight_seed)
+    ref = make(source, weight_seed, backend="reference")
+    cfg = ref.config
     out["reference_build_s"] = round(time.perf_counter() - t, 1)
     with torch.no_grad():
         golden = [stages_of(ref, *inputs(cfg, s)) for s in seeds]
@@ -78,7 +87,7 @@ def run(size: str, seeds: list[int], weight_seed: int) -> dict:
         del exact, ref, got
         gc.collect()
         t = time.perf_counter()
-        model = pi0.build_model(cfg, backend="ttnn", seed=weight_seed, dtype="bfloat16", device="cpu")
+        model = make(source, weight_seed, backend="ttnn", dtype="bfloat16", device="cpu")
         out["formats_build_s"] = round(time.perf_counter() - t, 1)
         rows = []
         for s, g in zip(seeds, golden):
@@ -93,13 +102,14 @@ def run(size: str, seeds: list[int], weight_seed: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", action="append", help="pi0, pi05, tiny, tiny-pi05 (repeatable; default pi0 and pi05)")
+    p.add_argument("--size", action="append", help="pi0, pi05, tiny, tiny-pi05, or a checkpoint (its real weights) "
+                   "(repeatable; default pi0 and pi05)")
     p.add_argument("--observations", type=int, default=3, help="observations (and noises) per model")
     p.add_argument("--weight-seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(0)
     report = {"hardware": describe_machine(), "torch": torch.__version__,
-              "ttnn": __import__("ttnn").__version__ if hasattr(__import__("ttnn"), "__version__") else "?",
+              "ttnn": importlib.metadata.version("ttnn"),
               "runs": [run(size, list(range(args.observations)), args.weight_seed)
                        for size in args.size or ["pi0", "pi05"]]}
     print(json.dumps(report, indent=1))

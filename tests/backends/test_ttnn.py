@@ -81,6 +81,21 @@ def test_a_call_the_device_would_refuse_is_refused():
         tt.concat([x, torch.zeros(2, 4, 32)], 1)
 
 
+def test_results_take_the_format_the_device_would_store():
+    """`dtype=` or a positional format (typecast) decides the result's format, else the first input's; bf16 rounds as
+    ttnn.from_torch rounds."""
+    tt = runtime.open_runtime("cpu")
+    values = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    x = tt.from_torch(values, dtype=tt.float32, layout=tt.TILE_LAYOUT)
+    w = tt.from_torch(torch.eye(64), dtype=tt.bfloat16, layout=tt.TILE_LAYOUT)
+    down = tt.typecast(x, tt.bfloat16)
+    expected = ttnn.to_torch(ttnn.from_torch(values, dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT))
+    assert down.dtype == tt.bfloat16 and torch.equal(down.value, expected)
+    assert tt.add(x, 1.0).dtype == tt.float32 and torch.equal(tt.add(x, 1.0).value, values + 1.0)
+    assert tt.linear(down, w, dtype=tt.float32).dtype == tt.float32
+    assert tt.linear(down, w).value.dtype == torch.bfloat16
+
+
 def test_missing_suffix_keys_fail_with_both_lengths(monkeypatch):
     """The bug the first port stalled on: a mask without the suffix's columns is named, with both lengths."""
     cfg, _, model = pair("tiny", "float32")

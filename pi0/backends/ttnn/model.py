@@ -102,8 +102,8 @@ class Pi0TTNN:
             p = f"vision.layers.{i}."
             h = tt.layer_norm(x, epsilon=v.layer_norm_eps, weight=self.w[p + "layer_norm1.weight"],
                               bias=self.w[p + "layer_norm1.bias"])
-            q, k, val = (tt.permute(tt.reshape(self._linear(h, p + f"self_attn.{n_}_proj"), (b, n, heads, d)),
-                                    (0, 2, 1, 3)) for n_ in "qkv")  # each [B, heads, N, d]
+            q, k, val = (tt.permute(tt.reshape(self._linear(h, p + f"self_attn.{proj}_proj"), (b, n, heads, d)),
+                                    (0, 2, 1, 3)) for proj in "qkv")  # each [B, heads, N, d]
             logits = tt.multiply(tt.matmul(q, k, transpose_b=True), d**-0.5)  # [B, heads, N, N]
             out = tt.matmul(tt.softmax(logits, -1), val)
             out = tt.reshape(tt.permute(out, (0, 2, 1, 3)), (b, n, width))
