@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_arguments(p)
     p.set_defaults(func=train.main)
 
+    p = sub.add_parser("fast-tokenizer", help="fit pi0-FAST's action tokenizer on a LeRobot dataset's action chunks "
+                       "(pip install 'pi0[fast,train]')")
+    from pi0.cli import fast
+
+    fast.add_arguments(p)
+    p.set_defaults(func=fast.cmd_fast_tokenizer)
+
     p = sub.add_parser("infer", help="one action chunk from a saved observation (.npz or .json)")
     add_policy_args(p)
     p.add_argument("--obs", required=True)
