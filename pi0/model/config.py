@@ -155,20 +155,20 @@ def _first(meta: Mapping[str, Any], *names: str) -> Any:
     return None
 
 
-def infer_config(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any] | None = None) -> Pi0Config:
-    """Derive every size from canonical tensor shapes; `meta` (a parsed config.json) only fills in
-    what shapes cannot tell: action horizon, token length, steps, and head counts if recorded."""
-    meta = dict(meta or {})
-    ours = meta.get("pi0") if isinstance(meta.get("pi0"), dict) else {}
-
+def _shape_of(shapes: Mapping[str, tuple[int, ...]]):
     def shape(name: str) -> tuple[int, ...]:
         if name not in shapes:
             raise KeyError(name)
         return tuple(shapes[name])
 
-    pi05 = any(k.startswith("expert.") and ".dense." in k for k in shapes) or "time_mlp_in.weight" in shapes
+    return shape
 
-    # SigLIP
+
+def siglip_from_shapes(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any]) -> SiglipConfig:
+    """SigLIP's sizes from the canonical `vision.*` shapes; the head count (visible in no shape) from `meta`, else
+    So400m's head width."""
+    shape = _shape_of(shapes)
+    ours = meta.get("pi0") if isinstance(meta.get("pi0"), dict) else {}
     patch = shape("vision.patch_embedding.weight")  # [width, 3, p, p]
     v_width, _, p, _ = patch
     n_pos = shape("vision.position_embedding.weight")[0]
@@ -187,33 +187,46 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any] 
             warnings.warn(
                 f"SigLIP width {v_width} records no head count; assuming {v_heads} heads "
                 "(set 'vision_num_heads' in config.json to override)",
-                stacklevel=2,
+                stacklevel=3,
             )
-    vision = SiglipConfig(
+    return SiglipConfig(
         width=v_width, depth=v_depth, num_heads=int(v_heads), mlp_dim=v_mlp, patch_size=p, image_size=grid * p
     )
+
+
+def gemma_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str, vocab: int,
+                      recorded: Mapping[str, Any]) -> GemmaConfig:
+    """A Gemma's sizes from its canonical `{prefix}.layers.*` shapes (kv heads from `recorded`, else 1)."""
+    shape = _shape_of(shapes)
+    q = shape(f"{prefix}.layers.0.self_attn.q_proj.weight")  # [heads*hd, width]
+    k = shape(f"{prefix}.layers.0.self_attn.k_proj.weight")  # [kv*hd, width]
+    mlp = shape(f"{prefix}.layers.0.mlp.gate_proj.weight")[0]
+    kv = int(recorded.get("num_kv_heads") or 1)  # Gemma 2B and 300M are multi-query (1 kv head)
+    if k[0] % kv:
+        raise ValueError(f"{prefix} k_proj rows {k[0]} not divisible by {kv} kv heads")
+    hd = k[0] // kv
+    if q[0] % hd:
+        raise ValueError(f"{prefix} q_proj rows {q[0]} not a multiple of head_dim {hd}")
+    return GemmaConfig(
+        width=q[1], depth=_count_layers(shapes, f"{prefix}.layers."), mlp_dim=mlp,
+        num_heads=q[0] // hd, num_kv_heads=kv, head_dim=hd, vocab_size=vocab,
+    )
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any] | None = None) -> Pi0Config:
+    """Derive every size from canonical tensor shapes; `meta` (a parsed config.json) only fills in
+    what shapes cannot tell: action horizon, token length, steps, and head counts if recorded."""
+    meta = dict(meta or {})
+    ours = meta.get("pi0") if isinstance(meta.get("pi0"), dict) else {}
+    shape = _shape_of(shapes)
+    pi05 = any(k.startswith("expert.") and ".dense." in k for k in shapes) or "time_mlp_in.weight" in shapes
+    vision = siglip_from_shapes(shapes, meta)
     proj = shape("projector.weight")  # [vlm width, vision width]
-    if proj[1] != v_width:
-        raise ValueError(f"projector.weight is {list(proj)} but the SigLIP width is {v_width}")
-
-    def gemma(prefix: str, vocab: int, recorded: Mapping[str, Any]) -> GemmaConfig:
-        q = shape(f"{prefix}.layers.0.self_attn.q_proj.weight")  # [heads*hd, width]
-        k = shape(f"{prefix}.layers.0.self_attn.k_proj.weight")  # [kv*hd, width]
-        mlp = shape(f"{prefix}.layers.0.mlp.gate_proj.weight")[0]
-        kv = int(recorded.get("num_kv_heads") or 1)  # Gemma 2B and 300M are multi-query (1 kv head)
-        if k[0] % kv:
-            raise ValueError(f"{prefix} k_proj rows {k[0]} not divisible by {kv} kv heads")
-        hd = k[0] // kv
-        if q[0] % hd:
-            raise ValueError(f"{prefix} q_proj rows {q[0]} not a multiple of head_dim {hd}")
-        return GemmaConfig(
-            width=q[1], depth=_count_layers(shapes, f"{prefix}.layers."), mlp_dim=mlp,
-            num_heads=q[0] // hd, num_kv_heads=kv, head_dim=hd, vocab_size=vocab,
-        )
-
+    if proj[1] != vision.width:
+        raise ValueError(f"projector.weight is {list(proj)} but the SigLIP width is {vision.width}")
     emb = shape("vlm.embed_tokens.weight")
-    vlm = gemma("vlm", emb[0], ours.get("vlm", {}))
-    expert = gemma("expert", 0, ours.get("expert", {}))
+    vlm = gemma_from_shapes(shapes, "vlm", emb[0], ours.get("vlm", {}))
+    expert = gemma_from_shapes(shapes, "expert", 0, ours.get("expert", {}))
     if proj[0] != vlm.width:
         raise ValueError(f"projector.weight is {list(proj)} but the VLM width is {vlm.width}")
 

@@ -1,0 +1,103 @@
+"""π0-FAST as the reference writes it: PaliGemma alone, a prefix of images and token ids read in one pass, then greedy
+decoding one token at a time against a KV cache (plain fp32 PyTorch, no speed tricks).
+
+The prefix is bidirectional (every valid token sees every valid token: what the big_vision rule gives with no
+causal block), its positions skip padding, and its last position must hold a valid token for every row (the
+pipelines put one there: LeRobot appends BOS after the right-padded prompt, openpi aligns prompts to the right).
+Each decoded token attends to the prefix's valid tokens and every token decoded before it, at the next position.
+The head is the token embedding (tied). Rows stop at an end id; the batch stops when all have (LeRobot's rule:
+tokens after the batch-wide stop are 0; a row that stopped earlier keeps decoding until then).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pi0.backends.reference.gemma import Gemma, joint_layer
+from pi0.backends.reference.siglip import SiglipVision
+from pi0.model.fast_config import FastConfig
+from pi0.model.functional import make_attn_mask, positions_from_mask
+
+
+class Pi0FastReference(nn.Module):
+    """π0-FAST in plain PyTorch. Parameter names are the canonical layout's `vision.*`, `projector.*`, `vlm.*`."""
+
+    backend = "reference"
+
+    def __init__(self, config: FastConfig):
+        super().__init__()
+        self.config = config
+        self.vision = SiglipVision(config.vision)
+        self.projector = nn.Linear(config.vision.width, config.vlm.width)
+        self.vlm = Gemma(config.vlm)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.projector.weight.dtype
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """int [B, L] -> [B, L, W], scaled by sqrt(W) as Gemma embeds text."""
+        emb = self.vlm.embed_tokens(tokens)
+        return emb * torch.tensor(math.sqrt(self.config.vlm.width), dtype=torch.float32).to(emb.dtype)
+
+    def embed_prefix(self, images: list[Tensor], image_masks: list[Tensor], tokens: Tensor,
+                     token_masks: Tensor) -> tuple[Tensor, Tensor]:
+        """prefix [B, Lp, W] = [camera 0 .. n, tokens] and its input mask bool [B, Lp]."""
+        embs, masks = [], []
+        for image, mask in zip(images, image_masks, strict=True):
+            emb = self.projector(self.vision(image.to(self.dtype)))
+            embs.append(emb)
+            masks.append(mask[:, None].expand(-1, emb.shape[1]))
+        embs.append(self.embed_tokens(tokens))
+        masks.append(token_masks)
+        prefix, input_mask = torch.cat(embs, dim=1), torch.cat(masks, dim=1)
+        expected = sum(e.shape[1] for e in embs[:-1]) + tokens.shape[1]
+        assert prefix.shape[1] == input_mask.shape[1] == expected, (
+            f"prefix {prefix.shape[1]} / mask {input_mask.shape[1]} != cameras + tokens {expected}")
+        return prefix, input_mask
+
+    def logits(self, x: Tensor) -> Tensor:
+        """[B, W] after the final norm -> [B, vocab] fp32, through the tied head."""
+        return F.linear(x, self.vlm.embed_tokens.weight).float()
+
+    @torch.no_grad()
+    def generate(self, images: list[Tensor], image_masks: list[Tensor], tokens: Tensor, token_masks: Tensor, *,
+                 end_ids: list[int], max_steps: int | None = None) -> Tensor:
+        """Greedy token ids [B, max_steps] (int64) after the prefix [images, tokens]; 0 after the batch-wide stop."""
+        max_steps = self.config.max_decoding_steps if max_steps is None else max_steps
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        token_masks = token_masks.bool()
+        if not bool(token_masks[:, -1].all()):
+            raise ValueError("each row's last token must be valid (decoding continues from the last position): "
+                             "append a token after the padding, as LeRobot appends BOS, or align prompts right")
+        prefix, key_mask = self.embed_prefix(images, [m.bool() for m in image_masks], tokens, token_masks)
+        b = prefix.shape[0]
+        mask = make_attn_mask(key_mask, torch.zeros_like(key_mask))
+        positions = positions_from_mask(key_mask)
+        cache, x = [], prefix
+        for layer in self.vlm.layers:
+            (x,), kv = joint_layer([layer], [x], [None], positions, mask)
+            cache.append(kv)
+        token = self.logits(self.vlm.norm(x[:, -1:])[0][:, -1]).argmax(-1)  # [B]
+        out = torch.zeros(b, max_steps, dtype=torch.long, device=prefix.device)
+        out[:, 0] = token
+        ends = torch.tensor(end_ids, device=prefix.device)
+        finished = torch.isin(token, ends)
+        for step in range(1, max_steps):
+            if bool(finished.all()):
+                break
+            key_mask = torch.cat([key_mask, torch.ones(b, 1, dtype=torch.bool, device=prefix.device)], dim=1)
+            positions = key_mask.sum(1, keepdim=True) - 1  # [B, 1]: the next position after the valid tokens
+            x = self.embed_tokens(token[:, None])
+            for i, layer in enumerate(self.vlm.layers):
+                (x,), (k, v) = joint_layer([layer], [x], [None], positions, key_mask[:, None, :], past_kv=cache[i])
+                cache[i] = (torch.cat([cache[i][0], k], dim=1), torch.cat([cache[i][1], v], dim=1))
+            token = self.logits(self.vlm.norm(x)[0][:, -1]).argmax(-1)
+            out[:, step] = token
+            finished |= torch.isin(token, ends)
+        return out

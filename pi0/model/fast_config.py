@@ -1,0 +1,70 @@
+"""π0-FAST's sizes: PaliGemma alone (SigLIP, the projector, Gemma with its tied head), and the decoding limits."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pi0.model.config import (
+    GemmaConfig,
+    Pi0Config,
+    SiglipConfig,
+    canonical_shapes,
+    gemma_from_shapes,
+    siglip_from_shapes,
+)
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    """vision, vlm: as pi0's (the same canonical tensor names, `vision.*`, `projector.*`, `vlm.*`); no action expert
+    and no action, state or time projections: actions are FAST tokens in Gemma's vocabulary. max_decoding_steps:
+    tokens generated at most per chunk (openpi and LeRobot: 256)."""
+
+    vision: SiglipConfig = field(default_factory=SiglipConfig)
+    vlm: GemmaConfig = field(
+        default_factory=lambda: GemmaConfig(width=2048, depth=18, mlp_dim=16384, vocab_size=257152)
+    )
+    action_dim: int = 32
+    action_horizon: int = 32
+    max_token_len: int = 250
+    max_decoding_steps: int = 256
+
+    @property
+    def kind(self) -> str:
+        return "pi0_fast"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def fast_canonical_shapes(config: FastConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a π0-FAST model: the PaliGemma part of pi0's canonical layout."""
+    pi0 = Pi0Config(vision=config.vision, vlm=config.vlm, expert=dataclasses.replace(config.vlm, vocab_size=0))
+    return {k: v for k, v in canonical_shapes(pi0).items() if k.startswith(("vision.", "projector.", "vlm."))}
+
+
+def is_fast(shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Canonical tensors of PaliGemma alone (no action expert): a π0-FAST checkpoint."""
+    return "vlm.embed_tokens.weight" in shapes and not any(k.startswith("expert.") for k in shapes)
+
+
+def infer_fast_config(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any] | None = None) -> FastConfig:
+    """Sizes from the canonical shapes; the chunk shape and decoding limit from `meta` (a config.json: openpi's
+    action_horizon / action_dim, LeRobot's chunk_size / max_action_dim / max_decoding_steps)."""
+    meta = dict(meta or {})
+    vision = siglip_from_shapes(shapes, meta)
+    vocab = int(shapes["vlm.embed_tokens.weight"][0])
+    vlm = gemma_from_shapes(shapes, "vlm", vocab, meta.get("vlm", {}) if isinstance(meta.get("vlm"), dict) else {})
+    proj = tuple(shapes["projector.weight"])
+    if proj != (vlm.width, vision.width):
+        raise ValueError(f"projector.weight is {list(proj)}, expected [{vlm.width}, {vision.width}] (VLM, SigLIP widths)")
+
+    def first(*names: str, default: int) -> int:
+        return int(next((meta[n] for n in names if meta.get(n) is not None), default))
+
+    return FastConfig(vision=vision, vlm=vlm, action_dim=first("action_dim", "max_action_dim", default=32),
+                      action_horizon=first("action_horizon", "chunk_size", default=32),
+                      max_token_len=first("max_token_len", "tokenizer_max_length", default=250),
+                      max_decoding_steps=first("max_decoding_steps", "max_action_tokens", default=256))

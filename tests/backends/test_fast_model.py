@@ -1,0 +1,75 @@
+"""π0-FAST's reference against LeRobot 0.6.1's `pi0_fast` (tools/make_fast_fixtures.py): the same greedy tokens,
+and the logits behind them, at tiny widths with a ragged prompt, a masked camera and a row that stops early."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pi0.backends.reference.fast import Pi0FastReference
+from pi0.checkpoint.layouts import to_canonical
+from pi0.model.fast_config import fast_canonical_shapes, infer_fast_config, is_fast
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "pi0_fast_a"
+
+
+@pytest.fixture(scope="module")
+def lerobot():
+    """LeRobot's weights in the canonical layout, the fixture's config.json, and the reference built over them."""
+    meta = json.loads((FIXTURE / "config.json").read_text())
+    state = {to_canonical(k, "openpi"): v for k, v in load_file(FIXTURE / "model.safetensors").items()}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert is_fast(shapes)
+    config = infer_fast_config(shapes, {"vision_num_heads": meta["widths"]["vision_heads"], **meta})
+    assert fast_canonical_shapes(config) == shapes  # every tensor known, none missing
+    model = Pi0FastReference(config).eval()
+    model.load_state_dict(state, strict=True)
+    return meta, model
+
+
+@pytest.mark.parametrize("case", ["ragged_masked", "one_row"])
+def test_greedy_tokens_are_lerobots(lerobot, case):
+    meta, model = lerobot
+    t = load_file(FIXTURE / f"{case}.safetensors")
+    b = t["tokens"].shape[0]
+    bos = torch.full((b, 1), meta["bos_token_id"])  # LeRobot's decoding appends BOS after the padded prompt
+    tokens = torch.cat([t["tokens"], bos], dim=1)
+    masks = torch.cat([t["token_masks"], torch.ones(b, 1, dtype=torch.bool)], dim=1)
+    images = [t["image_0"], t["image_1"]]
+    image_masks = [t["image_mask_0"], t["image_mask_1"]]
+    got = model.generate(images, image_masks, tokens, masks, end_ids=[meta["end_of_action_token_id"]],
+                         max_steps=meta["max_decoding_steps"])
+    assert torch.equal(got, t["generated"]), (got, t["generated"])
+    if case == "ragged_masked":
+        end = meta["end_of_action_token_id"]
+        assert (got[0] == end).nonzero()[0, 0] == 5 and not (got[1] == end).any()  # row 0 stops early, row 1 runs on
+
+
+def test_every_steps_logits_match(lerobot):
+    meta, model = lerobot
+    t = load_file(FIXTURE / "ragged_masked.safetensors")
+    tokens = torch.cat([t["tokens"], torch.full((2, 1), meta["bos_token_id"])], dim=1)
+    masks = torch.cat([t["token_masks"], torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    images, image_masks = [t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]]
+    logits = []
+    original = model.logits
+    model.logits = lambda x: logits.append(original(x)) or logits[-1]
+    try:
+        model.generate(images, image_masks, tokens, masks, end_ids=[meta["end_of_action_token_id"]], max_steps=24)
+    finally:
+        del model.logits
+    got = torch.stack(logits)
+    assert got.shape == t["logits"].shape
+    assert (got - t["logits"]).abs().max() <= 1e-4 * t["logits"].abs().max()
+
+
+def test_a_last_position_of_padding_is_refused(lerobot):
+    meta, model = lerobot
+    t = load_file(FIXTURE / "ragged_masked.safetensors")
+    with pytest.raises(ValueError, match="last token must be valid"):
+        model.generate([t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]], t["tokens"],
+                       t["token_masks"], end_ids=[1], max_steps=2)
