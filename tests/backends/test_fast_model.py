@@ -49,6 +49,22 @@ def test_greedy_tokens_are_lerobots(lerobot, case):
         assert (got[0] == end).nonzero()[0, 0] == 5 and not (got[1] == end).any()  # row 0 stops early, row 1 runs on
 
 
+def test_the_batch_stops_when_every_row_has_ended(lerobot):
+    """With row 1's 6th token as a second end id both rows end at step 5: LeRobot's rule gives its tokens up to there
+    (greedy decoding does not depend on the stop) and zeros after."""
+    meta, model = lerobot
+    t = load_file(FIXTURE / "ragged_masked.safetensors")
+    tokens = torch.cat([t["tokens"], torch.full((2, 1), meta["bos_token_id"])], dim=1)
+    masks = torch.cat([t["token_masks"], torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    ends = [meta["end_of_action_token_id"], int(t["generated"][1, 5])]
+    assert not torch.isin(t["generated"][1, :5], torch.tensor(ends)).any()
+    got = model.generate([t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]], tokens, masks,
+                         end_ids=ends, max_steps=24)
+    want = t["generated"].clone()
+    want[:, 6:] = 0
+    assert torch.equal(got, want)
+
+
 def test_every_steps_logits_match(lerobot):
     meta, model = lerobot
     t = load_file(FIXTURE / "ragged_masked.safetensors")
