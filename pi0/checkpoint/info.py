@@ -11,7 +11,8 @@ import torch
 
 from pi0.errors import CheckpointError
 from pi0.model.backend import LoadHook
-from pi0.model.config import Pi0Config, canonical_shapes
+from pi0.model.config import Pi0Config
+from pi0.model.fast_config import FastConfig, model_shapes
 
 
 @dataclass
@@ -25,7 +26,7 @@ class CheckpointFiles:
 class CheckpointInfo:
     files: CheckpointFiles
     layout: str
-    config: Pi0Config
+    config: Pi0Config | FastConfig
     meta: dict[str, Any]
     num_file_tensors: int
     num_file_params: int
@@ -55,7 +56,7 @@ class Reader(Protocol):
     def describe(self, info: CheckpointInfo) -> dict[str, Any]: ...
 
 
-def assumptions(config: Pi0Config, meta: dict[str, Any]) -> list[str]:
+def assumptions(config: Pi0Config | FastConfig, meta: dict[str, Any]) -> list[str]:
     """What infer_config took from openpi's defaults because no config.json said it."""
     out = []
     if not any(meta.get(k) for k in ("action_horizon", "chunk_size")) and not (meta.get("pi0") or {}).get("action_horizon"):
@@ -69,7 +70,7 @@ def assumptions(config: Pi0Config, meta: dict[str, Any]) -> list[str]:
 def check_against_config(info: CheckpointInfo, source) -> None:
     from pi0.checkpoint.layouts import to_file_key
 
-    want = canonical_shapes(info.config)
+    want = model_shapes(info.config)
     layout = info.layout
     missing = [k for k in want if k not in info.shapes]
     if missing:

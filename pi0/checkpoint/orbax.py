@@ -29,7 +29,7 @@ from pi0.checkpoint.info import (
     check_against_config,
 )
 from pi0.errors import CheckpointError
-from pi0.model.config import infer_config
+from pi0.model.fast_config import infer_model_config
 
 Recipe = Callable[[torch.Tensor], torch.Tensor]  # a leaf -> a canonical tensor (transposes, reshapes)
 PI0_FAST_HINT = "pi0-FAST is not supported yet (this checkpoint has PaliGemma but no action expert)"
@@ -337,7 +337,7 @@ def inspect(files: CheckpointFiles, meta: dict[str, Any]) -> CheckpointInfo:
         tensor_shapes = shapes(params.leaves, rec)
         # the JAX shapes tell the head counts the converted safetensors cannot
         ours = {**head_counts(params.leaves), **(meta.get("pi0") or {})}
-        config = infer_config(tensor_shapes, {**meta, "pi0": ours})
+        config = infer_model_config(tensor_shapes, {**meta, "pi0": ours})
     except OrbaxError as e:
         raise CheckpointError(str(e)) from None
     except (KeyError, ValueError) as e:

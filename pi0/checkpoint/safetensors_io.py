@@ -20,7 +20,7 @@ from pi0.checkpoint.info import (
 from pi0.checkpoint.layouts import detect_layout, to_canonical, to_file_key
 from pi0.errors import CheckpointError
 from pi0.model.backend import LoadHook
-from pi0.model.config import infer_config
+from pi0.model.fast_config import infer_model_config
 
 
 def _open(path: Path):
@@ -200,7 +200,7 @@ def inspect(files: CheckpointFiles, meta: dict[str, Any]) -> CheckpointInfo:
                     canonical[f"action_time_mlp_{io}.{part}"] = canonical.pop(f"time_mlp_{io}.{part}")
     shapes = {c: file_shapes[fk] for c, (_, fk) in canonical.items()}
     try:
-        config = infer_config(shapes, meta)
+        config = infer_model_config(shapes, meta)
     except KeyError as e:
         name = e.args[0]
         raise CheckpointError(

@@ -12,18 +12,27 @@ import torch
 import pi0
 from pi0.backends.ttnn.weights import device_format, format_table
 from pi0.checkpoint.info import CheckpointInfo
+from pi0.model.fast_config import FastConfig
 from pi0.hardware import resolve_dtype
 from pi0.model.features import features
 from pi0.timing import Progress
 
 
-def _sizes(cfg: pi0.Pi0Config) -> str:
-    v, l, e = cfg.vision, cfg.vlm, cfg.expert
-    return "\n".join([
+def _sizes(cfg: pi0.Pi0Config | FastConfig) -> str:
+    v, l = cfg.vision, cfg.vlm
+    lines = [
         f"  vision  SigLIP width {v.width}, depth {v.depth}, heads {v.num_heads} x {v.head_dim}, mlp {v.mlp_dim}, "
         f"patch {v.patch_size}, image {v.image_size} px ({v.num_patches} tokens)",
         f"  vlm     Gemma width {l.width}, depth {l.depth}, heads {l.num_heads}/{l.num_kv_heads} x {l.head_dim}, "
         f"mlp {l.mlp_dim}, vocab {l.vocab_size}",
+    ]
+    if isinstance(cfg, FastConfig):
+        return "\n".join([*lines, f"  actions FAST tokens through the tied head: {cfg.action_horizon} x "
+                           f"{cfg.action_dim}, prompt {cfg.max_token_len} tokens, at most {cfg.max_decoding_steps} "
+                           "decoded"])
+    e = cfg.expert
+    return "\n".join([
+        *lines,
         f"  expert  Gemma width {e.width}, depth {e.depth}, heads {e.num_heads}/{e.num_kv_heads} x {e.head_dim}, "
         f"mlp {e.mlp_dim}" + (", adaRMS" if cfg.pi05 else ""),
         f"  heads   action_dim {cfg.action_dim}, state_dim {cfg.state_dim}, horizon {cfg.action_horizon}, "

@@ -1,4 +1,5 @@
-"""π0-FAST's sizes: PaliGemma alone (SigLIP, the projector, Gemma with its tied head), and the decoding limits."""
+"""π0-FAST's sizes: PaliGemma alone (SigLIP, the projector, Gemma with its tied head), and the decoding limits; which
+model family a checkpoint's shapes hold (`infer_model_config`, `model_shapes`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pi0.model.config import (
     SiglipConfig,
     canonical_shapes,
     gemma_from_shapes,
+    infer_config,
     siglip_from_shapes,
 )
 
@@ -54,17 +56,36 @@ def infer_fast_config(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, 
     """Sizes from the canonical shapes; the chunk shape and decoding limit from `meta` (a config.json: openpi's
     action_horizon / action_dim, LeRobot's chunk_size / max_action_dim / max_decoding_steps)."""
     meta = dict(meta or {})
+    ours = meta.get("pi0") if isinstance(meta.get("pi0"), dict) else {}
     vision = siglip_from_shapes(shapes, meta)
     vocab = int(shapes["vlm.embed_tokens.weight"][0])
-    vlm = gemma_from_shapes(shapes, "vlm", vocab, meta.get("vlm", {}) if isinstance(meta.get("vlm"), dict) else {})
+    vlm = gemma_from_shapes(shapes, "vlm", vocab, ours.get("vlm", {}))
     proj = tuple(shapes["projector.weight"])
     if proj != (vlm.width, vision.width):
         raise ValueError(f"projector.weight is {list(proj)}, expected [{vlm.width}, {vision.width}] (VLM, SigLIP widths)")
 
     def first(*names: str, default: int) -> int:
-        return int(next((meta[n] for n in names if meta.get(n) is not None), default))
+        return int(next((d[n] for d in (ours, meta) for n in names if d.get(n) is not None), default))
 
     return FastConfig(vision=vision, vlm=vlm, action_dim=first("action_dim", "max_action_dim", default=32),
                       action_horizon=first("action_horizon", "chunk_size", default=32),
                       max_token_len=first("max_token_len", "tokenizer_max_length", default=250),
                       max_decoding_steps=first("max_decoding_steps", "max_action_tokens", default=256))
+
+
+def infer_model_config(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any] | None = None
+                       ) -> Pi0Config | FastConfig:
+    """The model a checkpoint's canonical shapes hold: π0-FAST (PaliGemma alone), else pi0 / pi0.5."""
+    return infer_fast_config(shapes, meta) if is_fast(shapes) else infer_config(shapes, meta)
+
+
+def model_shapes(config: Pi0Config | FastConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every canonical tensor of the model `config` describes."""
+    return fast_canonical_shapes(config) if isinstance(config, FastConfig) else canonical_shapes(config)
+
+
+def refuse_fast(config: Pi0Config | FastConfig, backend: str) -> None:
+    """A backend that runs pi0 / pi0.5 only, given a π0-FAST model: ValueError saying which backend runs it."""
+    if isinstance(config, FastConfig):
+        raise ValueError(f"backend {backend!r} runs pi0 and pi0.5; this is a pi0_fast checkpoint, which runs on "
+                         "backend='reference' (--backend reference) so far")

@@ -89,3 +89,41 @@ def test_a_last_position_of_padding_is_refused(lerobot):
     with pytest.raises(ValueError, match="last token must be valid"):
         model.generate([t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]], t["tokens"],
                        t["token_masks"], end_ids=[1], max_steps=2)
+
+
+@pytest.mark.parametrize("layout", ["openpi", "lerobot"])
+def test_a_checkpoint_in_either_layout_loads_and_decodes_as_lerobot(tmp_path, layout, capsys):
+    """LeRobot's weights written as a checkpoint in openpi's converted layout (lm_head only, as openpi stores the
+    embedding) or LeRobot's (`model.` keys, both tensors): pi0.load_model finds π0-FAST by its shapes."""
+    import pi0
+    from safetensors.torch import save_file
+
+    from pi0.cli.main import main
+
+    meta = json.loads((FIXTURE / "config.json").read_text())
+    weights = load_file(FIXTURE / "model.safetensors")
+    embed = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
+    if layout == "openpi":
+        weights["paligemma_with_expert.paligemma.lm_head.weight"] = weights.pop(embed)
+    else:
+        weights = {"model." + k: v for k, v in weights.items()}
+        weights["model.paligemma_with_expert.paligemma.lm_head.weight"] = weights["model." + embed].clone()
+    d = tmp_path / "ck"
+    d.mkdir()
+    save_file(weights, str(d / "model.safetensors"))
+    fields = {"type": "pi0_fast", "chunk_size": 10, "max_action_dim": 32, "max_decoding_steps": 24, "tokenizer_max_length": 200,
+              "vision_num_heads": 4}
+    (d / "config.json").write_text(json.dumps(fields))
+    model = pi0.load_model(d, backend="reference")
+    assert model.config.kind == "pi0_fast" and model.checkpoint_info.layout == layout
+    assert (model.config.action_horizon, model.config.max_decoding_steps) == (10, 24)
+    t = load_file(FIXTURE / "ragged_masked.safetensors")
+    tokens = torch.cat([t["tokens"], torch.full((2, 1), meta["bos_token_id"])], dim=1)
+    masks = torch.cat([t["token_masks"], torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    got = model.generate([t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]], tokens, masks,
+                         end_ids=[meta["end_of_action_token_id"]])
+    assert torch.equal(got, t["generated"])
+    assert main(["inspect", str(d)]) == 0
+    assert "pi0_fast checkpoint" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="runs on backend='reference'"):
+        pi0.load_model(d, backend="engine")

@@ -12,6 +12,7 @@ from pi0.backends.engine.weights import int8_quantizer
 from pi0.hardware import compute_dtype
 from pi0.model.backend import LoadHook
 from pi0.model.config import Pi0Config
+from pi0.model.fast_config import refuse_fast
 
 
 def load_hook(dtype: torch.dtype, device: torch.device) -> LoadHook | None:
@@ -25,6 +26,7 @@ def load_hook(dtype: torch.dtype, device: torch.device) -> LoadHook | None:
 def build(config: Pi0Config, state: dict[str, torch.Tensor], device: str | torch.device) -> Pi0Engine:
     """The engine over canonical tensors; it consumes (empties) `state` as it packs. On a GPU its calls run as
     buckets replayed from CUDA graphs (`Pi0Engine.use_buckets`; PI0_GRAPHS=0 runs them as they come)."""
+    refuse_fast(config, "engine")
     engine = Pi0Engine(config, state)
     if torch.device(device).type == "cuda" and os.environ.get("PI0_GRAPHS", "1") != "0":
         engine.use_buckets()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from pi0.backends.reference.fast import Pi0FastReference
 from pi0.backends.reference.model import Pi0Reference
 from pi0.model.backend import LoadHook
 from pi0.model.config import Pi0Config
+from pi0.model.fast_config import FastConfig
 
 
 def load_hook(dtype: torch.dtype, device: torch.device) -> LoadHook | None:
@@ -18,9 +20,11 @@ def load_hook(dtype: torch.dtype, device: torch.device) -> LoadHook | None:
     return None
 
 
-def build(config: Pi0Config, state: dict[str, torch.Tensor], device: str | torch.device) -> Pi0Reference:
-    """The reference module holding `state`'s tensors themselves (already on `device`)."""
+def build(config: Pi0Config | FastConfig, state: dict[str, torch.Tensor],
+          device: str | torch.device) -> Pi0Reference | Pi0FastReference:
+    """The reference module (pi0 / pi0.5, or π0-FAST) holding `state`'s tensors themselves (already on `device`)."""
+    family = Pi0FastReference if isinstance(config, FastConfig) else Pi0Reference
     with torch.device("meta"):
-        model = Pi0Reference(config).eval().requires_grad_(False)
+        model = family(config).eval().requires_grad_(False)
     model.load_state_dict(state, strict=True, assign=True)
     return model

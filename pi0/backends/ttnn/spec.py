@@ -7,6 +7,7 @@ import torch
 
 from pi0.model.backend import LoadHook
 from pi0.model.config import Pi0Config
+from pi0.model.fast_config import refuse_fast
 
 try:
     import ttnn  # noqa: F401  (the message below, not a bare ImportError from deep inside)
@@ -43,4 +44,5 @@ def load_hook(dtype: torch.dtype, device: torch.device) -> LoadHook | None:
 def build(config: Pi0Config, state: dict[str, torch.Tensor], device: str | torch.device) -> Pi0TTNN:
     """The TTNN model over the canonical tensors (consumed as they are converted), on the card `device` names
     ("auto" or "tt"; "cpu" emulates on the host)."""
+    refuse_fast(config, "ttnn")
     return Pi0TTNN(config, state, open_runtime(device))
