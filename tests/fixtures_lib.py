@@ -12,9 +12,9 @@ from safetensors import safe_open
 import pi0
 
 ROOT = Path(__file__).parent / "fixtures"
-# pi0 and pi0.5 (pipeline/ is apart; pi0_fast_*, from tools/make_fast_fixtures.py, is tests/backends/test_fast_model.py's)
-MODELS = sorted(d.name for d in ROOT.iterdir()
-                if (d / "model.safetensors").is_file() and json.loads((d / "config.json").read_text())["type"] != "pi0_fast")
+# pi0 and pi0.5 (pipeline/ is apart; pi0_fast_*, from tools/make_fast_fixtures.py, are test_fast_model.py's)
+MODELS = sorted(d.name for d in ROOT.iterdir() if (d / "model.safetensors").is_file()
+                and json.loads((d / "config.json").read_text())["type"] != "pi0_fast")
 
 
 @dataclass

@@ -62,7 +62,8 @@ def infer_fast_config(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, 
     vlm = gemma_from_shapes(shapes, "vlm", vocab, ours.get("vlm", {}))
     proj = tuple(shapes["projector.weight"])
     if proj != (vlm.width, vision.width):
-        raise ValueError(f"projector.weight is {list(proj)}, expected [{vlm.width}, {vision.width}] (VLM, SigLIP widths)")
+        raise ValueError(f"projector.weight is {list(proj)}, expected [{vlm.width}, {vision.width}] (the VLM's and "
+                         "SigLIP's widths)")
 
     def first(*names: str, default: int) -> int:
         return int(next((d[n] for d in (ours, meta) for n in names if d.get(n) is not None), default))

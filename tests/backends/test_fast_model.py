@@ -111,7 +111,8 @@ def test_a_checkpoint_in_either_layout_loads_and_decodes_as_lerobot(tmp_path, la
     d = tmp_path / "ck"
     d.mkdir()
     save_file(weights, str(d / "model.safetensors"))
-    fields = {"type": "pi0_fast", "chunk_size": 10, "max_action_dim": 32, "max_decoding_steps": 24, "tokenizer_max_length": 200,
+    fields = {"type": "pi0_fast", "chunk_size": 10, "max_action_dim": 32, "max_decoding_steps": 24,
+              "tokenizer_max_length": 200,
               "vision_num_heads": 4}
     (d / "config.json").write_text(json.dumps(fields))
     model = pi0.load_model(d, backend="reference")
