@@ -15,7 +15,9 @@ on prepared token ids: LeRobot's text tokenizer and FAST processor come from the
     model.safetensors   weights in LeRobot's key layout (lm_head dropped: it is the embedding)
     config.json         LeRobot's config fields, the BOS and "|" ids, the widths
     <case>.safetensors  images, image masks, tokens, token masks, `generated` [B, steps] (LeRobot's output: zeros
-                        after the batch-wide stop) and `logits` [steps, B, vocab] (every lm_head call's last row)
+                        after the batch-wide stop) and `logits` [steps, B, vocab] (every lm_head call's last row);
+                        ragged_masked also `loss`, LeRobot's training loss (forward) of `action_tokens` under
+                        `action_masks` (row 1's last three are padding) after the same prompt
 """
 
 from __future__ import annotations
@@ -159,6 +161,13 @@ def main() -> None:
         tensors = {f"image_{i}": im for i, im in enumerate(images)}
         tensors.update({f"image_mask_{i}": m for i, m in enumerate(image_masks)})
         tensors.update(tokens=tokens, token_masks=token_masks, **outs)
+        if case == "ragged_masked":  # the training loss over action tokens with padding (LeRobot's forward)
+            g = torch.Generator().manual_seed(7)
+            tensors["action_tokens"] = torch.randint(3, VOCAB, (2, 9), generator=g)
+            tensors["action_masks"] = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])
+            with torch.no_grad():
+                tensors["loss"] = model.forward(images, image_masks, tokens, token_masks, tensors["action_tokens"],
+                                                tensors["action_masks"])["loss"]
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / f"{case}.safetensors"),
                   metadata=versions)
         stops = [(row == end_token).nonzero()[:1].flatten().tolist() for row in outs["generated"]]

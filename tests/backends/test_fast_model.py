@@ -128,3 +128,24 @@ def test_a_checkpoint_in_either_layout_loads_and_decodes_as_lerobot(tmp_path, la
     assert "pi0_fast checkpoint" in capsys.readouterr().out
     with pytest.raises(ValueError, match="runs on backend='reference'"):
         pi0.load_model(d, backend="engine")
+
+
+def test_the_training_loss_is_lerobots(lerobot):
+    """Next-token cross-entropy of padded action tokens after a ragged prompt and a masked camera (LeRobot's forward:
+    the mean over valid targets); gradients reach the vision tower and the embedding."""
+    meta, model = lerobot
+    t = load_file(FIXTURE / "ragged_masked.safetensors")
+    model.requires_grad_(True)
+    try:
+        per_token = model.compute_loss([t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]],
+                                       t["tokens"], t["token_masks"], t["action_tokens"], t["action_masks"])
+        valid = t["action_masks"][:, 1:]
+        assert per_token.shape == valid.shape and torch.all(per_token[~valid] == 0)
+        loss = per_token.sum() / valid.sum()
+        assert abs(loss.item() - t["loss"].item()) <= 1e-5 * t["loss"].item(), (loss.item(), t["loss"].item())
+        loss.backward()
+        assert model.vision.patch_embedding.weight.grad.abs().sum() > 0
+        assert model.vlm.embed_tokens.weight.grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)

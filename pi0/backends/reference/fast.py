@@ -61,8 +61,28 @@ class Pi0FastReference(nn.Module):
         return prefix, input_mask
 
     def logits(self, x: Tensor) -> Tensor:
-        """[B, W] after the final norm -> [B, vocab] fp32, through the tied head."""
+        """[..., W] after the final norm -> [..., vocab] fp32, through the tied head."""
         return F.linear(x, self.vlm.embed_tokens.weight).float()
+
+    def compute_loss(self, images: list[Tensor], image_masks: list[Tensor], tokens: Tensor, token_masks: Tensor,
+                     action_tokens: Tensor, action_masks: Tensor) -> Tensor:
+        """The next-token cross-entropy of the action tokens, [B, Ta - 1] fp32 (0 where the target is padding): one
+        pass over [images, tokens, action tokens], the action tokens attending to the whole prefix and causally to
+        each other; position i predicts action token i + 1 (LeRobot's objective; its loss is the sum over the valid
+        targets' count)."""
+        prefix, prefix_mask = self.embed_prefix(images, [m.bool() for m in image_masks], tokens, token_masks.bool())
+        actions = self.embed_tokens(action_tokens)  # [B, Ta, W]
+        lp, ta = prefix.shape[1], actions.shape[1]
+        x = torch.cat([prefix, actions], dim=1)
+        input_mask = torch.cat([prefix_mask, action_masks.bool()], dim=1)
+        ar_mask = torch.cat([torch.zeros_like(prefix_mask), torch.ones_like(action_masks, dtype=torch.bool)], dim=1)
+        assert x.shape[1] == input_mask.shape[1] == lp + ta, f"sequence {x.shape[1]} != prefix {lp} + actions {ta}"
+        mask, positions = make_attn_mask(input_mask, ar_mask), positions_from_mask(input_mask)
+        for layer in self.vlm.layers:
+            (x,), _ = joint_layer([layer], [x], [None], positions, mask)
+        logits = self.logits(self.vlm.norm(x[:, lp:])[0])  # [B, Ta, vocab]
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), action_tokens[:, 1:].flatten(), reduction="none")
+        return ce.view(-1, ta - 1) * action_masks[:, 1:].float()
 
     @torch.no_grad()
     def generate(self, images: list[Tensor], image_masks: list[Tensor], tokens: Tensor, token_masks: Tensor, *,
