@@ -32,7 +32,6 @@ from pi0.errors import CheckpointError
 from pi0.model.fast_config import infer_model_config
 
 Recipe = Callable[[torch.Tensor], torch.Tensor]  # a leaf -> a canonical tensor (transposes, reshapes)
-PI0_FAST_HINT = "pi0-FAST is not supported yet (this checkpoint has PaliGemma but no action expert)"
 
 
 class OrbaxError(ValueError):
@@ -150,8 +149,8 @@ def _layers(leaf: Leaf) -> int:
 
 
 def recipes(leaves: dict[str, Leaf], source: str) -> dict[str, tuple[str, Recipe]]:
-    """Canonical name -> (leaf name, recipe of the whole leaf). Raises OrbaxError for a tree that is
-    not pi0 / pi0.5 (pi0-FAST named as such)."""
+    """Canonical name -> (leaf name, recipe of the whole leaf): pi0 / pi0.5, or π0-FAST (PaliGemma's leaves alone: no
+    `_1` expert leaves, no action heads). Raises OrbaxError for any other tree."""
     def need(name: str) -> Leaf:
         if name not in leaves:
             raise OrbaxError(f"{source} has no leaf {name}; found {len(leaves)} leaves such as {sorted(leaves)[:4]}")
@@ -160,8 +159,7 @@ def recipes(leaves: dict[str, Leaf], source: str) -> dict[str, tuple[str, Recipe
     if not any(n.startswith("PaliGemma/") for n in leaves):
         raise OrbaxError(f"{source} holds no PaliGemma parameters, so it is no pi0 checkpoint "
                          f"(leaves such as {sorted(leaves)[:4]})")
-    if "PaliGemma/llm/layers/attn/q_einsum_1/w" not in leaves and "action_in_proj/kernel" not in leaves:
-        raise OrbaxError(f"{source}: {PI0_FAST_HINT}")
+    fast = "PaliGemma/llm/layers/attn/q_einsum_1/w" not in leaves and "action_in_proj/kernel" not in leaves
     out: dict[str, tuple[str, Recipe]] = {}
 
     def add(name: str, leaf: str, fn: Recipe) -> None:
@@ -197,7 +195,7 @@ def recipes(leaves: dict[str, Leaf], source: str) -> dict[str, tuple[str, Recipe
     llm = "PaliGemma/llm/"
     add("vlm.embed_tokens.weight", llm + "embedder/input_embedding", lambda a: a)
     pi05 = llm + "layers/pre_attention_norm_1/Dense_0/kernel" in leaves
-    for ours, sfx in (("vlm", ""), ("expert", "_1")):
+    for ours, sfx in (("vlm", ""),) + ((() if fast else (("expert", "_1"),))):
         depth = _layers(need(llm + f"layers/attn/q_einsum{sfx}/w"))
         adaptive = ours == "expert" and pi05
         for i in range(depth):
@@ -227,8 +225,8 @@ def recipes(leaves: dict[str, Leaf], source: str) -> dict[str, tuple[str, Recipe
         else:
             add(f"{ours}.norm.weight", llm + f"final_norm{sfx}/scale", lambda a: a)
 
-    heads = ("action_in_proj", "action_out_proj") + (("time_mlp_in", "time_mlp_out") if pi05 else
-                                                     ("state_proj", "action_time_mlp_in", "action_time_mlp_out"))
+    heads = () if fast else ("action_in_proj", "action_out_proj") + (
+        ("time_mlp_in", "time_mlp_out") if pi05 else ("state_proj", "action_time_mlp_in", "action_time_mlp_out"))
     for h in heads:
         add(h + ".weight", h + "/kernel", lambda a: a.T)
         add(h + ".bias", h + "/bias", lambda a: a)
@@ -239,7 +237,8 @@ def recipes(leaves: dict[str, Leaf], source: str) -> dict[str, tuple[str, Recipe
         raise OrbaxError(f"{source} is a LoRA fine-tune whose adapters are stored apart ({len(lora)} leaves such as "
                          f"{lora[0]}); pi0 does not merge LoRA adapters yet: merge them into the weights first")
     if unknown:
-        raise OrbaxError(f"{source} has {len(unknown)} leaves that are no part of pi0 / pi0.5: {unknown[:5]}")
+        raise OrbaxError(f"{source} has {len(unknown)} leaves that are no part of pi0 / pi0.5 / pi0-FAST: "
+                         f"{unknown[:5]}")
     return out
 
 
@@ -260,8 +259,9 @@ def head_counts(leaves: dict[str, Leaf]) -> dict:
     """What the JAX shapes tell and the converted safetensors do not: SigLIP's heads, Gemma's kv heads."""
     q = leaves["PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"].shape
     kv = leaves["PaliGemma/llm/layers/attn/kv_einsum/w"].shape  # (L, 2, K, D, H)
-    kv1 = leaves["PaliGemma/llm/layers/attn/kv_einsum_1/w"].shape
-    return {"vision": {"num_heads": q[2]}, "vlm": {"num_kv_heads": kv[2]}, "expert": {"num_kv_heads": kv1[2]}}
+    out = {"vision": {"num_heads": q[2]}, "vlm": {"num_kv_heads": kv[2]}}
+    kv1 = leaves.get("PaliGemma/llm/layers/attn/kv_einsum_1/w")  # absent in π0-FAST
+    return out if kv1 is None else {**out, "expert": {"num_kv_heads": kv1.shape[2]}}
 
 
 def load(params: OrbaxParams, rec: dict[str, tuple[str, Recipe]], dtype: torch.dtype,

@@ -17,8 +17,7 @@ from pi0.model.fast_config import fast_canonical_shapes, infer_fast_config, is_f
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "pi0_fast_a"
 
 
-@pytest.fixture(scope="module")
-def lerobot():
+def lerobot_model():
     """LeRobot's weights in the canonical layout, the fixture's config.json, and the reference built over them."""
     meta = json.loads((FIXTURE / "config.json").read_text())
     state = {to_canonical(k, "openpi"): v for k, v in load_file(FIXTURE / "model.safetensors").items()}
@@ -29,6 +28,11 @@ def lerobot():
     model = Pi0FastReference(config).eval()
     model.load_state_dict(state, strict=True)
     return meta, model
+
+
+@pytest.fixture(scope="module")
+def lerobot():
+    return lerobot_model()
 
 
 @pytest.mark.parametrize("case", ["ragged_masked", "one_row"])
@@ -149,3 +153,30 @@ def test_the_training_loss_is_lerobots(lerobot):
     finally:
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
+
+
+def test_an_openpi_orbax_checkpoint_loads_and_decodes_as_lerobot(tmp_path):
+    """The fixture's weights as openpi's JAX tree of a π0-FAST model (PaliGemma's leaves alone, fp32) in Orbax."""
+    pytest.importorskip("tensorstore")
+    import dataclasses
+
+    import pi0
+    from pi0.model.config import Pi0Config, canonical_shapes
+    from tests.orbax_writer import jax_tree, write_orbax
+
+    meta, model = lerobot_model()
+    cfg = model.config
+    pi0_cfg = Pi0Config(vision=cfg.vision, vlm=cfg.vlm, expert=dataclasses.replace(cfg.vlm, vocab_size=0))
+    state = {k: v for k, v in model.state_dict().items()}
+    state |= {k: torch.zeros(shape) for k, shape in canonical_shapes(pi0_cfg).items() if k not in state}
+    leaves = {k: v for k, v in jax_tree(state, pi0_cfg).items()
+              if not (k.startswith("PaliGemma/llm/") and "_1" in k) and not k.startswith(("action_", "state_proj"))}
+    write_orbax(tmp_path / "ck" / "params", leaves, dtype_of=lambda name: "float32")
+    loaded = pi0.load_model(tmp_path / "ck", backend="reference", action_horizon=10)
+    assert loaded.config.kind == "pi0_fast" and loaded.checkpoint_info.layout == "openpi_orbax"
+    t = load_file(FIXTURE / "ragged_masked.safetensors")
+    tokens = torch.cat([t["tokens"], torch.full((2, 1), meta["bos_token_id"])], dim=1)
+    masks = torch.cat([t["token_masks"], torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    got = loaded.generate([t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]], tokens, masks,
+                          end_ids=[meta["end_of_action_token_id"]], max_steps=24)
+    assert torch.equal(got, t["generated"])
