@@ -22,7 +22,8 @@ from pi0.hardware import (
     weights_allocation,
 )
 from pi0.model.backend import Backend, LoadHook
-from pi0.model.config import Pi0Config, canonical_shapes
+from pi0.model.config import Pi0Config
+from pi0.model.fast_config import FastConfig, model_shapes
 
 # name -> the module that builds it (`pi0.model.backend` says what such a module provides). A new backend is a
 # package under pi0/backends/ with its spec.py, and a line here.
@@ -66,7 +67,7 @@ def _init_rule(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     return 0.0, math.prod(shape[1:]) ** -0.5
 
 
-def random_state_dict(config: Pi0Config, seed: int, dtype: torch.dtype, device: str | torch.device = "cpu",
+def random_state_dict(config: Pi0Config | FastConfig, seed: int, dtype: torch.dtype, device: str | torch.device = "cpu",
                       progress: Callable[[float], None] | None = None,
                       hook: LoadHook | None = None) -> dict[str, torch.Tensor]:
     """Seeded random canonical weights, written directly into `dtype`, one tensor at a time (hook(name,
@@ -75,7 +76,7 @@ def random_state_dict(config: Pi0Config, seed: int, dtype: torch.dtype, device: 
     blocks are filled on all cores. Values are drawn in fp32 and rounded to `dtype`, so a bf16 build holds
     the bf16-rounded weights of the fp32 build with the same seed. The tensors `hook.first` picks, if it has
     that attribute, are made first; those its `streams` picks reach it as fp32 `RandomRows`, never whole."""
-    shapes = sorted(canonical_shapes(config).items())
+    shapes = sorted(model_shapes(config).items())
     total = sum(math.prod(s) for _, s in shapes)
     done = 0
     out = {}
@@ -125,7 +126,7 @@ class RandomRows:
             yield from self.pool.map(self._block, range(j, min(blocks, j + ahead)))
 
 
-def build_model(config: Pi0Config, *, backend: str = "reference", seed: int = 0, device: str | torch.device = "cpu",
+def build_model(config: Pi0Config | FastConfig, *, backend: str = "reference", seed: int = 0, device: str | torch.device = "cpu",
                 dtype: str | torch.dtype = "float32", progress: Callable[[float], None] | None = None) -> Backend:
     """A model with seeded random weights, allocated directly in `dtype` on `device`. dtype and device may
     be "auto" (pi0.hardware). progress: called with the fraction of parameters filled so far."""

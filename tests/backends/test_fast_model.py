@@ -180,3 +180,20 @@ def test_an_openpi_orbax_checkpoint_loads_and_decodes_as_lerobot(tmp_path):
     got = loaded.generate([t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]], tokens, masks,
                           end_ids=[meta["end_of_action_token_id"]], max_steps=24)
     assert torch.equal(got, t["generated"])
+
+
+def test_build_model_makes_a_seeded_random_pi0_fast():
+    import dataclasses
+
+    import pi0
+    from pi0.model.fast_config import FastConfig
+
+    tiny = pi0.size_config("tiny")
+    cfg = FastConfig(vision=tiny.vision, vlm=tiny.vlm, max_decoding_steps=5)
+    a, b = (pi0.build_model(cfg, backend="reference", seed=1) for _ in range(2))
+    assert isinstance(a, Pi0FastReference) and len(a.state_dict()) == len(fast_canonical_shapes(cfg))
+    obs = pi0.sample_observation(dataclasses.replace(tiny, num_cameras=2), batch_size=2, num_valid_tokens=6)
+    obs.tokens[:, -1], obs.token_masks[:, -1] = 2, True  # a valid last position
+    got = a.generate(obs.images, obs.image_masks, obs.tokens, obs.token_masks, end_ids=[1])
+    assert got.shape == (2, 5) and torch.equal(got, b.generate(obs.images, obs.image_masks, obs.tokens,
+                                                               obs.token_masks, end_ids=[1]))
