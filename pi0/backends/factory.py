@@ -126,8 +126,9 @@ class RandomRows:
             yield from self.pool.map(self._block, range(j, min(blocks, j + ahead)))
 
 
-def build_model(config: Pi0Config | FastConfig, *, backend: str = "reference", seed: int = 0, device: str | torch.device = "cpu",
-                dtype: str | torch.dtype = "float32", progress: Callable[[float], None] | None = None) -> Backend:
+def build_model(config: Pi0Config | FastConfig, *, backend: str = "reference", seed: int = 0,
+                device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+                progress: Callable[[float], None] | None = None) -> Backend:
     """A model with seeded random weights, allocated directly in `dtype` on `device`. dtype and device may
     be "auto" (pi0.hardware). progress: called with the fraction of parameters filled so far."""
     spec = backend_spec(backend)
