@@ -1,0 +1,131 @@
+"""π0-FAST decoding speed at full size, side by side in one run: pi0's reference and LeRobot 0.6.1's `pi0_fast` (each
+in its own process, one after the other, the same shapes), and the floor a decoded token cannot beat on this machine:
+one read of Gemma-2B's layers and the tied head at the rate a one-row product streams weights here.
+
+Random weights (nothing is downloaded), so no end id ever comes and every run decodes `--steps` tokens. Three cameras
+at 224 px, a prompt of `--tokens` valid tokens. Reports the prefill (images + prompt, to the first token) and the
+median time between the following tokens (stamped at each call of the head).
+
+    .venv/bin/python benchmarks/fast_decode.py --lerobot-python /tmp/lerobot-oracle/bin/python > fast_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CAMERAS, RES = 3, 224
+
+
+def inputs(tokens: int, vocab: int):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(1, 3, RES, RES, generator=g) * 2 - 1 for _ in range(CAMERAS)]
+    masks = [torch.ones(1, dtype=torch.bool) for _ in range(CAMERAS)]
+    ids = torch.randint(3, vocab, (1, tokens), generator=g)
+    ids[:, 0] = 2
+    return images, masks, ids, torch.ones(1, tokens, dtype=torch.bool)
+
+
+def clocked(decode, stamps: list[float], steps: int) -> dict[str, float]:
+    """decode(n) runs a prefill and n decoded tokens, appending a time stamp to `stamps` at each head call (one a
+    token): the prefill is the time to the first stamp, a token the median time between stamps. After a short
+    warm-up run."""
+    decode(2)
+    stamps.clear()
+    t = time.perf_counter()
+    decode(steps)
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    return {"prefill_s": stamps[0] - t, "per_token_s": gaps[len(gaps) // 2], "steps": steps}
+
+
+def run_pi0(args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import pi0
+    from pi0.model.fast_config import FastConfig
+
+    t = time.perf_counter()
+    model = pi0.build_model(FastConfig(), backend="reference", seed=0, dtype=args.dtype)
+    build = time.perf_counter() - t
+    images, masks, ids, id_masks = inputs(args.tokens, model.config.vlm.vocab_size)
+    images = [im.to(model.dtype) for im in images]
+    stamps: list[float] = []
+    head = model.logits
+    model.logits = lambda x: (head(x), stamps.append(time.perf_counter()))[0]
+    with torch.no_grad():
+        row = clocked(lambda n: model.generate(images, masks, ids, id_masks, end_ids=[-1], max_steps=n), stamps,
+                      args.steps)
+    return {"impl": "pi0 reference", "dtype": args.dtype, "build_s": build, **row}
+
+
+def run_lerobot(args) -> dict:
+    import lerobot.policies.pi0_fast.modeling_pi0_fast as mod
+    from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
+
+    class Ids:  # the decoding loop's two questions to the PaliGemma tokenizer (which would come from the hub)
+        bos_token_id = 2
+
+        def convert_tokens_to_ids(self, token: str) -> int:
+            return -1  # never emitted: every run decodes max_decoding_steps tokens
+
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    model = mod.PI0FastPytorch(PI0FastConfig(device="cpu", dtype=args.dtype), paligemma_tokenizer=Ids()).eval()
+    build = time.perf_counter() - t
+    images, masks, ids, id_masks = inputs(args.tokens - 1, 257152)  # LeRobot appends BOS: the same prefix length
+    stamps: list[float] = []
+    model.paligemma_with_expert.paligemma.lm_head.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+    with torch.no_grad():
+        row = clocked(lambda n: model.sample_actions_fast_kv_cache(images, masks, ids, id_masks, max_decoding_steps=n),
+                      stamps, args.steps)
+    return {"impl": "LeRobot 0.6.1 pi0_fast", "dtype": args.dtype, "build_s": build, **row}
+
+
+def bandwidth_floor(dtype: str) -> dict:
+    """The rate a one-row product streams a 1 GiB weight (F.linear, best of 5: what each decoded token does to every
+    weight) and the per-token floor it sets: Gemma-2B's 18 layers plus the 257 152 x 2048 tied head, each read once."""
+    dt = getattr(torch, dtype)
+    w = torch.empty(16384, (1 << 28) // 16384 * 4 // torch.finfo(dt).bits * 8, dtype=dt).uniform_()
+    x = torch.randn(1, w.shape[1]).to(dt)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t)
+    gbps = w.numel() * w.element_size() / best / 1e9
+    params = 18 * (2048 * 2048 + 2 * 2048 * 256 + 2048 * 2048 + 3 * 2048 * 16384 + 2 * 2048) + 257152 * 2048
+    nbytes = params * w.element_size()
+    return {"gemv_gb_s": gbps, "weights_read_gb": nbytes / 1e9, "per_token_floor_s": nbytes / (gbps * 1e9)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--impl", choices=["both", "pi0", "lerobot"], default="both")
+    p.add_argument("--lerobot-python", default="/tmp/lerobot-oracle/bin/python",
+                   help="the oracle venv's Python (../shared/oracles/lerobot/setup.sh)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--tokens", type=int, default=48, help="valid prompt tokens")
+    p.add_argument("--steps", type=int, default=16, help="tokens decoded in the timed run")
+    args = p.parse_args()
+    if args.impl != "both":
+        print(json.dumps(run_pi0(args) if args.impl == "pi0" else run_lerobot(args)))
+        return
+    rows = []
+    for impl, python in (("pi0", sys.executable), ("lerobot", args.lerobot_python)):
+        out = subprocess.run([python, __file__, "--impl", impl, "--dtype", args.dtype, "--tokens", str(args.tokens),
+                              "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    from pi0.hardware import describe_machine
+
+    print(json.dumps({"hardware": describe_machine(), "threads": torch.get_num_threads(), "runs": rows,
+                      "floor": bandwidth_floor(args.dtype)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
