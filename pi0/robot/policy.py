@@ -17,6 +17,7 @@ from pi0.checkpoint.info import CheckpointInfo
 from pi0.checkpoint.load import inspect_checkpoint
 from pi0.errors import BadRequest
 from pi0.hardware import resolve_device, resolve_dtype
+from pi0.model.fast_config import FastConfig
 from pi0.model.features import features
 from pi0.model.observation import Observation, concat_observations, sample_observation
 from pi0.model.rtc import RTC, RTCDefaults
@@ -32,6 +33,10 @@ def make_pipeline(info: CheckpointInfo, *, preset: str | None = None, tokenizer:
     """The pipeline a checkpoint is served with: a LeRobot checkpoint's own processors when it has them and no
     preset is asked for, else openpi's conventions with `preset` (None: the one config.json records, else
     `generic` from its features)."""
+    if isinstance(info.config, FastConfig):
+        raise ValueError(f"{info.files.root} is a pi0_fast checkpoint: it loads with pi0.load_model(..., "
+                         "backend='reference') and decodes action tokens (model.generate), but serving it (pi0.Policy, "
+                         "pi0 serve) is not built yet: its prompt and token-to-action pipeline are missing")
     root = info.files.root
     path = find_tokenizer(tokenizer, root)
     if preset is None and is_lerobot_pipeline(root):

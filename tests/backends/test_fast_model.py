@@ -132,6 +132,10 @@ def test_a_checkpoint_in_either_layout_loads_and_decodes_as_lerobot(tmp_path, la
     assert "pi0_fast checkpoint" in capsys.readouterr().out
     with pytest.raises(ValueError, match="runs on backend='reference'"):
         pi0.load_model(d, backend="engine")
+    # serving is not built yet: one clear line, no traceback
+    assert main(["serve", "--checkpoint", str(d), "--backend", "reference", "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "is a pi0_fast checkpoint" in err and "not built yet" in err and "Traceback" not in err
 
 
 def test_the_training_loss_is_lerobots(lerobot):
