@@ -45,6 +45,14 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str | None
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
 
 
+def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, L, 1, D] of rotate-half RoPE at integer positions [B, L], computed in fp32, then cast to `dtype`."""
+    inv_freq = rope_inv_freq(head_dim, theta, positions.device)
+    ang = positions.float()[..., None] * inv_freq  # [B, L, D/2]
+    ang = torch.cat([ang, ang], dim=-1)[:, :, None, :]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
 def patchify(images: Tensor, patch: int) -> tuple[Tensor, int]:
     """[N, C, S, S] -> ([N, g*g, C*p*p], g): the non-overlapping p x p patches, row-major, each flattened in
     (channel, row, column) order, so SigLIP's stride-p convolution (VALID: a remainder is dropped) is one
@@ -69,3 +77,22 @@ def make_attn_mask(input_mask: Tensor, ar_mask: Tensor) -> Tensor:
 def positions_from_mask(input_mask: Tensor) -> Tensor:
     """Padding does not advance the position: cumsum(input_mask) - 1."""
     return torch.cumsum(input_mask.long(), dim=1) - 1
+
+
+def suffix_ar_mask(batch: int, horizon: int, pi05: bool, device: torch.device | str | None = None) -> Tensor:
+    """The suffix's ar_mask bool [B, Ls]: pi0's state token starts a block and the actions another ([state, H actions]);
+    pi0.5's actions start one (H actions)."""
+    ar = torch.zeros(batch, horizon + (0 if pi05 else 1), dtype=torch.bool, device=device)
+    ar[:, : 1 if pi05 else 2] = True
+    return ar
+
+
+def suffix_rows(prefix_mask: Tensor, prefix_ar: Tensor, suffix_ar: Tensor) -> tuple[Tensor, Tensor]:
+    """The suffix's rows of the joint [prefix + suffix] attention mask, bool [B, Ls, Lp + Ls], and its positions
+    [B, Ls] (every suffix token is valid)."""
+    lp, ls = prefix_mask.shape[1], suffix_ar.shape[1]
+    input_mask = torch.cat([prefix_mask, torch.ones_like(suffix_ar)], dim=1)
+    ar_mask = torch.cat([prefix_ar, suffix_ar], dim=1)
+    assert input_mask.shape[1] == ar_mask.shape[1] == lp + ls, (
+        f"prefix+suffix masks {input_mask.shape[1]} / {ar_mask.shape[1]} != {lp} + {ls}")
+    return make_attn_mask(input_mask, ar_mask)[:, lp:], positions_from_mask(input_mask)[:, lp:]

@@ -29,7 +29,7 @@ from pi0.backends.engine.fp8 import Fp8Weight, fp8_kernel
 from pi0.backends.engine.int8 import Int8Weight
 from pi0.backends.engine.weights import GemmaLayer, choose_kernels, pack_weights
 from pi0.model.config import Pi0Config
-from pi0.model.functional import interpolate_position_embedding, patchify, posemb
+from pi0.model.functional import interpolate_position_embedding, patchify, posemb, rope_tables
 from pi0.model.observation import Observation, sampling_inputs
 from pi0.model.rtc import RTC, make_guide
 from pi0.timing import StageClock
@@ -163,7 +163,7 @@ class Pi0Engine:
         g = self.config.vlm
         b, lp, _ = prefix.shape
         pos = torch.arange(lp, device=self.device)[None, :].expand(b, lp)
-        cos, sin = ops.rope_tables(pos, g.head_dim, g.rope_theta, self.dtype)
+        cos, sin = rope_tables(pos, g.head_dim, g.rope_theta, self.dtype)
         x = prefix
         last = len(self.w.vlm_layers) - 1
         for i, layer in enumerate(self.w.vlm_layers):
@@ -192,7 +192,7 @@ class Pi0Engine:
 
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         e = self.config.expert
-        return ops.rope_tables(positions, e.head_dim, e.rope_theta, self.dtype)
+        return rope_tables(positions, e.head_dim, e.rope_theta, self.dtype)
 
     def _expert_pass(self, x: Tensor, start: int, rope: tuple[Tensor, Tensor], key_mask: Tensor | None,
                      k_buf: list[Tensor], v_buf: list[Tensor], mods: Tensor | None, need_output: bool = True) -> Tensor:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pi0.backends.engine.kernels import compiled, gated_gelu_eager
-from pi0.model.functional import MASK_VALUE, rope_inv_freq
+from pi0.model.functional import MASK_VALUE
 
 
 @functools.cache
@@ -116,14 +116,6 @@ def layer_norm_for(x: Tensor, weight: Tensor, bias: Tensor, eps: float, w: Tenso
     if not isinstance(w, Tensor):
         return w.layer_norm_input(x, weight, bias, eps)
     return layer_norm(x, weight, bias, eps)
-
-
-def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [B, L, 1, D] for rotate-half RoPE at integer positions [B, L] (computed in fp32)."""
-    inv_freq = rope_inv_freq(head_dim, theta, positions.device)
-    ang = positions.float()[..., None] * inv_freq
-    ang = torch.cat([ang, ang], dim=-1)[:, :, None, :]
-    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pi0.model.config import GemmaConfig
-from pi0.model.functional import MASK_VALUE, rope_inv_freq
+from pi0.model.functional import MASK_VALUE, rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -82,10 +82,7 @@ class Gemma(nn.Module):
 def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     """Rotate-half RoPE. x [B, L, heads, D], positions int [B, L]."""
     d = x.shape[-1]
-    inv_freq = rope_inv_freq(d, theta, x.device)  # [D/2]
-    ang = positions.float()[..., None] * inv_freq  # [B, L, D/2]
-    ang = torch.cat([ang, ang], dim=-1)[:, :, None, :]  # [B, L, 1, D]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    cos, sin = rope_tables(positions, d, theta, x.dtype)  # [B, L, 1, D]
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 

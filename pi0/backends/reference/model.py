@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from pi0.backends.reference.gemma import Gemma, joint_layer
 from pi0.backends.reference.siglip import SiglipVision, checkpointed
 from pi0.model.config import Pi0Config
-from pi0.model.functional import make_attn_mask, posemb, positions_from_mask, sample_time
+from pi0.model.functional import make_attn_mask, posemb, positions_from_mask, sample_time, suffix_ar_mask, suffix_rows
 from pi0.model.observation import Observation, sampling_inputs
 from pi0.model.rtc import RTC, Guide, make_guide
 from pi0.timing import StageClock
@@ -120,32 +120,21 @@ class Pi0Reference(nn.Module):
         b, horizon, _ = x_t.shape
         te = posemb(t, cfg.expert.width, cfg.min_period, cfg.max_period).to(self.dtype)  # [B, We]
         a = self.action_in_proj(x_t.to(self.dtype))  # [B, H, We]
-        ar_actions = torch.zeros(b, horizon, dtype=torch.bool, device=x_t.device)
-        ar_actions[:, 0] = True
+        ar_mask = suffix_ar_mask(b, horizon, cfg.pi05, x_t.device)
         if cfg.pi05:
             cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(te))))
-            return a, ar_actions, cond
+            return a, ar_mask, cond
         s = self.state_proj(state.to(self.dtype))[:, None, :]  # [B, 1, We]
         at = cat_checked([a, te[:, None, :].expand_as(a)], 2, "action+time features", 2 * cfg.expert.width)
         a = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(at)))
         suffix = cat_checked([s, a], 1, "suffix (state + actions)", 1 + horizon)
-        ar_state = torch.ones(b, 1, dtype=torch.bool, device=x_t.device)
-        return suffix, cat_checked([ar_state, ar_actions], 1, "suffix ar_mask", 1 + horizon), None
-
-    def _suffix_mask_and_positions(self, prefix_mask: Tensor, prefix_ar: Tensor, suffix_ar: Tensor) -> tuple[Tensor, Tensor]:
-        """Rows of the joint [prefix + suffix] mask and positions that belong to the suffix."""
-        lp, ls = prefix_mask.shape[1], suffix_ar.shape[1]
-        suffix_mask = torch.ones_like(suffix_ar)
-        input_mask = cat_checked([prefix_mask, suffix_mask], 1, "prefix+suffix input_mask", lp + ls)
-        ar_mask = cat_checked([prefix_ar, suffix_ar], 1, "prefix+suffix ar_mask", lp + ls)
-        mask = make_attn_mask(input_mask, ar_mask)[:, lp:]  # [B, Ls, Lp + Ls]
-        return mask, positions_from_mask(input_mask)[:, lp:]
+        return suffix, ar_mask, None
 
     def denoise_step(self, state: Tensor, prefix_mask: Tensor, prefix_ar: Tensor,
                      kv_cache: list[tuple[Tensor, Tensor]], x_t: Tensor, t: Tensor) -> Tensor:
         """v_t [B, H, action_dim] (fp32) from the suffix against the cached prefix k, v."""
         suffix, suffix_ar, cond = self.embed_suffix(state, x_t, t)
-        mask, positions = self._suffix_mask_and_positions(prefix_mask, prefix_ar, suffix_ar)
+        mask, positions = suffix_rows(prefix_mask, prefix_ar, suffix_ar)  # [B, Ls, Lp + Ls], [B, Ls]
         x = suffix
         for layer, kv in zip(self.expert.layers, kv_cache, strict=True):
             (x,), _ = joint_layer([layer], [x], [cond], positions, mask, past_kv=kv)

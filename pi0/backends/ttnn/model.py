@@ -26,7 +26,9 @@ from pi0.model.functional import (
     patchify,
     posemb,
     positions_from_mask,
-    rope_inv_freq,
+    rope_tables,
+    suffix_ar_mask,
+    suffix_rows,
 )
 from pi0.model.observation import Observation, sampling_inputs
 from pi0.model.rtc import RTC, guidance_weight, make_guide
@@ -120,9 +122,7 @@ class Pi0TTNN:
 
     def _rope_tables(self, positions: Tensor, g: GemmaConfig) -> tuple[Any, Any]:
         """cos, sin [B, L, 1, D] of rotate-half RoPE at integer `positions` [B, L], made on the host in fp32."""
-        ang = positions.float()[..., None] * rope_inv_freq(g.head_dim, g.rope_theta)  # [B, L, D/2]
-        ang = torch.cat([ang, ang], dim=-1)[:, :, None, :]
-        return self._put(ang.cos()), self._put(ang.sin())
+        return tuple(self._put(t) for t in rope_tables(positions, g.head_dim, g.rope_theta, torch.float32))
 
     def _rope(self, x: Any, cos: Any, sin: Any) -> Any:
         """x [B, L, heads, D] rotated: x cos + [-x2, x1] sin."""
@@ -245,17 +245,9 @@ class Pi0TTNN:
     def suffix_inputs(self, prefix_mask: Tensor) -> tuple[Any, tuple[Any, Any]]:
         """The suffix's rows of the joint [prefix + suffix] mask as a bias [B, 1, Ls, Lp + Ls], and its RoPE tables."""
         cfg = self.config
-        b, lp = prefix_mask.shape
-        ls = cfg.action_horizon + (0 if cfg.pi05 else 1)
-        ar = torch.zeros(b, ls, dtype=torch.bool)
-        ar[:, 0] = True  # pi0: the state token starts a block, the actions another; pi0.5: the actions
-        if not cfg.pi05:
-            ar[:, 1] = True
-        input_mask = torch.cat([prefix_mask, torch.ones(b, ls, dtype=torch.bool)], dim=1)
-        joint_ar = torch.cat([torch.zeros_like(prefix_mask), ar], dim=1)
-        assert input_mask.shape[1] == lp + ls, f"joint mask {input_mask.shape[1]} != {lp} + {ls}"
-        mask = make_attn_mask(input_mask, joint_ar)[:, lp:]  # [B, Ls, Lp + Ls]
-        return self._bias(mask), self._rope_tables(positions_from_mask(input_mask)[:, lp:], cfg.expert)
+        ar = suffix_ar_mask(prefix_mask.shape[0], cfg.action_horizon, cfg.pi05)
+        mask, positions = suffix_rows(prefix_mask, torch.zeros_like(prefix_mask), ar)  # [B, Ls, Lp + Ls], [B, Ls]
+        return self._bias(mask), self._rope_tables(positions, cfg.expert)
 
     def velocity(self, cache: list[tuple[Any, Any]], state: Any, suffix: tuple[Any, tuple[Any, Any]], x_t: Any,
                  t: Tensor) -> Any:
