@@ -43,10 +43,10 @@ def state_device(spec: ModuleType, device: str | torch.device) -> torch.device:
     return getattr(spec, "state_device", resolve_device)(device)
 
 
-def backend_dtype(spec: ModuleType, dtype: str | torch.dtype, where: torch.device) -> torch.dtype:
-    """The dtype a backend computes in: its own `resolve_dtype(dtype, device)` (a backend whose formats are no torch
-    dtype's, as TTNN's), else pi0.hardware's."""
-    return getattr(spec, "resolve_dtype", resolve_dtype)(dtype, where)[0]
+def backend_dtype(spec: ModuleType, dtype: str | torch.dtype, where: torch.device) -> tuple[torch.dtype, str]:
+    """The dtype a backend computes in and why: its own `resolve_dtype(dtype, device)` (a backend whose formats are
+    no torch dtype's, as TTNN's), else pi0.hardware's."""
+    return getattr(spec, "resolve_dtype", resolve_dtype)(dtype, where)
 
 
 _BLOCK = 1 << 22  # values per generator block in random_state_dict
@@ -133,7 +133,7 @@ def build_model(config: Pi0Config | FastConfig, *, backend: str = "reference", s
     be "auto" (pi0.hardware). progress: called with the fraction of parameters filled so far."""
     spec = backend_spec(backend)
     where = state_device(spec, device)
-    dtype = backend_dtype(spec, dtype, where)
+    dtype = backend_dtype(spec, dtype, where)[0]
     with weights_allocation():
         state = random_state_dict(config, seed, compute_dtype(dtype, where), where, progress,
                                   spec.load_hook(dtype, where))
@@ -156,7 +156,7 @@ def load_from_info(info: CheckpointInfo, *, backend: str, dtype: str | torch.dty
     """The model of an already inspected checkpoint."""
     spec = backend_spec(backend)
     where = state_device(spec, device)
-    dtype = backend_dtype(spec, dtype, where)
+    dtype = backend_dtype(spec, dtype, where)[0]
     with weights_allocation():
         state = load_state_dict(info, compute_dtype(dtype, where), where, progress, spec.load_hook(dtype, where))
         model = spec.build(info.config, state, device)

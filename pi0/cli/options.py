@@ -8,8 +8,7 @@ import sys
 
 import torch
 
-from pi0.backends.factory import BACKENDS, backend_spec, state_device
-from pi0.hardware import resolve_dtype
+from pi0.backends.factory import BACKENDS, backend_dtype, backend_spec, state_device
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +25,7 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     (stderr). Returns the device, the dtype and the reason."""
     spec = backend_spec(getattr(args, "backend", "engine"))
     device = state_device(spec, args.device)  # the host for a backend whose device is no torch device (TTNN)
-    dtype, why = getattr(spec, "resolve_dtype", resolve_dtype)(args.dtype, device)
+    dtype, why = backend_dtype(spec, args.dtype, device)
     print(f"pi0 {getattr(args, 'cmd', 'bench')}: device {device}, {why}", file=sys.stderr, flush=True)
     return device, dtype, why
 
