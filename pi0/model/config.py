@@ -148,7 +148,8 @@ def _count_layers(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
     return max(ids) + 1
 
 
-def _first(meta: Mapping[str, Any], *names: str) -> Any:
+def first_field(meta: Mapping[str, Any], *names: str) -> Any:
+    """The value of the first of `names` a config.json (or its part) sets, else None."""
     for n in names:
         if meta.get(n) is not None:
             return meta[n]
@@ -178,7 +179,7 @@ def siglip_from_shapes(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str,
     v_mlp = shape("vision.layers.0.mlp.fc1.weight")[0]
     v_depth = _count_layers(shapes, "vision.layers.")
     # Head count is not visible in any SigLIP shape (q/k/v are all [width, width]).
-    v_heads = _first(ours.get("vision", {}), "num_heads") or _first(meta, "vision_num_heads")
+    v_heads = first_field(ours.get("vision", {}), "num_heads") or first_field(meta, "vision_num_heads")
     if v_heads is None:
         if v_width % SIGLIP_SO400M_HEAD_DIM == 0:
             v_heads = v_width // SIGLIP_SO400M_HEAD_DIM  # So400m/14 head width (16 heads at 1152)
@@ -213,6 +214,20 @@ def gemma_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str, vocab:
     )
 
 
+def paligemma_from_shapes(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any]
+                          ) -> tuple[SiglipConfig, GemmaConfig]:
+    """PaliGemma's sizes (SigLIP and the VLM, pi0's and π0-FAST's alike) from the canonical shapes, the projector
+    checked against both widths."""
+    ours = meta.get("pi0") if isinstance(meta.get("pi0"), dict) else {}
+    vision = siglip_from_shapes(shapes, meta)
+    vlm = gemma_from_shapes(shapes, "vlm", _shape_of(shapes)("vlm.embed_tokens.weight")[0], ours.get("vlm", {}))
+    proj = _shape_of(shapes)("projector.weight")  # [vlm width, vision width]
+    if proj != (vlm.width, vision.width):
+        raise ValueError(f"projector.weight is {list(proj)}, expected [{vlm.width}, {vision.width}] (the VLM's and "
+                         "SigLIP's widths)")
+    return vision, vlm
+
+
 def infer_config(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any] | None = None) -> Pi0Config:
     """Derive every size from canonical tensor shapes; `meta` (a parsed config.json) only fills in
     what shapes cannot tell: action horizon, token length, steps, and head counts if recorded."""
@@ -220,22 +235,15 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any] 
     ours = meta.get("pi0") if isinstance(meta.get("pi0"), dict) else {}
     shape = _shape_of(shapes)
     pi05 = any(k.startswith("expert.") and ".dense." in k for k in shapes) or "time_mlp_in.weight" in shapes
-    vision = siglip_from_shapes(shapes, meta)
-    proj = shape("projector.weight")  # [vlm width, vision width]
-    if proj[1] != vision.width:
-        raise ValueError(f"projector.weight is {list(proj)} but the SigLIP width is {vision.width}")
-    emb = shape("vlm.embed_tokens.weight")
-    vlm = gemma_from_shapes(shapes, "vlm", emb[0], ours.get("vlm", {}))
+    vision, vlm = paligemma_from_shapes(shapes, meta)
     expert = gemma_from_shapes(shapes, "expert", 0, ours.get("expert", {}))
-    if proj[0] != vlm.width:
-        raise ValueError(f"projector.weight is {list(proj)} but the VLM width is {vlm.width}")
 
     action_dim = shape("action_in_proj.weight")[1]
     state_dim = action_dim if pi05 else shape("state_proj.weight")[1]
 
-    horizon = _first(ours, "action_horizon") or _first(meta, "action_horizon", "chunk_size") or 50
-    tok_len = _first(ours, "max_token_len") or _first(meta, "max_token_len", "tokenizer_max_length")
-    steps = _first(ours, "num_steps") or _first(meta, "num_inference_steps", "num_steps") or 10
+    horizon = first_field(ours, "action_horizon") or first_field(meta, "action_horizon", "chunk_size") or 50
+    tok_len = first_field(ours, "max_token_len") or first_field(meta, "max_token_len", "tokenizer_max_length")
+    steps = first_field(ours, "num_steps") or first_field(meta, "num_inference_steps", "num_steps") or 10
     return Pi0Config(
         vision=vision, vlm=vlm, expert=expert, pi05=pi05, action_dim=action_dim, state_dim=state_dim,
         action_horizon=int(horizon), max_token_len=int(tok_len or (200 if pi05 else 48)), num_steps=int(steps),

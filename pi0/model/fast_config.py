@@ -12,9 +12,9 @@ from pi0.model.config import (
     Pi0Config,
     SiglipConfig,
     canonical_shapes,
-    gemma_from_shapes,
+    first_field,
     infer_config,
-    siglip_from_shapes,
+    paligemma_from_shapes,
 )
 
 
@@ -57,16 +57,10 @@ def infer_fast_config(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, 
     action_horizon / action_dim, LeRobot's chunk_size / max_action_dim / max_decoding_steps)."""
     meta = dict(meta or {})
     ours = meta.get("pi0") if isinstance(meta.get("pi0"), dict) else {}
-    vision = siglip_from_shapes(shapes, meta)
-    vocab = int(shapes["vlm.embed_tokens.weight"][0])
-    vlm = gemma_from_shapes(shapes, "vlm", vocab, ours.get("vlm", {}))
-    proj = tuple(shapes["projector.weight"])
-    if proj != (vlm.width, vision.width):
-        raise ValueError(f"projector.weight is {list(proj)}, expected [{vlm.width}, {vision.width}] (the VLM's and "
-                         "SigLIP's widths)")
+    vision, vlm = paligemma_from_shapes(shapes, meta)
 
-    def first(*names: str, default: int) -> int:
-        return int(next((d[n] for d in (ours, meta) for n in names if d.get(n) is not None), default))
+    def first(*names: str, default: int) -> int:  # our own record first, then openpi's / LeRobot's fields
+        return int(first_field(ours, *names) or first_field(meta, *names) or default)
 
     return FastConfig(vision=vision, vlm=vlm, action_dim=first("action_dim", "max_action_dim", default=32),
                       action_horizon=first("action_horizon", "chunk_size", default=32),
