@@ -11,53 +11,33 @@ tokens after the batch-wide stop are 0; a row that stopped earlier keeps decodin
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from pi0.backends.reference.gemma import Gemma, joint_layer
-from pi0.backends.reference.siglip import SiglipVision
+from pi0.backends.reference.gemma import joint_layer
+from pi0.backends.reference.model import PaliGemma
 from pi0.model.fast_config import FastConfig
 from pi0.model.functional import make_attn_mask, positions_from_mask
+from pi0.model.observation import Observation
 
 
-class Pi0FastReference(nn.Module):
-    """π0-FAST in plain PyTorch. Parameter names are the canonical layout's `vision.*`, `projector.*`, `vlm.*`."""
+class Pi0FastReference(PaliGemma):
+    """π0-FAST in plain PyTorch: the shared PaliGemma prefix, its head the token embedding. Parameter names are the
+    canonical layout's `vision.*`, `projector.*`, `vlm.*`."""
 
     backend = "reference"
-
-    def __init__(self, config: FastConfig):
-        super().__init__()
-        self.config = config
-        self.vision = SiglipVision(config.vision)
-        self.projector = nn.Linear(config.vision.width, config.vlm.width)
-        self.vlm = Gemma(config.vlm)
+    config: FastConfig
 
     @property
     def dtype(self) -> torch.dtype:
         return self.projector.weight.dtype
 
-    def embed_tokens(self, tokens: Tensor) -> Tensor:
-        """int [B, L] -> [B, L, W], scaled by sqrt(W) as Gemma embeds text."""
-        emb = self.vlm.embed_tokens(tokens)
-        return emb * torch.tensor(math.sqrt(self.config.vlm.width), dtype=torch.float32).to(emb.dtype)
-
-    def embed_prefix(self, images: list[Tensor], image_masks: list[Tensor], tokens: Tensor,
-                     token_masks: Tensor) -> tuple[Tensor, Tensor]:
-        """prefix [B, Lp, W] = [camera 0 .. n, tokens] and its input mask bool [B, Lp]."""
-        embs, masks = [], []
-        for image, mask in zip(images, image_masks, strict=True):
-            emb = self.projector(self.vision(image.to(self.dtype)))
-            embs.append(emb)
-            masks.append(mask[:, None].expand(-1, emb.shape[1]))
-        embs.append(self.embed_tokens(tokens))
-        masks.append(token_masks)
-        prefix, input_mask = torch.cat(embs, dim=1), torch.cat(masks, dim=1)
-        expected = sum(e.shape[1] for e in embs[:-1]) + tokens.shape[1]
-        assert prefix.shape[1] == input_mask.shape[1] == expected, (
-            f"prefix {prefix.shape[1]} / mask {input_mask.shape[1]} != cameras + tokens {expected}")
+    def embed_prefix_of(self, images: list[Tensor], image_masks: list[Tensor], tokens: Tensor,
+                        token_masks: Tensor) -> tuple[Tensor, Tensor]:
+        """prefix [B, Lp, W] = [camera 0 .. n, tokens] and its input mask bool [B, Lp] (`PaliGemma.embed_prefix`)."""
+        obs = Observation(images, image_masks, tokens, token_masks, None).to(self.projector.weight.device, self.dtype)
+        prefix, input_mask, _ = self.embed_prefix(obs)
         return prefix, input_mask
 
     def logits(self, x: Tensor) -> Tensor:
@@ -70,8 +50,8 @@ class Pi0FastReference(nn.Module):
         pass over [images, tokens, action tokens], the action tokens attending to the whole prefix and causally to
         each other; position i predicts action token i + 1 (LeRobot's objective; its loss is the sum over the valid
         targets' count)."""
-        prefix, prefix_mask = self.embed_prefix(images, [m.bool() for m in image_masks], tokens, token_masks.bool())
-        actions = self.embed_tokens(action_tokens)  # [B, Ta, W]
+        prefix, prefix_mask = self.embed_prefix_of(images, image_masks, tokens, token_masks)
+        actions = self.embed_text(action_tokens)  # [B, Ta, W]
         lp, ta = prefix.shape[1], actions.shape[1]
         x = torch.cat([prefix, actions], dim=1)
         input_mask = torch.cat([prefix_mask, action_masks.bool()], dim=1)
@@ -95,15 +75,10 @@ class Pi0FastReference(nn.Module):
         if not bool(token_masks[:, -1].all()):
             raise ValueError("each row's last token must be valid (decoding continues from the last position): "
                              "append a token after the padding, as LeRobot appends BOS, or align prompts right")
-        prefix, key_mask = self.embed_prefix(images, [m.bool() for m in image_masks], tokens, token_masks)
+        prefix, key_mask = self.embed_prefix_of(images, image_masks, tokens, token_masks)
         b = prefix.shape[0]
-        mask = make_attn_mask(key_mask, torch.zeros_like(key_mask))
-        positions = positions_from_mask(key_mask)
-        cache, x = [], prefix
-        for layer in self.vlm.layers:
-            (x,), kv = joint_layer([layer], [x], [None], positions, mask)
-            cache.append(kv)
-        token = self.logits(self.vlm.norm(x[:, -1:])[0][:, -1]).argmax(-1)  # [B]
+        cache, x = self.fill_kv_cache(prefix, key_mask, torch.zeros_like(key_mask))
+        token = self.logits(x[:, -1]).argmax(-1)  # [B]
         out = torch.zeros(b, max_steps, dtype=torch.long, device=prefix.device)
         out[:, 0] = token
         ends = torch.tensor(end_ids, device=prefix.device)
@@ -113,7 +88,7 @@ class Pi0FastReference(nn.Module):
                 break
             key_mask = torch.cat([key_mask, torch.ones(b, 1, dtype=torch.bool, device=prefix.device)], dim=1)
             positions = key_mask.sum(1, keepdim=True) - 1  # [B, 1]: the next position after the valid tokens
-            x = self.embed_tokens(token[:, None])
+            x = self.embed_text(token[:, None])
             for i, layer in enumerate(self.vlm.layers):
                 (x,), (k, v) = joint_layer([layer], [x], [None], positions, key_mask[:, None, :], past_kv=cache[i])
                 cache[i] = (torch.cat([cache[i][0], k], dim=1), torch.cat([cache[i][1], v], dim=1))

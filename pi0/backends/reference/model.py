@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from pi0.backends.reference.gemma import Gemma, joint_layer
 from pi0.backends.reference.siglip import SiglipVision, checkpointed
 from pi0.model.config import Pi0Config
+from pi0.model.fast_config import FastConfig
 from pi0.model.functional import make_attn_mask, posemb, positions_from_mask, sample_time, suffix_ar_mask, suffix_rows
 from pi0.model.observation import Observation, sampling_inputs
 from pi0.model.rtc import RTC, Guide, make_guide
@@ -44,18 +45,66 @@ def cat_checked(parts: list[Tensor], dim: int, what: str, expected: int | None =
     return out
 
 
-class Pi0Reference(nn.Module):
+class PaliGemma(nn.Module):
+    """SigLIP, the projector and the VLM: the prefix pi0, pi0.5 and π0-FAST share (cameras and prompt, read in one
+    pass). `config` has `vision` and `vlm`."""
+
+    def __init__(self, config: Pi0Config | FastConfig):
+        super().__init__()
+        self.config = config
+        self.vision = SiglipVision(config.vision)
+        self.projector = nn.Linear(config.vision.width, config.vlm.width)
+        self.vlm = Gemma(config.vlm)
+
+    # -- prefix -----------------------------------------------------------------------------
+
+    def embed_image(self, image: Tensor) -> Tensor:
+        """[B, 3, S, S] in [-1, 1] -> [B, (S//p)^2, VLM width]. Image tokens are not scaled."""
+        return self.projector(self.vision(image))
+
+    def embed_text(self, tokens: Tensor) -> Tensor:
+        """int [B, L] -> [B, L, W], scaled by sqrt(W) (in the embedding's dtype) as Gemma embeds text."""
+        emb = self.vlm.embed_tokens(tokens)
+        return emb * torch.tensor(math.sqrt(self.config.vlm.width), dtype=torch.float32).to(emb.dtype)
+
+    def embed_prefix(self, obs: Observation, image_embs: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """prefix [B, Lp, W] = [cam_0 .. cam_n, language]; input_mask bool [B, Lp]; ar_mask bool [B, Lp] (all False).
+        image_embs: the cameras' embed_image outputs, if already computed."""
+        if image_embs is None:
+            image_embs = [self.embed_image(image) for image in obs.images]
+        embs, masks = [], []
+        for emb, image_mask in zip(image_embs, obs.image_masks, strict=True):
+            embs.append(emb)
+            masks.append(image_mask[:, None].expand(-1, emb.shape[1]))
+        lang = self.embed_text(obs.tokens)
+        embs.append(lang)
+        masks.append(obs.token_masks)
+        n_img = sum(e.shape[1] for e in embs[:-1])
+        prefix = cat_checked(embs, 1, "prefix (images + language)", n_img + obs.tokens.shape[1])
+        input_mask = cat_checked(masks, 1, "prefix input_mask", prefix.shape[1])
+        ar_mask = torch.zeros_like(input_mask)
+        return prefix, input_mask, ar_mask
+
+    def fill_kv_cache(self, prefix: Tensor, input_mask: Tensor, ar_mask: Tensor) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """One pass of the prefix through the VLM. Returns the per-layer post-RoPE (k, v) and the prefix output after
+        the VLM's final norm (π0-FAST's first logits read its last token; pi0's actions never read it)."""
+        mask = make_attn_mask(input_mask, ar_mask)
+        positions = positions_from_mask(input_mask)
+        cache, x = [], prefix
+        for layer in self.vlm.layers:
+            (x,), kv = joint_layer([layer], [x], [None], positions, mask)
+            cache.append(kv)
+        return cache, self.vlm.norm(x)[0]
+
+
+class Pi0Reference(PaliGemma):
     """pi0 / pi0.5 in plain PyTorch. Parameter names are the canonical checkpoint layout."""
 
     backend = "reference"
 
     def __init__(self, config: Pi0Config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         ew = config.expert.width
-        self.vision = SiglipVision(config.vision)
-        self.projector = nn.Linear(config.vision.width, config.vlm.width)
-        self.vlm = Gemma(config.vlm)
         self.expert = Gemma(config.expert, cond_dim=ew if config.pi05 else None)
         self.action_in_proj = nn.Linear(config.action_dim, ew)
         self.action_out_proj = nn.Linear(ew, config.action_dim)
@@ -74,42 +123,6 @@ class Pi0Reference(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.action_in_proj.weight.device
-
-    # -- prefix -----------------------------------------------------------------------------
-
-    def embed_image(self, image: Tensor) -> Tensor:
-        """[B, 3, S, S] in [-1, 1] -> [B, (S//p)^2, VLM width]. Image tokens are not scaled."""
-        return self.projector(self.vision(image))
-
-    def embed_prefix(self, obs: Observation, image_embs: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """prefix [B, Lp, W] = [cam_0 .. cam_n, language]; input_mask bool [B, Lp]; ar_mask bool [B, Lp] (all False).
-        image_embs: the cameras' embed_image outputs, if already computed."""
-        if image_embs is None:
-            image_embs = [self.embed_image(image) for image in obs.images]
-        embs, masks = [], []
-        for emb, image_mask in zip(image_embs, obs.image_masks, strict=True):
-            embs.append(emb)
-            masks.append(image_mask[:, None].expand(-1, emb.shape[1]))
-        lang = self.vlm.embed_tokens(obs.tokens)
-        lang = lang * torch.tensor(math.sqrt(self.config.vlm.width), dtype=torch.float32).to(lang.dtype)
-        embs.append(lang)
-        masks.append(obs.token_masks)
-        n_img = sum(e.shape[1] for e in embs[:-1])
-        prefix = cat_checked(embs, 1, "prefix (images + language)", n_img + obs.tokens.shape[1])
-        input_mask = cat_checked(masks, 1, "prefix input_mask", prefix.shape[1])
-        ar_mask = torch.zeros_like(input_mask)
-        return prefix, input_mask, ar_mask
-
-    def fill_kv_cache(self, prefix: Tensor, input_mask: Tensor, ar_mask: Tensor) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
-        """One pass of the prefix through the VLM. Returns the per-layer post-RoPE (k, v) and the
-        prefix output after the VLM's final norm (which never reaches the actions)."""
-        mask = make_attn_mask(input_mask, ar_mask)
-        positions = positions_from_mask(input_mask)
-        cache, x = [], prefix
-        for layer in self.vlm.layers:
-            (x,), kv = joint_layer([layer], [x], [None], positions, mask)
-            cache.append(kv)
-        return cache, self.vlm.norm(x)[0]
 
     # -- suffix -----------------------------------------------------------------------------
 
