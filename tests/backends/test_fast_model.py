@@ -35,16 +35,20 @@ def lerobot():
     return lerobot_model()
 
 
+def case_inputs(case: str, meta: dict) -> tuple[dict, list, list, torch.Tensor, torch.Tensor]:
+    """A fixture case and the decoder's inputs as LeRobot builds them: the cameras, their masks, and the right-padded
+    prompt with BOS appended after the padding (its last position valid)."""
+    t = load_file(FIXTURE / f"{case}.safetensors")
+    b = t["tokens"].shape[0]
+    tokens = torch.cat([t["tokens"], torch.full((b, 1), meta["bos_token_id"])], dim=1)
+    masks = torch.cat([t["token_masks"], torch.ones(b, 1, dtype=torch.bool)], dim=1)
+    return t, [t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]], tokens, masks
+
+
 @pytest.mark.parametrize("case", ["ragged_masked", "one_row"])
 def test_greedy_tokens_are_lerobots(lerobot, case):
     meta, model = lerobot
-    t = load_file(FIXTURE / f"{case}.safetensors")
-    b = t["tokens"].shape[0]
-    bos = torch.full((b, 1), meta["bos_token_id"])  # LeRobot's decoding appends BOS after the padded prompt
-    tokens = torch.cat([t["tokens"], bos], dim=1)
-    masks = torch.cat([t["token_masks"], torch.ones(b, 1, dtype=torch.bool)], dim=1)
-    images = [t["image_0"], t["image_1"]]
-    image_masks = [t["image_mask_0"], t["image_mask_1"]]
+    t, images, image_masks, tokens, masks = case_inputs(case, meta)
     got = model.generate(images, image_masks, tokens, masks, end_ids=[meta["end_of_action_token_id"]],
                          max_steps=meta["max_decoding_steps"])
     assert torch.equal(got, t["generated"]), (got, t["generated"])
@@ -57,12 +61,10 @@ def test_the_batch_stops_when_every_row_has_ended(lerobot):
     """With row 1's 6th token as a second end id both rows end at step 5: LeRobot's rule gives its tokens up to there
     (greedy decoding does not depend on the stop) and zeros after."""
     meta, model = lerobot
-    t = load_file(FIXTURE / "ragged_masked.safetensors")
-    tokens = torch.cat([t["tokens"], torch.full((2, 1), meta["bos_token_id"])], dim=1)
-    masks = torch.cat([t["token_masks"], torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    t, images, image_masks, tokens, masks = case_inputs("ragged_masked", meta)
     ends = [meta["end_of_action_token_id"], int(t["generated"][1, 5])]
     assert not torch.isin(t["generated"][1, :5], torch.tensor(ends)).any()
-    got = model.generate([t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]], tokens, masks,
+    got = model.generate(images, image_masks, tokens, masks,
                          end_ids=ends, max_steps=24)
     want = t["generated"].clone()
     want[:, 6:] = 0
@@ -71,10 +73,7 @@ def test_the_batch_stops_when_every_row_has_ended(lerobot):
 
 def test_every_steps_logits_match(lerobot):
     meta, model = lerobot
-    t = load_file(FIXTURE / "ragged_masked.safetensors")
-    tokens = torch.cat([t["tokens"], torch.full((2, 1), meta["bos_token_id"])], dim=1)
-    masks = torch.cat([t["token_masks"], torch.ones(2, 1, dtype=torch.bool)], dim=1)
-    images, image_masks = [t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]]
+    t, images, image_masks, tokens, masks = case_inputs("ragged_masked", meta)
     logits = []
     original = model.logits
     model.logits = lambda x: logits.append(original(x)) or logits[-1]
@@ -122,10 +121,8 @@ def test_a_checkpoint_in_either_layout_loads_and_decodes_as_lerobot(tmp_path, la
     model = pi0.load_model(d, backend="reference")
     assert model.config.kind == "pi0_fast" and model.checkpoint_info.layout == layout
     assert (model.config.action_horizon, model.config.max_decoding_steps) == (10, 24)
-    t = load_file(FIXTURE / "ragged_masked.safetensors")
-    tokens = torch.cat([t["tokens"], torch.full((2, 1), meta["bos_token_id"])], dim=1)
-    masks = torch.cat([t["token_masks"], torch.ones(2, 1, dtype=torch.bool)], dim=1)
-    got = model.generate([t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]], tokens, masks,
+    t, images, image_masks, tokens, masks = case_inputs("ragged_masked", meta)
+    got = model.generate(images, image_masks, tokens, masks,
                          end_ids=[meta["end_of_action_token_id"]])
     assert torch.equal(got, t["generated"])
     assert main(["inspect", str(d)]) == 0
@@ -178,10 +175,8 @@ def test_an_openpi_orbax_checkpoint_loads_and_decodes_as_lerobot(tmp_path):
     write_orbax(tmp_path / "ck" / "params", leaves, dtype_of=lambda name: "float32")
     loaded = pi0.load_model(tmp_path / "ck", backend="reference", action_horizon=10)
     assert loaded.config.kind == "pi0_fast" and loaded.checkpoint_info.layout == "openpi_orbax"
-    t = load_file(FIXTURE / "ragged_masked.safetensors")
-    tokens = torch.cat([t["tokens"], torch.full((2, 1), meta["bos_token_id"])], dim=1)
-    masks = torch.cat([t["token_masks"], torch.ones(2, 1, dtype=torch.bool)], dim=1)
-    got = loaded.generate([t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]], tokens, masks,
+    t, images, image_masks, tokens, masks = case_inputs("ragged_masked", meta)
+    got = loaded.generate(images, image_masks, tokens, masks,
                           end_ids=[meta["end_of_action_token_id"]], max_steps=24)
     assert torch.equal(got, t["generated"])
 
