@@ -18,3 +18,9 @@ class MissingKey(BadRequest, KeyError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file, keys and shapes."""
+
+
+class NoActions(Exception):
+    """The model answered, but its answer holds no action chunk (π0-FAST tokens that do not decode into one): neither
+    the client's fault nor a bug; the message says what the tokens held. A server answers it as an error and counts
+    it (`pi0_requests{outcome="no_actions"}`); it never becomes a zero action."""

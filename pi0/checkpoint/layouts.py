@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from pi0.errors import CheckpointError
+from pi0.model.fast_config import FastConfig
 from pi0.model.config import Pi0Config
 
 HEADS = ("state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out",
@@ -110,8 +111,15 @@ def lerobot_config(config: Pi0Config, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _config_json(config: Pi0Config, layout: str) -> dict[str, Any]:
+def _config_json(config: Pi0Config | FastConfig, layout: str) -> dict[str, Any]:
     ours = {"pi0": config.to_dict()}
+    if isinstance(config, FastConfig):  # π0-FAST: openpi's Pi0FASTConfig fields; LeRobot's PI0FastConfig names
+        if layout == "openpi":
+            return {"model_type": "pi0_fast", "action_dim": config.action_dim, "action_horizon": config.action_horizon,
+                    "max_token_len": config.max_token_len, "paligemma_variant": "gemma_2b", **ours}
+        return {"type": "pi0_fast", "chunk_size": config.action_horizon, "n_action_steps": config.action_horizon,
+                "max_action_dim": config.action_dim, "tokenizer_max_length": config.max_token_len,
+                "max_decoding_steps": config.max_decoding_steps, **ours}
     if layout == "openpi":
         return {
             "action_dim": config.action_dim, "action_horizon": config.action_horizon,
@@ -134,8 +142,10 @@ def _lerobot_legacy_config(config: Pi0Config, extra: dict[str, Any]) -> dict[str
     return {"config.json": {**extra, **_config_json(config, "lerobot_legacy")}}
 
 
-def _lerobot_config(config: Pi0Config, extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _lerobot_config(config: Pi0Config | FastConfig, extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """LeRobot reads config.json strictly: everything of pi0's goes beside it, in pi0_config.json."""
+    if isinstance(config, FastConfig):
+        return {"config.json": {**extra, **_config_json(config, "lerobot")}}
     fields = lerobot_config(config, extra)
     ours = {k: v for k, v in extra.items() if k not in fields}
     return {"config.json": fields, PI0_CONFIG: {**ours, "pi0": config.to_dict()}}
@@ -145,18 +155,25 @@ def _zeros(config: Pi0Config, embed: torch.Tensor, rows: int | None = None) -> t
     return torch.zeros(rows or config.vlm.vocab_size, config.expert.width, dtype=embed.dtype, device=embed.device)
 
 
-def _openpi_unused(config: Pi0Config, embed: torch.Tensor) -> dict[str, torch.Tensor]:
+def _openpi_unused(config: Pi0Config | FastConfig, embed: torch.Tensor) -> dict[str, torch.Tensor]:
+    if isinstance(config, FastConfig):  # no expert
+        return {_PG + "paligemma.lm_head.weight": embed.contiguous()}
     return {_PG + "paligemma.lm_head.weight": embed.contiguous(), _PG + "gemma_expert.lm_head.weight": _zeros(config, embed)}
 
 
-def _lerobot_unused(config: Pi0Config, embed: torch.Tensor) -> dict[str, torch.Tensor]:
+def _lerobot_unused(config: Pi0Config | FastConfig, embed: torch.Tensor) -> dict[str, torch.Tensor]:
+    if isinstance(config, FastConfig):  # LeRobot's pi0_fast keeps its lm_head as a tensor of its own
+        return {"model." + _PG + "paligemma.lm_head.weight": embed.clone()}
     # LeRobot builds the expert's (unused) lm_head with PaliGemma's vocabulary whatever the model's, and loads
     # strictly: any other shape and it keeps its random weights
     return {"model." + _PG + "paligemma.lm_head.weight": embed.clone(),
             "model." + _PG + "gemma_expert.lm_head.weight": _zeros(config, embed, PALIGEMMA_VOCAB)}
 
 
-def _lerobot_legacy_unused(config: Pi0Config, embed: torch.Tensor) -> dict[str, torch.Tensor]:
+def _lerobot_legacy_unused(config: Pi0Config | FastConfig, embed: torch.Tensor) -> dict[str, torch.Tensor]:
+    if isinstance(config, FastConfig):
+        raise ValueError("the lerobot_legacy layout (Feb 2025's lerobot/pi0) has no π0-FAST form: save pi0_fast as "
+                         "openpi or lerobot")
     pre = "model." + _PG
     return {pre + "paligemma.language_model.lm_head.weight": embed.contiguous(),
             pre + "gemma_expert.model.embed_tokens.weight": _zeros(config, embed),

@@ -38,6 +38,10 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-prompt", default=None, help="prompt used when a request carries none")
     p.add_argument("--no-state-in-prompt", action="store_true", help="pi0.5: leave the state out of the prompt "
                    "(the pi05_libero choice)")
+    p.add_argument("--fast-tokenizer", default=None, help="pi0_fast: the FAST tokenizer directory (default: the "
+                   "checkpoint's fast_tokenizer/, then physical-intelligence/fast in the huggingface_hub cache)")
+    p.add_argument("--norm", default=None, choices=["MEAN_STD", "QUANTILES"], help="pi0_fast: the normalisation the "
+                   "checkpoint was trained with, where it records none (default QUANTILES; pi0_fast_libero: MEAN_STD)")
 
 
 def rtc_defaults(args: argparse.Namespace):
@@ -66,7 +70,7 @@ def policy_kwargs(args: argparse.Namespace) -> dict:
                 device=args.device, tokenizer=args.tokenizer, asset_id=args.asset_id, num_steps=args.steps,
                 seed=args.seed, default_prompt=args.default_prompt, action_horizon=args.action_horizon,
                 state_in_prompt=False if args.no_state_in_prompt else None, rtc_defaults=rtc_defaults(args),
-                download=args.download)
+                download=args.download, fast_tokenizer=args.fast_tokenizer, norm=args.norm)
 
 
 def _policy(args: argparse.Namespace):

@@ -42,6 +42,31 @@ def find_tokenizer(explicit: str | os.PathLike | None, checkpoint_dir: Path | No
     )
 
 
+FAST_TOKENIZER_DIRS = ("fast_tokenizer", "assets/fast_tokenizer")
+FAST_HUB_ID = "physical-intelligence/fast"  # the universal FAST tokenizer openpi's and LeRobot's π0-FAST use
+
+
+def find_fast_tokenizer(explicit: str | os.PathLike | None, checkpoint_dir: Path, meta: dict[str, Any]) -> Path:
+    """A FAST tokenizer directory (`tokenizer.json` + `processor_config.json`): --fast-tokenizer PATH, else the
+    checkpoint's `fast_tokenizer/`, else the local path config.json names (LeRobot's `action_tokenizer_name`), else
+    $PI0_FAST_TOKENIZER, else that hub id (default physical-intelligence/fast) in the huggingface_hub cache."""
+    name = str(meta.get("action_tokenizer_name") or FAST_HUB_ID)
+    candidates = [Path(explicit).expanduser()] if explicit else []
+    candidates += [checkpoint_dir / d for d in FAST_TOKENIZER_DIRS]
+    candidates += [Path(name).expanduser(), checkpoint_dir / name]
+    if os.environ.get("PI0_FAST_TOKENIZER"):
+        candidates.append(Path(os.environ["PI0_FAST_TOKENIZER"]).expanduser())
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+    candidates += sorted((hub.expanduser() / f"models--{name.replace('/', '--')}" / "snapshots").glob("*"))
+    for c in candidates:
+        if (c / "tokenizer.json").is_file() and (c / "processor_config.json").is_file():
+            return c
+    raise FileNotFoundError(
+        "no FAST tokenizer found (a directory with tokenizer.json and processor_config.json); looked at: "
+        + ", ".join(str(c) for c in candidates) + f". Pass --fast-tokenizer PATH: the released one is the hub's {name} "
+        f"(`huggingface-cli download {name}` where a network is), or fit your own with `pi0 fast-tokenizer`")
+
+
 def find_asset_stats(root: Path) -> dict[str, Path]:
     """openpi's norm stats under `root/assets`: asset id (which may be a nested path such as
     `physical-intelligence/libero`) -> its norm_stats.json."""

@@ -20,12 +20,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pi0.errors import NoActions
+
 log = logging.getLogger("pi0")
 
 TOKENIZER_FILE, CONFIG_FILE = "tokenizer.json", "processor_config.json"
 
 
-class FastDecodeError(ValueError):
+class FastDecodeError(NoActions, ValueError):
     """Tokens that do not decode into a chunk of the expected shape."""
 
 

@@ -58,7 +58,9 @@ class OpenpiPipeline:
         self.state_len = state_len if state_len is not None else preset.state_len
         self.action_dim = action_dim or preset.action_dim or config.action_dim
         self.stats_source = stats_source
-        self.cameras = [key for key, _ in preset.cameras]
+        self.slots = preset.cameras  # (robot key or None, required) per model camera
+        self.cameras = [key for key, _ in self.slots]
+        self.max_state: int | None = config.state_dim  # state values the model takes at most (None: any)
 
     @classmethod
     def for_checkpoint(cls, info: CheckpointInfo, *, preset: str | None, tokenizer: Path, asset_id: str | None = None,
@@ -70,7 +72,7 @@ class OpenpiPipeline:
         default = "QUANTILES" if cfg.pi05 else "MEAN_STD"
         normalizer, source = load_norm_stats(info.files.root, asset_id, feats.normalization.get("STATE", default),
                                              feats.normalization.get("ACTION", default))
-        state_len, action_dim = _agreed_widths(cfg, robot, feats, normalizer, source)
+        state_len, action_dim = agreed_widths(cfg.state_dim, cfg.action_dim, robot, feats, normalizer, source)
         if state_in_prompt is None:
             state_in_prompt = feats.discrete_state_input
         return cls(cfg, robot, normalizer, PromptTokenizer(tokenizer, cfg.max_token_len), state_in_prompt=state_in_prompt,
@@ -99,10 +101,10 @@ class OpenpiPipeline:
         if not isinstance(obs, dict):
             raise BadRequest(f"an observation must be a dict, got {type(obs).__name__}")
         preset = self.preset
-        cameras = [(key, None if key is None else self._get(obs, key, required)) for key, required in preset.cameras]
+        cameras = [(key, None if key is None else self._get(obs, key, required)) for key, required in self.slots]
         images = [None if img is None else to_uint8_hwc(img, key) for key, img in cameras]
         if preset.name == "generic":
-            known = {k for k, _ in preset.cameras}
+            known = {k for k in self.cameras if k is not None}
             unknown = sorted(k for k in obs if isinstance(k, str) and k.startswith("observation.images.") and k not in known)
             if unknown:
                 raise BadRequest(f"{', '.join(unknown)}: not a camera of this checkpoint (its cameras: {sorted(known)}); "
@@ -113,8 +115,8 @@ class OpenpiPipeline:
         if self.state_len is not None and len(state) != self.state_len:
             raise BadRequest(f"{' + '.join(preset.state_keys)} has {len(state)} values; preset {preset.name} expects "
                              f"{self.state_len} (checked against the checkpoint's features and norm stats)")
-        if len(state) > self.config.state_dim:
-            raise BadRequest(f"state has {len(state)} values, the model takes at most {self.config.state_dim}")
+        if self.max_state is not None and len(state) > self.max_state:
+            raise BadRequest(f"state has {len(state)} values, the model takes at most {self.max_state}")
         prompt = prompt_text(obs.get("prompt", self.default_prompt), "prompt", "no default prompt is set")
         return self.frame_inputs(Frame(images, state, prompt))
 
@@ -155,17 +157,17 @@ class OpenpiPipeline:
         return a.astype(np.float32)
 
 
-def _agreed_widths(cfg: Pi0Config, preset: RobotPreset, feats: Any, normalizer: Normalizer | None,
-                   source: str) -> tuple[int | None, int]:
+def agreed_widths(state_max: int | None, action_max: int, preset: RobotPreset, feats: Any, normalizer: Normalizer | None,
+                  source: str) -> tuple[int | None, int]:
     """(robot state values a request must carry (None: any up to the model's), robot action values answered), from
     the preset, the checkpoint's features and its norm stats, which must agree: a preset for another robot than the
-    checkpoint's is refused here, before any request."""
+    checkpoint's is refused here, before any request. state_max / action_max: the model's widths (None: any)."""
     stats = {"state": None, "actions": None}
     if normalizer is not None:
         stats = {k: getattr(normalizer, k).width if getattr(normalizer, k) is not None else None
                  for k in ("state", "actions")}
 
-    def agree(what: str, model_width: int, sources: list[tuple[str, int | None]]) -> int | None:
+    def agree(what: str, model_width: int | None, sources: list[tuple[str, int | None]]) -> int | None:
         known = [(name, n) for name, n in sources if n]
         # norm stats padded to the model's width cover any robot width
         exact = [(name, n) for name, n in known if not (name.startswith("norm stats") and n == model_width)]
@@ -175,14 +177,14 @@ def _agreed_widths(cfg: Pi0Config, preset: RobotPreset, feats: Any, normalizer: 
                              + f" (stats from {source}): choose the preset of the robot this checkpoint "
                              "was trained for (--preset), or its stats (--asset-id)")
         width = widths.pop() if widths else None
-        if width is not None and width > model_width:
+        if width is not None and model_width is not None and width > model_width:
             raise ValueError(f"{what}: {width} values, but the model takes at most {model_width}")
         return width
 
-    state = agree("state", cfg.state_dim, [(f"preset {preset.name}", preset.state_len),
+    state = agree("state", state_max, [(f"preset {preset.name}", preset.state_len),
                                            ("config.json input_features", feats.state),
                                            ("norm stats", stats["state"])])
-    actions = agree("actions", cfg.action_dim, [(f"preset {preset.name}", preset.action_dim),
+    actions = agree("actions", action_max, [(f"preset {preset.name}", preset.action_dim),
                                                 ("config.json output_features", feats.action),
                                                 ("norm stats", stats["actions"])])
-    return state, actions or cfg.action_dim
+    return state, actions or action_max

@@ -15,30 +15,41 @@ import torch
 from pi0.backends.factory import load_from_info
 from pi0.checkpoint.info import CheckpointInfo
 from pi0.checkpoint.load import inspect_checkpoint
-from pi0.errors import BadRequest
+from pi0.errors import BadRequest, NoActions
 from pi0.hardware import resolve_device, resolve_dtype
 from pi0.model.fast_config import FastConfig
 from pi0.model.features import features
 from pi0.model.observation import Observation, concat_observations, sample_observation
 from pi0.model.rtc import RTC, RTCDefaults
 from pi0.robot.assets import find_tokenizer
+from pi0.robot.fast import FastDecodeError
+from pi0.robot.fast_pipeline import OpenpiFastPipeline
 from pi0.robot.lerobot import LeRobotPipeline, is_lerobot_pipeline
 from pi0.robot.openpi import OpenpiPipeline
-from pi0.robot.pipeline import Pipeline
+from pi0.robot.pipeline import Frame, Pipeline
 
 
 def make_pipeline(info: CheckpointInfo, *, preset: str | None = None, tokenizer: str | os.PathLike | None = None,
                   asset_id: str | None = None, state_in_prompt: bool | None = None,
-                  default_prompt: str | None = None) -> Pipeline:
+                  default_prompt: str | None = None, fast_tokenizer: str | os.PathLike | None = None,
+                  norm: str | None = None) -> Pipeline:
     """The pipeline a checkpoint is served with: a LeRobot checkpoint's own processors when it has them and no
     preset is asked for, else openpi's conventions with `preset` (None: the one config.json records, else
-    `generic` from its features)."""
-    if isinstance(info.config, FastConfig):
-        raise ValueError(f"{info.files.root} is a pi0_fast checkpoint: it loads with pi0.load_model(..., "
-                         "backend='reference') and decodes action tokens (model.generate), but serving it (pi0.Policy, "
-                         "pi0 serve) is not built yet: its prompt and token-to-action pipeline are missing")
+    `generic` from its features). π0-FAST: openpi's FAST conventions, its FAST tokenizer and normalisation `norm`
+    (None: the one the checkpoint records, else quantiles)."""
     root = info.files.root
     path = find_tokenizer(tokenizer, root)
+    if isinstance(info.config, FastConfig):
+        if state_in_prompt is False:
+            raise ValueError("π0-FAST reads the state only from its prompt: state_in_prompt=False does not apply")
+        if preset is None and is_lerobot_pipeline(root):
+            raise ValueError(f"{root} is a LeRobot pi0_fast checkpoint: its own processors are not run yet; pass a "
+                             "robot preset (--preset generic reads its features) to serve it with openpi's FAST "
+                             "conventions")
+        return OpenpiFastPipeline.for_checkpoint(info, preset=preset, tokenizer=path, fast_tokenizer=fast_tokenizer,
+                                                 asset_id=asset_id, norm=norm, default_prompt=default_prompt)
+    if fast_tokenizer is not None or norm is not None:
+        raise ValueError("fast_tokenizer and norm apply to π0-FAST checkpoints; this one is " + info.config.kind)
     if preset is None and is_lerobot_pipeline(root):
         return LeRobotPipeline(root, info.config, info.meta, path, default_prompt=default_prompt)
     return OpenpiPipeline.for_checkpoint(info, preset=preset, tokenizer=path, asset_id=asset_id,
@@ -57,18 +68,25 @@ class Policy:
     bf16 where the machine runs it natively (else fp32) and a CUDA GPU when there is one
     (`self.dtype_reason` says why). action_horizon: override the checkpoint's (openpi Orbax checkpoints
     record none: 50 is assumed). progress: called with the fraction of the weights read (Orbax). download: fetch
-    a hub id missing from the huggingface_hub cache (nothing is downloaded otherwise)."""
+    a hub id missing from the huggingface_hub cache (nothing is downloaded otherwise).
+
+    π0-FAST checkpoints: the answer is decoded from greedy action tokens (no noise, seed, num_steps or RTC);
+    fast_tokenizer: the FAST tokenizer's directory (None: the checkpoint's `fast_tokenizer/`, config.json's, or the
+    hub cache's physical-intelligence/fast); norm: MEAN_STD / QUANTILES for a checkpoint that records no mode (one
+    that does refuses another). A row whose tokens hold no chunk is answered with `pi0.errors.NoActions`."""
 
     def __init__(self, checkpoint: str | os.PathLike, *, preset: str | None = None, backend: str = "engine",
                  dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", tokenizer: str | os.PathLike | None = None,
                  asset_id: str | None = None, state_in_prompt: bool | None = None, num_steps: int | None = None,
                  default_prompt: str | None = None, seed: int | None = None, action_horizon: int | None = None,
                  progress: Callable[[float], None] | None = None, rtc_defaults: RTCDefaults | None = None,
-                 download: bool = False):
+                 download: bool = False, fast_tokenizer: str | os.PathLike | None = None, norm: str | None = None):
         self.info = inspect_checkpoint(checkpoint, action_horizon=action_horizon, download=download)
         self.config = self.info.config
         self.pipeline: Pipeline = make_pipeline(self.info, preset=preset, tokenizer=tokenizer, asset_id=asset_id,
-                                                state_in_prompt=state_in_prompt, default_prompt=default_prompt)
+                                                state_in_prompt=state_in_prompt, default_prompt=default_prompt,
+                                                fast_tokenizer=fast_tokenizer, norm=norm)
+        self.fast = isinstance(self.pipeline, OpenpiFastPipeline)  # decodes action tokens instead of flow steps
         self.state_len, self.action_dim = self.pipeline.state_len, self.pipeline.action_dim
         self.num_steps = num_steps
         self.seed = seed
@@ -107,6 +125,12 @@ class Policy:
         sizes is prepared (captured); otherwise one full call on a synthetic observation shaped like the robot's
         (compiling kernels). Returns its seconds."""
         t0 = time.perf_counter()
+        if self.fast:  # the prefill and one decoding step at the longest prompt, for each batch size
+            for b in batches:
+                obs = concat_observations([self.pipeline.frame_inputs(_warm_frame(self.pipeline))] * b)
+                self.model.generate(obs.images, obs.image_masks, obs.tokens, obs.token_masks,
+                                    end_ids=self.pipeline.end_ids, max_steps=2)
+            return time.perf_counter() - t0
         runner = getattr(self.model, "runner", None)
         if runner is not None:
             cameras = sum(c is not None for c in self.pipeline.cameras)
@@ -172,12 +196,22 @@ class Policy:
         (model space, before unnormalisation: hand its unexecuted rows back as rtc prev_actions),
         "policy_timing"}. obs may carry "rtc" (see rtc_from_request). noise: [H, action_dim] float32 for a
         reproducible answer; else the policy's seed, else fresh noise."""
-        return self.infer_batch([obs], noise=None if noise is None else [noise])[0]
+        out = self.infer_batch([obs], noise=None if noise is None else [noise])[0]
+        if isinstance(out, NoActions):
+            raise out
+        return out
 
     def prepare_request(self, obs: dict[str, Any], noise: np.ndarray | torch.Tensor | None = None) -> Prepared:
         """One robot observation (with its optional "rtc") validated and turned into model inputs, before any
         model work: BadRequest names what is wrong. Cheap and thread-safe: a server prepares rows in parallel,
         off the model's thread. noise: [H, action_dim] (None: the policy's seed's, else fresh)."""
+        if self.fast:
+            if isinstance(obs, dict) and "rtc" in obs:
+                raise BadRequest("'rtc' guides flow matching; this server runs π0-FAST, which decodes tokens: leave "
+                                 "'rtc' out")
+            if noise is not None:
+                raise BadRequest("noise applies to flow matching; π0-FAST decodes greedily: leave it out")
+            return Prepared(self.prepare(obs), None, None)
         rtc = self.rtc_from_request(obs["rtc"]) if isinstance(obs, dict) and "rtc" in obs else None
         inputs = self.prepare(obs)
         cfg = self.config
@@ -198,6 +232,8 @@ class Policy:
         answered alone (to fp32 rounding)."""
         t0 = time.perf_counter()
         inputs = concat_observations([r.inputs for r in rows])
+        if self.fast:
+            return self._decode(inputs, t0)
         stages: dict[str, float] = {}
         actions = self.model.sample_actions(inputs, noise=torch.stack([r.noise for r in rows]), num_steps=self.num_steps,
                                             rtc=[r.rtc for r in rows], stages=stages)
@@ -205,6 +241,23 @@ class Policy:
         ms = (time.perf_counter() - t0) * 1000.0
         return [{"actions": self.postprocess(a), "model_actions": a.astype(np.float32),
                  "policy_timing": {"infer_ms": ms, "batch_size": len(rows), "stages_s": stages}} for a in actions]
+
+    def _decode(self, inputs: Observation, t0: float) -> list[dict[str, Any] | NoActions]:
+        """π0-FAST rows: greedy ids in one batch (each row stops at its end), each row's chunk decoded on its own; a
+        row whose ids hold none is its FastDecodeError (a NoActions), the others answer as usual."""
+        ids = self.model.generate(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks,
+                                  end_ids=self.pipeline.end_ids).cpu()
+        ms = (time.perf_counter() - t0) * 1000.0
+        out: list[dict[str, Any] | NoActions] = []
+        for row in ids.tolist():
+            try:
+                chunk = self.pipeline.chunk(row)
+            except FastDecodeError as e:
+                out.append(e)
+                continue
+            out.append({"actions": self.postprocess(chunk), "model_actions": chunk,
+                        "policy_timing": {"infer_ms": ms, "batch_size": len(ids), "tokens": _generated(row, self.pipeline.end_ids)}})
+        return out
 
     def infer_batch(self, observations: list[dict[str, Any]], *,
                     noise: list[np.ndarray | torch.Tensor | None] | None = None) -> list[dict[str, Any]]:
@@ -222,8 +275,21 @@ class Policy:
 
 @dataclass
 class Prepared:
-    """One request's model inputs: the observation (batch 1), its RTC guidance (or None) and its noise."""
+    """One request's model inputs: the observation (batch 1), its RTC guidance (or None) and its noise (None for
+    π0-FAST, which decodes greedily)."""
 
     inputs: Observation
     rtc: RTC | None
-    noise: torch.Tensor
+    noise: torch.Tensor | None
+
+
+def _warm_frame(pipeline: Pipeline) -> Frame:
+    """A synthetic frame shaped like the robot's: every camera, its state width, a prompt near the longest."""
+    rng = np.random.default_rng(0)
+    images = [None if k is None else rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for k in pipeline.cameras]
+    return Frame(images, np.zeros(pipeline.state_len or 8, dtype=np.float32), "warm up " * 8)
+
+
+def _generated(row: list[int], end_ids: list[int]) -> int:
+    """Ids a row generated up to and including its first end id."""
+    return next((i + 1 for i, t in enumerate(row) if t in end_ids), len(row))

@@ -58,6 +58,9 @@ class RobotPreset:
     actions_in: Callable[[np.ndarray], np.ndarray] = _identity  # the robot's actions -> the model's units
     description: str = ""
     state_len: int | None = None  # robot state values the preset expects (None: any)
+    # openpi's π0-FAST slots where they differ from `cameras` (its policies put the wrist camera last, an empty
+    # `base_1` slot between, and mask no slot); None: `cameras`
+    fast_cameras: list[tuple[str | None, bool]] | None = None
 
     @property
     def maps(self) -> bool:
@@ -90,11 +93,13 @@ PRESETS: dict[str, RobotPreset] = {
     "libero": RobotPreset(
         "libero", [("observation/image", True), ("observation/wrist_image", True), (None, False)],
         ["observation/state"], 7, state_len=8,
+        fast_cameras=[("observation/image", True), (None, False), ("observation/wrist_image", True)],
         description="observation/image, observation/wrist_image (HWC), observation/state (8), prompt -> actions[:, :7]",
     ),
     "droid": RobotPreset(
         "droid", [("observation/exterior_image_1_left", True), ("observation/wrist_image_left", True), (None, False)],
         ["observation/joint_position", "observation/gripper_position"], 8, state_len=8,
+        fast_cameras=[("observation/exterior_image_1_left", True), (None, False), ("observation/wrist_image_left", True)],
         description="observation/exterior_image_1_left, observation/wrist_image_left, observation/joint_position (7), "
                     "observation/gripper_position (1), prompt -> actions[:, :8]",
     ),

@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any, Protocol
 
-from pi0.errors import BadRequest
+from pi0.errors import BadRequest, NoActions
 from pi0.serving import msgpack_numpy
 from pi0.serving.metrics import ServerMetrics
 from pi0.serving.msgpack_numpy import BadMessage
@@ -67,9 +67,12 @@ def run_rows(policy: InferPolicy, rows: list[Any]) -> list[Any]:
 
 
 def error_text(e: BaseException) -> str:
-    """What a client is told: the problem with its input, or an internal error's id (never a traceback)."""
+    """What a client is told: the problem with its input, that the model's answer held no actions (and what it
+    held), or an internal error's id (never a traceback)."""
     if isinstance(e, BadRequest):
         return "bad request: " + str(e)
+    if isinstance(e, NoActions):
+        return "no actions: " + str(e)
     if not isinstance(e, InternalError):
         e = InternalError(e, "answering a request")
     return f"{e}: the server's log has the details under this id"
@@ -142,6 +145,9 @@ def record(results: list[Any], metrics: ServerMetrics) -> None:
     for r in results:
         if isinstance(r, BadRequest):
             metrics.count("bad_request")
+        elif isinstance(r, NoActions):
+            log.warning("no actions: %s", r)
+            metrics.count("no_actions")
         elif isinstance(r, Exception):
             metrics.count("internal_error")
         else:

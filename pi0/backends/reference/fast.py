@@ -45,11 +45,12 @@ class Pi0FastReference(PaliGemma):
         return F.linear(x, self.vlm.embed_tokens.weight).float()
 
     def compute_loss(self, images: list[Tensor], image_masks: list[Tensor], tokens: Tensor, token_masks: Tensor,
-                     action_tokens: Tensor, action_masks: Tensor) -> Tensor:
+                     action_tokens: Tensor, action_masks: Tensor, *, first_from_prefix: bool = False) -> Tensor:
         """The next-token cross-entropy of the action tokens, [B, Ta - 1] fp32 (0 where the target is padding): one
         pass over [images, tokens, action tokens], the action tokens attending to the whole prefix and causally to
-        each other; position i predicts action token i + 1 (LeRobot's objective; its loss is the sum over the valid
-        targets' count)."""
+        each other; position i predicts action token i + 1 (LeRobot's objective, whose first action token is the BOS
+        it appends; its loss is the sum over the valid targets' count). first_from_prefix: [B, Ta], the prefix's
+        last position predicting action token 0 as well (openpi's, whose prompts end at the last position)."""
         prefix, prefix_mask = self.embed_prefix_of(images, image_masks, tokens, token_masks)
         actions = self.embed_text(action_tokens)  # [B, Ta, W]
         lp, ta = prefix.shape[1], actions.shape[1]
@@ -60,6 +61,12 @@ class Pi0FastReference(PaliGemma):
         mask, positions = make_attn_mask(input_mask, ar_mask), positions_from_mask(input_mask)
         for layer in self.vlm.layers:
             (x,), _ = joint_layer([layer], [x], [None], positions, mask)
+        if first_from_prefix:
+            if not bool(prefix_mask[:, -1].all()):
+                raise ValueError("first_from_prefix needs every row's prompt to end at the last position (align right)")
+            logits = self.logits(self.vlm.norm(x[:, lp - 1: -1])[0])  # [B, Ta, vocab]: position i predicts token i
+            ce = F.cross_entropy(logits.flatten(0, 1), action_tokens.flatten(), reduction="none")
+            return ce.view(-1, ta) * action_masks.float()
         logits = self.logits(self.vlm.norm(x[:, lp:])[0])  # [B, Ta, vocab]
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), action_tokens[:, 1:].flatten(), reduction="none")
         return ce.view(-1, ta - 1) * action_masks[:, 1:].float()
