@@ -35,6 +35,17 @@ def lerobot():
     return lerobot_model()
 
 
+@pytest.fixture(scope="module", params=["reference", "engine"])
+def decoder(request, lerobot):
+    """The fixture's config and a model of each backend over LeRobot's weights (fp32)."""
+    meta, model = lerobot
+    if request.param == "reference":
+        return meta, model
+    from pi0.backends.engine.fast import Pi0FastEngine
+
+    return meta, Pi0FastEngine(model.config, {k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
 def case_inputs(case: str, meta: dict) -> tuple[dict, list, list, torch.Tensor, torch.Tensor]:
     """A fixture case and the decoder's inputs as LeRobot builds them: the cameras, their masks, and the right-padded
     prompt with BOS appended after the padding (its last position valid)."""
@@ -46,8 +57,8 @@ def case_inputs(case: str, meta: dict) -> tuple[dict, list, list, torch.Tensor, 
 
 
 @pytest.mark.parametrize("case", ["ragged_masked", "one_row"])
-def test_greedy_tokens_are_lerobots(lerobot, case):
-    meta, model = lerobot
+def test_greedy_tokens_are_lerobots(decoder, case):
+    meta, model = decoder
     t, images, image_masks, tokens, masks = case_inputs(case, meta)
     got = model.generate(images, image_masks, tokens, masks, end_ids=[meta["end_of_action_token_id"]],
                          max_steps=meta["max_decoding_steps"])
@@ -57,10 +68,10 @@ def test_greedy_tokens_are_lerobots(lerobot, case):
         assert (got[0] == end).nonzero()[0, 0] == 5 and not (got[1] == end).any()  # row 0 stops early, row 1 runs on
 
 
-def test_the_batch_stops_when_every_row_has_ended(lerobot):
+def test_the_batch_stops_when_every_row_has_ended(decoder):
     """With row 1's 6th token as a second end id both rows end at step 5: LeRobot's rule gives its tokens up to there
     (greedy decoding does not depend on the stop) and zeros after."""
-    meta, model = lerobot
+    meta, model = decoder
     t, images, image_masks, tokens, masks = case_inputs("ragged_masked", meta)
     ends = [meta["end_of_action_token_id"], int(t["generated"][1, 5])]
     assert not torch.isin(t["generated"][1, :5], torch.tensor(ends)).any()
@@ -86,16 +97,17 @@ def test_every_steps_logits_match(lerobot):
     assert (got - t["logits"]).abs().max() <= 1e-4 * t["logits"].abs().max()
 
 
-def test_a_last_position_of_padding_is_refused(lerobot):
-    meta, model = lerobot
+def test_a_last_position_of_padding_is_refused(decoder):
+    meta, model = decoder
     t = load_file(FIXTURE / "ragged_masked.safetensors")
     with pytest.raises(ValueError, match="last token must be valid"):
         model.generate([t["image_0"], t["image_1"]], [t["image_mask_0"], t["image_mask_1"]], t["tokens"],
                        t["token_masks"], end_ids=[1], max_steps=2)
 
 
+@pytest.mark.parametrize("backend", ["reference", "engine"])
 @pytest.mark.parametrize("layout", ["openpi", "lerobot"])
-def test_a_checkpoint_in_either_layout_loads_and_decodes_as_lerobot(tmp_path, layout, capsys):
+def test_a_checkpoint_in_either_layout_loads_and_decodes_as_lerobot(tmp_path, layout, backend, capsys):
     """LeRobot's weights written as a checkpoint in openpi's converted layout (lm_head only, as openpi stores the
     embedding) or LeRobot's (`model.` keys, both tensors): pi0.load_model finds π0-FAST by its shapes."""
     import pi0
@@ -118,7 +130,7 @@ def test_a_checkpoint_in_either_layout_loads_and_decodes_as_lerobot(tmp_path, la
               "tokenizer_max_length": 200,
               "vision_num_heads": 4}
     (d / "config.json").write_text(json.dumps(fields))
-    model = pi0.load_model(d, backend="reference")
+    model = pi0.load_model(d, backend=backend, dtype=torch.float32)
     assert model.config.kind == "pi0_fast" and model.checkpoint_info.layout == layout
     assert (model.config.action_horizon, model.config.max_decoding_steps) == (10, 24)
     t, images, image_masks, tokens, masks = case_inputs("ragged_masked", meta)
@@ -127,12 +139,10 @@ def test_a_checkpoint_in_either_layout_loads_and_decodes_as_lerobot(tmp_path, la
     assert torch.equal(got, t["generated"])
     assert main(["inspect", str(d)]) == 0
     assert "pi0_fast checkpoint" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="runs on backend='reference'"):
-        pi0.load_model(d, backend="engine")
-    # serving is not built yet: one clear line, no traceback
-    assert main(["serve", "--checkpoint", str(d), "--backend", "reference", "--dtype", "float32"]) == 2
+    # serving needs the text and FAST tokenizers beside it: one clear line, no traceback
+    assert main(["serve", "--checkpoint", str(d), "--backend", backend, "--dtype", "float32"]) == 2
     err = capsys.readouterr().err
-    assert "is a pi0_fast checkpoint" in err and "not built yet" in err and "Traceback" not in err
+    assert "tokenizer" in err and "Traceback" not in err
 
 
 def test_the_training_loss_is_lerobots(lerobot):

@@ -120,9 +120,10 @@ def test_generated_ids_decode_or_say_what_they_held(fast_ckpt):
     assert isinstance(e.value, NoActions)
 
 
-def test_a_trained_checkpoint_answers_its_chunk_in_robot_units(trained):
+@pytest.mark.parametrize("backend,dtype", [("reference", "float32"), ("engine", "float32"), ("engine", "bfloat16")])
+def test_a_trained_checkpoint_answers_its_chunk_in_robot_units(trained, backend, dtype):
     d, obs, want = trained
-    pol = Policy(d, preset="libero", backend="reference", dtype="float32")
+    pol = Policy(d, preset="libero", backend=backend, dtype=dtype)
     out = pol.infer(obs)
     assert np.array_equal(out["model_actions"], want)
     a = json.loads((d / "assets" / "robot" / "norm_stats.json").read_text())["norm_stats"]["actions"]
@@ -160,7 +161,7 @@ def test_pi0_serve_answers_openpis_client_and_counts_what_did_not_decode(trained
     from tests.serving.test_server import Running
 
     d, obs, want = trained
-    pol = Policy(d, preset="libero", backend="reference", dtype="float32")
+    pol = Policy(d, preset="libero", dtype="float32")  # the engine, as pi0 serve runs it
     s = Running(pol)
     try:
         client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=s.port)
@@ -169,7 +170,7 @@ def test_pi0_serve_answers_openpis_client_and_counts_what_did_not_decode(trained
         assert np.array_equal(out["model_actions"], want) and out["actions"].shape == (HORIZON, DIMS)
     finally:
         s.close()
-    s = Running(Policy(fast_ckpt, preset="libero", backend="reference", dtype="float32"))  # random weights
+    s = Running(Policy(fast_ckpt, preset="libero", dtype="float32"))  # random weights
     try:
         client = openpi_client.WebsocketClientPolicy(host="127.0.0.1", port=s.port)
         with pytest.raises(Exception, match="no actions: the model's .* tokens hold no 'Action: '"):

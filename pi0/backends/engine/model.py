@@ -158,23 +158,25 @@ class Pi0Engine:
         k = ops.apply_rope(k, cos, sin)
         return q, k.transpose(1, 2), v.transpose(1, 2)
 
-    def fill_kv_cache(self, prefix: Tensor, key_mask: Tensor | None, k_buf: list[Tensor], v_buf: list[Tensor]) -> None:
-        """One pass of the packed prefix through the VLM, writing k, v [B, K, Lp, D] per layer."""
+    def fill_kv_cache(self, prefix: Tensor, key_mask: Tensor | None, k_buf: list[Tensor], v_buf: list[Tensor]) -> Tensor:
+        """One pass of the packed prefix through the VLM, writing k, v [B, K, Lp, D] per layer. Returns the hidden
+        states after the last full layer (π0-FAST's, whose layers are all full; pi0's last one computes k, v only)."""
         g = self.config.vlm
         b, lp, _ = prefix.shape
         pos = torch.arange(lp, device=self.device)[None, :].expand(b, lp)
         cos, sin = rope_tables(pos, g.head_dim, g.rope_theta, self.dtype)
         x = prefix
-        last = len(self.w.vlm_layers) - 1
         for i, layer in enumerate(self.w.vlm_layers):
-            h = ops.rms_norm_for(x, layer.in_norm, g.rms_norm_eps, self.dtype, layer.kv_w if i == last else layer.qkv_w)
-            q, k, v = self._qkv(layer, h, cos, sin, kv_only=i == last)
+            kv_only = layer.qkv_w is None  # pi0's last layer: only its k, v are ever read
+            h = ops.rms_norm_for(x, layer.in_norm, g.rms_norm_eps, self.dtype, layer.kv_w if kv_only else layer.qkv_w)
+            q, k, v = self._qkv(layer, h, cos, sin, kv_only=kv_only)
             k_buf[i][:, :, :lp] = k
             v_buf[i][:, :, :lp] = v
-            if i == last:  # only the last layer's k, v are ever read
+            if kv_only:
                 break
             x = ops.linear(ops.attention(q, k, v, key_mask), layer.o_w, residual=x)
             self._mlp(x.view(-1, x.shape[-1]), layer, g.rms_norm_eps)
+        return x
 
     def _mlp(self, x: Tensor, layer: GemmaLayer, eps: float) -> None:
         """x [N, W] += MLP(post_norm(x)), in place, a block of rows at a time: every op is per token, and the

@@ -22,6 +22,7 @@ from torch import Tensor
 from pi0.backends.engine import fp8, int8, kernels, ops
 from pi0.model.backend import Rows
 from pi0.model.config import Pi0Config, feeding_norm, norm_gain, norm_param
+from pi0.model.fast_config import FastConfig
 
 INT8_STAGES = ("vision", "prefix", "expert", "embedding")
 _INT8_NAMES = {  # the linear weights of each stage that int8 covers; norms, biases, the time path and heads stay
@@ -190,12 +191,13 @@ class EngineWeights:
     proj_b: Tensor
     embed: Tensor
     vlm_layers: list[GemmaLayer]
-    expert_layers: list[GemmaLayer]
-    action_in_w: Tensor  # the action heads, fp32
-    action_in_b: Tensor
-    action_out_w: Tensor
-    action_out_b: Tensor
-    # pi0: the state token, the action-time MLP (its time half applied once per schedule), the final norm
+    expert_layers: list[GemmaLayer]  # π0-FAST: none
+    action_in_w: Tensor | None = None  # the action heads, fp32 (π0-FAST: none)
+    action_in_b: Tensor | None = None
+    action_out_w: Tensor | None = None
+    action_out_b: Tensor | None = None
+    # pi0: the state token, the action-time MLP (its time half applied once per schedule), the final norm (π0-FAST:
+    # the VLM's)
     final_norm: Tensor | None = None
     state_w: Tensor | None = None
     state_b: Tensor | None = None
@@ -215,7 +217,7 @@ class EngineWeights:
     time_out_b: Tensor | None = None
 
 
-def pack_weights(config: Pi0Config, state: dict[str, Tensor], kernels: Kernels, dtype: torch.dtype,
+def pack_weights(config: Pi0Config | FastConfig, state: dict[str, Tensor], kernels: Kernels, dtype: torch.dtype,
                  vision_dtype: torch.dtype) -> EngineWeights:
     """The engine's weights from canonical tensors (any dtype, `int8.Int8Weight`s from `int8_quantizer` kept
     as int8), consuming `state` tensor by tensor. Raises if a tensor is left unused."""
@@ -241,7 +243,7 @@ def pack_weights(config: Pi0Config, state: dict[str, Tensor], kernels: Kernels, 
         return pack_as(take(name, dtype), rows)
 
     v = config.vision
-    img_rows = config.num_cameras * v.num_patches  # GEMM row-count hint for the packed layouts
+    img_rows = getattr(config, "num_cameras", 3) * v.num_patches  # GEMM row-count hint for the packed layouts
     pos_emb = take("vision.position_embedding.weight", vdt)
     patch_w = pack_as(take("vision.patch_embedding.weight", vdt).flatten(1), img_rows)  # the conv as a linear map
     patch_b = take("vision.patch_embedding.bias", vdt)
@@ -287,6 +289,13 @@ def pack_weights(config: Pi0Config, state: dict[str, Tensor], kernels: Kernels, 
             ))
         return layers
 
+    if isinstance(config, FastConfig):  # PaliGemma alone: every VLM layer, its final norm, the tied head (embed)
+        vlm_layers = gemma_layers("vlm", config.vlm.depth, False, 1, kv_only_last=False)  # decoding: one row a step
+        w = EngineWeights(pos_emb, patch_w, patch_b, vision_layers, *post_ln, *proj, embed, vlm_layers, [],
+                          final_norm=1 + f32("vlm.norm.weight"))
+        if state:
+            raise ValueError(f"engine: {len(state)} tensors were not used: {sorted(state)[:5]}")
+        return w
     vlm_layers = gemma_layers("vlm", config.vlm.depth, False, img_rows + config.max_token_len, kv_only_last=True)
     state.pop("vlm.norm.weight")  # the VLM's final norm never reaches the actions
     expert_layers = gemma_layers("expert", config.expert.depth, config.pi05, config.action_horizon, kv_only_last=False)
