@@ -1,12 +1,13 @@
-"""π0-FAST decoding speed at full size, side by side in one run: pi0's reference and LeRobot 0.6.1's `pi0_fast` (each
-in its own process, one after the other, the same shapes), and the floor a decoded token cannot beat on this machine:
-one read of Gemma-2B's layers and the tied head at the rate a one-row product streams weights here.
+"""π0-FAST decoding speed at full size, side by side in one run: pi0's engine and reference and LeRobot 0.6.1's
+`pi0_fast` (each in its own process, one after the other, the same shapes and dtype), and the floor a decoded token
+cannot beat on the machine: one read of Gemma-2B's layers and the tied head at the rate a one-row product streams
+weights there.
 
 Random weights (nothing is downloaded), so no end id ever comes and every run decodes `--steps` tokens. Three cameras
 at 224 px, a prompt of `--tokens` valid tokens. Reports the prefill (images + prompt, to the first token) and the
 median time between the following tokens (stamped at each call of the head).
 
-    .venv/bin/python benchmarks/fast_decode.py --lerobot-python /tmp/lerobot-oracle/bin/python > fast_decode.json
+    .venv/bin/python benchmarks/fast_decode.py --dtype bfloat16 --lerobot-python /tmp/lerobot-oracle/bin/python
 """
 
 from __future__ import annotations
@@ -51,17 +52,17 @@ def run_pi0(args) -> dict:
     from pi0.model.fast_config import FastConfig
 
     t = time.perf_counter()
-    model = pi0.build_model(FastConfig(), backend="reference", seed=0, dtype=args.dtype)
+    model = pi0.build_model(FastConfig(), backend=args.impl, seed=0, dtype=args.dtype)
     build = time.perf_counter() - t
     images, masks, ids, id_masks = inputs(args.tokens, model.config.vlm.vocab_size)
-    images = [im.to(model.dtype) for im in images]
     stamps: list[float] = []
-    head = model.logits
-    model.logits = lambda x: (head(x), stamps.append(time.perf_counter()))[0]
+    name = "logits" if args.impl == "reference" else "_head"  # each backend's head, called once a token
+    head = getattr(model, name)
+    setattr(model, name, lambda x: (head(x), stamps.append(time.perf_counter()))[0])
     with torch.no_grad():
         row = clocked(lambda n: model.generate(images, masks, ids, id_masks, end_ids=[-1], max_steps=n), stamps,
                       args.steps)
-    return {"impl": "pi0 reference", "dtype": args.dtype, "build_s": build, **row}
+    return {"impl": f"pi0 {args.impl}", "dtype": args.dtype, "build_s": build, **row}
 
 
 def run_lerobot(args) -> dict:
@@ -88,37 +89,51 @@ def run_lerobot(args) -> dict:
 
 
 def bandwidth_floor(dtype: str) -> dict:
-    """The rate a one-row product streams a 1 GiB weight (F.linear, best of 5: what each decoded token does to every
-    weight) and the per-token floor it sets: Gemma-2B's 18 layers plus the 257 152 x 2048 tied head, each read once."""
+    """The machine's memory read rate, measured two ways (best of 5 each): a one-row product over a 1 GiB weight
+    (F.linear: what a decoded token does to every weight) and a sum over a 1 GiB fp32 tensor (a plain stream); the
+    faster is the rate. The floor: Gemma-2B's 18 layers plus the 257 152 x 2048 tied head, each read once a token in
+    `dtype`, at that rate."""
     dt = getattr(torch, dtype)
-    w = torch.empty(16384, (1 << 28) // 16384 * 4 // torch.finfo(dt).bits * 8, dtype=dt).uniform_()
-    x = torch.randn(1, w.shape[1]).to(dt)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        best = min(best, time.perf_counter() - t)
-    gbps = w.numel() * w.element_size() / best / 1e9
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    weight = torch.empty(16384, (1 << 30) // 16384 // torch.finfo(dt).bits * 8, dtype=dt).uniform_()
+    row = torch.randn(1, weight.shape[1]).to(dt)
+    gemv = weight.numel() * weight.element_size() / best(lambda: torch.nn.functional.linear(row, weight)) / 1e9
+    flat = torch.empty(1 << 28, dtype=torch.float32).uniform_()
+    stream = flat.numel() * 4 / best(flat.sum) / 1e9
     params = 18 * (2048 * 2048 + 2 * 2048 * 256 + 2048 * 2048 + 3 * 2048 * 16384 + 2 * 2048) + 257152 * 2048
-    nbytes = params * w.element_size()
-    return {"gemv_gb_s": gbps, "weights_read_gb": nbytes / 1e9, "per_token_floor_s": nbytes / (gbps * 1e9)}
+    nbytes = params * torch.finfo(dt).bits // 8
+    rate = max(gemv, stream)
+    return {"gemv_gb_s": gemv, "stream_gb_s": stream, "weights_read_gb": nbytes / 1e9,
+            "per_token_floor_s": nbytes / (rate * 1e9)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--impl", choices=["both", "pi0", "lerobot"], default="both")
+    p.add_argument("--impl", choices=["all", "engine", "reference", "lerobot"], default="all")
+    p.add_argument("--skip-reference", action="store_true", help="with --impl all: the engine and LeRobot only")
+    p.add_argument("--int8", action="store_true", help="with --impl all: the engine in int8 too (pi0 only has it)")
     p.add_argument("--lerobot-python", default="/tmp/lerobot-oracle/bin/python",
                    help="the oracle venv's Python (../shared/oracles/lerobot/setup.sh)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "int8"])
     p.add_argument("--tokens", type=int, default=48, help="valid prompt tokens")
     p.add_argument("--steps", type=int, default=16, help="tokens decoded in the timed run")
     args = p.parse_args()
-    if args.impl != "both":
-        print(json.dumps(run_pi0(args) if args.impl == "pi0" else run_lerobot(args)))
+    if args.impl != "all":
+        print(json.dumps(run_lerobot(args) if args.impl == "lerobot" else run_pi0(args)))
         return
     rows = []
-    for impl, python in (("pi0", sys.executable), ("lerobot", args.lerobot_python)):
-        out = subprocess.run([python, __file__, "--impl", impl, "--dtype", args.dtype, "--tokens", str(args.tokens),
+    impls = [("engine", sys.executable)] + ([] if args.skip_reference else [("reference", sys.executable)])
+    runs = [(impl, python, args.dtype) for impl, python in impls + [("lerobot", args.lerobot_python)]]
+    for impl, python, dtype in runs + ([("engine", sys.executable, "int8")] if args.int8 else []):
+        out = subprocess.run([python, __file__, "--impl", impl, "--dtype", dtype, "--tokens", str(args.tokens),
                               "--steps", str(args.steps)], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     from pi0.hardware import describe_machine

@@ -94,8 +94,8 @@ class FastText:
         low, high = self.vocab_size - SKIP_TOKENS - self.fast_vocab, self.vocab_size - 1 - SKIP_TOKENS
         outside = [i for i in ids if not low <= i <= high]
         if outside:
-            raise FastDecodeError(f"{len(outside)} of the {len(ids)} ids after 'Action: ' are no action tokens (they lie "
-                                  f"outside [{low}, {high}]), e.g. {outside[:4]}")
+            raise FastDecodeError(f"{len(outside)} of the {len(ids)} ids after 'Action: ' are no action tokens (they "
+                                  f"lie outside [{low}, {high}]), e.g. {outside[:4]}")
         return self.to_vocab(ids)
 
 
@@ -115,7 +115,8 @@ class OpenpiFastPipeline(OpenpiPipeline):
                  action_dim: int | None = None, stats_source: str = "none (inputs are used as given)",
                  fast_source: str = ""):
         self.config, self.preset, self.normalizer, self.text, self.fast = config, preset, normalizer, text, fast
-        self.norm, self.default_prompt, self.stats_source, self.fast_source = norm, default_prompt, stats_source, fast_source
+        self.norm, self.default_prompt = norm, default_prompt
+        self.stats_source, self.fast_source = stats_source, fast_source
         self.state_len = state_len if state_len is not None else preset.state_len
         self.action_dim = action_dim or preset.action_dim or config.action_dim
         self.slots = preset.fast_cameras or preset.cameras

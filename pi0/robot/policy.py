@@ -42,10 +42,10 @@ def make_pipeline(info: CheckpointInfo, *, preset: str | None = None, tokenizer:
     if isinstance(info.config, FastConfig):
         if state_in_prompt is False:
             raise ValueError("π0-FAST reads the state only from its prompt: state_in_prompt=False does not apply")
-        if preset is None and is_lerobot_pipeline(root):
-            raise ValueError(f"{root} is a LeRobot pi0_fast checkpoint: its own processors are not run yet; pass a "
-                             "robot preset (--preset generic reads its features) to serve it with openpi's FAST "
-                             "conventions")
+        if is_lerobot_pipeline(root):
+            raise ValueError(f"{root} is a LeRobot pi0_fast checkpoint: its own processors (its prompt ends in a BOS "
+                             "after the padding, not in openpi's) are not run yet, and openpi's would feed it a prompt "
+                             "it was not trained on; pi0.load_model(path) and model.generate(...) run its model")
         return OpenpiFastPipeline.for_checkpoint(info, preset=preset, tokenizer=path, fast_tokenizer=fast_tokenizer,
                                                  asset_id=asset_id, norm=norm, default_prompt=default_prompt)
     if fast_tokenizer is not None or norm is not None:
@@ -255,8 +255,8 @@ class Policy:
             except FastDecodeError as e:
                 out.append(e)
                 continue
-            out.append({"actions": self.postprocess(chunk), "model_actions": chunk,
-                        "policy_timing": {"infer_ms": ms, "batch_size": len(ids), "tokens": _generated(row, self.pipeline.end_ids)}})
+            timing = {"infer_ms": ms, "batch_size": len(ids), "tokens": _generated(row, self.pipeline.end_ids)}
+            out.append({"actions": self.postprocess(chunk), "model_actions": chunk, "policy_timing": timing})
         return out
 
     def infer_batch(self, observations: list[dict[str, Any]], *,

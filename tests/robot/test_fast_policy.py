@@ -108,7 +108,8 @@ def test_generated_ids_decode_or_say_what_they_held(fast_ckpt):
     tokens = pipe.fast.encode(chunk)[0]
     ids = pipe.text.postfix(tokens) + [17, 23]  # whatever follows EOS is not read
     got = pipe.chunk(ids)
-    assert got.shape == (HORIZON, DIMS) and np.array_equal(got, pipe.fast.decode(tokens, HORIZON, DIMS).astype(np.float32))
+    assert got.shape == (HORIZON, DIMS)
+    assert np.array_equal(got, pipe.fast.decode(tokens, HORIZON, DIMS).astype(np.float32))
     assert np.abs(got - chunk).max() < 0.1  # within the quantisation (scale 10)
     assert pipe.text.fast_tokens(pipe.text.action_start + pipe.text.to_vocab(tokens)) == tokens  # ended by the limit
     with pytest.raises(FastDecodeError, match="no 'Action: '"):
@@ -138,7 +139,8 @@ def test_a_trained_checkpoint_answers_its_chunk_in_robot_units(trained, backend,
 
 
 def test_the_normalisation_travels_with_the_checkpoint(tmp_path, tokenizer_path):
-    d, _ = write_fast_checkpoint(tmp_path / "z", tokenizer_path, norm_mapping={"STATE": "MEAN_STD", "ACTION": "MEAN_STD"})
+    zscore = {"STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
+    d, _ = write_fast_checkpoint(tmp_path / "z", tokenizer_path, norm_mapping=zscore)
     assert Policy(d, preset="libero", backend="reference", dtype="float32").pipeline.norm == "MEAN_STD"
     with pytest.raises(ValueError, match="trained with MEAN_STD"):
         Policy(d, preset="libero", backend="reference", dtype="float32", norm="QUANTILES")
