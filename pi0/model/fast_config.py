@@ -84,3 +84,15 @@ def refuse_fast(config: Pi0Config | FastConfig, backend: str) -> None:
     if isinstance(config, FastConfig):
         raise ValueError(f"backend {backend!r} runs pi0 and pi0.5; this is a pi0_fast checkpoint, which runs on "
                          "backend='reference' (--backend reference) so far")
+
+
+def decoding_steps(config: FastConfig, token_masks: Any, max_steps: int | None) -> int:
+    """The tokens to decode at most (None: the config's), checked, and each row's last prompt position checked valid
+    (decoding continues from the last position): what both backends' `generate` require of their inputs."""
+    max_steps = config.max_decoding_steps if max_steps is None else max_steps
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if not bool(token_masks[:, -1].bool().all()):
+        raise ValueError("each row's last token must be valid (decoding continues from the last position): "
+                         "append a token after the padding, as LeRobot appends BOS, or align prompts right")
+    return max_steps

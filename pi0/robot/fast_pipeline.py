@@ -27,7 +27,6 @@ from pi0.model.features import features
 from pi0.model.observation import Observation
 from pi0.robot.assets import find_fast_tokenizer, load_norm_stats
 from pi0.robot.fast import FastDecodeError, FastTokenizer
-from pi0.robot.images import image_to_model
 from pi0.robot.normalize import MODES, Normalizer
 from pi0.robot.openpi import OpenpiPipeline, agreed_widths, resolve_preset
 from pi0.robot.pipeline import Frame
@@ -159,13 +158,7 @@ class OpenpiFastPipeline(OpenpiPipeline):
     def frame_inputs(self, frame: Frame) -> Observation:
         """Checked values -> the model's inputs: the preset's state map, normalisation, images (an empty slot is a
         black image the model sees, as openpi's FAST policies give it), the FAST prompt."""
-        assert len(frame.images) == len(self.cameras), (len(frame.images), len(self.cameras))
-        state = self.preset.state_in(np.array(frame.state, dtype=np.float32))
-        if self.normalizer is not None:
-            state = self.normalizer.state_in(state)
-        size = self.config.vision.image_size
-        images = [np.zeros((3, size, size), dtype=np.float32) - 1.0 if img is None else image_to_model(img, size)
-                  for img in frame.images]
+        state, images = self.state_and_images(frame)
         seen = [img is not None or key is None for img, key in zip(frame.images, self.cameras)]
         tokens, token_mask = self.text.prefix(frame.prompt, state)
         return Observation(images=[torch.from_numpy(im)[None] for im in images],

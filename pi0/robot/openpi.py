@@ -120,15 +120,22 @@ class OpenpiPipeline:
         prompt = prompt_text(obs.get("prompt", self.default_prompt), "prompt", "no default prompt is set")
         return self.frame_inputs(Frame(images, state, prompt))
 
-    def frame_inputs(self, frame: Frame) -> Observation:
-        """Checked values -> the model's inputs: the preset's state map, normalisation, images, prompt tokens."""
+    def state_and_images(self, frame: Frame) -> tuple[np.ndarray, list[np.ndarray]]:
+        """A frame's state through the preset's map and the normalisation, and its images in the model's form (a
+        missing camera: a zero image in [-1, 1])."""
         assert len(frame.images) == len(self.cameras), (len(frame.images), len(self.cameras))
         state = self.preset.state_in(np.array(frame.state, dtype=np.float32))
         if self.normalizer is not None:
             state = self.normalizer.state_in(state)
         size = self.config.vision.image_size
         images = [np.zeros((3, size, size), dtype=np.float32) - 1.0 if img is None else image_to_model(img, size)
-                  for img in frame.images]  # a missing camera: a zero image in [-1, 1], masked
+                  for img in frame.images]
+        return state, images
+
+    def frame_inputs(self, frame: Frame) -> Observation:
+        """Checked values -> the model's inputs: the preset's state map, normalisation, images (a missing camera
+        masked), prompt tokens."""
+        state, images = self.state_and_images(frame)
         tokens, token_mask = self.tokenizer(frame.prompt, state if self.state_in_prompt else None)
         padded = np.zeros(self.config.state_dim, dtype=np.float32)
         padded[: len(state)] = state

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pi0.backends.engine import ops
 from pi0.backends.engine.model import Pi0Engine
-from pi0.model.fast_config import FastConfig
+from pi0.model.fast_config import FastConfig, decoding_steps
 from pi0.model.functional import rope_tables
 from pi0.model.observation import Observation
 from pi0.timing import StageClock
@@ -59,13 +59,8 @@ class Pi0FastEngine(Pi0Engine):
                  end_ids: list[int], max_steps: int | None = None, stages: dict[str, float] | None = None) -> Tensor:
         """Greedy token ids [B, max_steps] (int64) after the prefix [images, tokens]; rows stop at an end id, the
         batch when all have (0 after that): the reference's contract (`Pi0FastReference.generate`)."""
-        max_steps = self.config.max_decoding_steps if max_steps is None else max_steps
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        max_steps = decoding_steps(self.config, token_masks, max_steps)
         token_masks = token_masks.bool()
-        if not bool(token_masks[:, -1].all()):
-            raise ValueError("each row's last token must be valid (decoding continues from the last position): "
-                             "append a token after the padding, as LeRobot appends BOS, or align prompts right")
         clock = StageClock(stages)
         obs = Observation(images, image_masks, tokens, token_masks, None).to(self.device, torch.float32)
         prefix, n_valid, key_mask = self.embed_prefix(obs)  # [B, Lp, W], [B], [B, Lp] or None

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pi0.backends.reference.gemma import joint_layer
 from pi0.backends.reference.model import PaliGemma
-from pi0.model.fast_config import FastConfig
+from pi0.model.fast_config import FastConfig, decoding_steps
 from pi0.model.functional import make_attn_mask, positions_from_mask
 from pi0.model.observation import Observation
 
@@ -75,13 +75,8 @@ class Pi0FastReference(PaliGemma):
     def generate(self, images: list[Tensor], image_masks: list[Tensor], tokens: Tensor, token_masks: Tensor, *,
                  end_ids: list[int], max_steps: int | None = None) -> Tensor:
         """Greedy token ids [B, max_steps] (int64) after the prefix [images, tokens]; 0 after the batch-wide stop."""
-        max_steps = self.config.max_decoding_steps if max_steps is None else max_steps
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        max_steps = decoding_steps(self.config, token_masks, max_steps)
         token_masks = token_masks.bool()
-        if not bool(token_masks[:, -1].all()):
-            raise ValueError("each row's last token must be valid (decoding continues from the last position): "
-                             "append a token after the padding, as LeRobot appends BOS, or align prompts right")
         prefix, key_mask = self.embed_prefix_of(images, image_masks, tokens, token_masks)
         b = prefix.shape[0]
         cache, x = self.fill_kv_cache(prefix, key_mask, torch.zeros_like(key_mask))
