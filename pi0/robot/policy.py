@@ -125,9 +125,10 @@ class Policy:
         sizes is prepared (captured); otherwise one full call on a synthetic observation shaped like the robot's
         (compiling kernels). Returns its seconds."""
         t0 = time.perf_counter()
-        if self.fast:  # the prefill and one decoding step at the longest prompt, for each batch size
+        if self.fast:  # the prefill and one decoding step, for each batch size
             for b in batches:
-                obs = concat_observations([self.pipeline.frame_inputs(_warm_frame(self.pipeline))] * b)
+                frame = _warm_frame(self.pipeline, self.config.vision.image_size)
+                obs = concat_observations([self.pipeline.frame_inputs(frame)] * b)
                 self.model.generate(obs.images, obs.image_masks, obs.tokens, obs.token_masks,
                                     end_ids=self.pipeline.end_ids, max_steps=2)
             return time.perf_counter() - t0
@@ -245,8 +246,9 @@ class Policy:
     def _decode(self, inputs: Observation, t0: float) -> list[dict[str, Any] | NoActions]:
         """π0-FAST rows: greedy ids in one batch (each row stops at its end), each row's chunk decoded on its own; a
         row whose ids hold none is its FastDecodeError (a NoActions), the others answer as usual."""
+        stages: dict[str, float] = {}
         ids = self.model.generate(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks,
-                                  end_ids=self.pipeline.end_ids).cpu()
+                                  end_ids=self.pipeline.end_ids, stages=stages).cpu()
         ms = (time.perf_counter() - t0) * 1000.0
         out: list[dict[str, Any] | NoActions] = []
         for row in ids.tolist():
@@ -255,7 +257,8 @@ class Policy:
             except FastDecodeError as e:
                 out.append(e)
                 continue
-            timing = {"infer_ms": ms, "batch_size": len(ids), "tokens": _generated(row, self.pipeline.end_ids)}
+            timing = {"infer_ms": ms, "batch_size": len(ids), "stages_s": stages,
+                      "tokens": _generated(row, self.pipeline.end_ids)}
             out.append({"actions": self.postprocess(chunk), "model_actions": chunk, "policy_timing": timing})
         return out
 
@@ -283,11 +286,12 @@ class Prepared:
     noise: torch.Tensor | None
 
 
-def _warm_frame(pipeline: Pipeline) -> Frame:
-    """A synthetic frame shaped like the robot's: every camera, its state width, a prompt near the longest."""
+def _warm_frame(pipeline: Pipeline, size: int) -> Frame:
+    """A synthetic frame shaped like the robot's: every camera (size x size), its state width (none where any width
+    goes), a short prompt."""
     rng = np.random.default_rng(0)
-    images = [None if k is None else rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for k in pipeline.cameras]
-    return Frame(images, np.zeros(pipeline.state_len or 8, dtype=np.float32), "warm up " * 8)
+    images = [None if k is None else rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for k in pipeline.cameras]
+    return Frame(images, np.zeros(pipeline.state_len or 0, dtype=np.float32), "warm up")
 
 
 def _generated(row: list[int], end_ids: list[int]) -> int:

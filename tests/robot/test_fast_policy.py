@@ -131,6 +131,8 @@ def test_a_trained_checkpoint_answers_its_chunk_in_robot_units(trained, backend,
     q01, q99 = np.asarray(a["q01"]), np.asarray(a["q99"])
     assert np.allclose(out["actions"], (want + 1) / 2 * (q99 - q01 + 1e-6) + q01, atol=1e-5)
     assert out["policy_timing"]["tokens"] == len(pol.pipeline.text.postfix(pol.pipeline.fast.encode(want)[0]))
+    assert set(out["policy_timing"]["stages_s"]) == {"prefill", "decode"}
+    assert all(s > 0 for s in out["policy_timing"]["stages_s"].values())
     # a batch: each row as alone; a row whose ids hold no chunk is its NoActions, the other still answered
     rows = pol.run_prepared([pol.prepare_request(obs), pol.prepare_request(libero_obs(9, prompt="open the drawer"))])
     assert np.array_equal(rows[0]["model_actions"], want)

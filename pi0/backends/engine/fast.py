@@ -58,7 +58,7 @@ class Pi0FastEngine(Pi0Engine):
     def generate(self, images: list[Tensor], image_masks: list[Tensor], tokens: Tensor, token_masks: Tensor, *,
                  end_ids: list[int], max_steps: int | None = None, stages: dict[str, float] | None = None) -> Tensor:
         """Greedy token ids [B, max_steps] (int64) after the prefix [images, tokens]; rows stop at an end id, the
-        batch when all have (0 after that): the reference's contract (`Pi0FastReference.generate`)."""
+        batch when all have (0 after that): the reference's contract (`Pi0FastReference.generate`), stages too."""
         max_steps = decoding_steps(self.config, token_masks, max_steps)
         token_masks = token_masks.bool()
         clock = StageClock(stages)

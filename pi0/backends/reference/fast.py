@@ -20,6 +20,7 @@ from pi0.backends.reference.model import PaliGemma
 from pi0.model.fast_config import FastConfig, decoding_steps
 from pi0.model.functional import make_attn_mask, positions_from_mask
 from pi0.model.observation import Observation
+from pi0.timing import StageClock
 
 
 class Pi0FastReference(PaliGemma):
@@ -73,14 +74,17 @@ class Pi0FastReference(PaliGemma):
 
     @torch.no_grad()
     def generate(self, images: list[Tensor], image_masks: list[Tensor], tokens: Tensor, token_masks: Tensor, *,
-                 end_ids: list[int], max_steps: int | None = None) -> Tensor:
-        """Greedy token ids [B, max_steps] (int64) after the prefix [images, tokens]; 0 after the batch-wide stop."""
+                 end_ids: list[int], max_steps: int | None = None, stages: dict[str, float] | None = None) -> Tensor:
+        """Greedy token ids [B, max_steps] (int64) after the prefix [images, tokens]; 0 after the batch-wide stop.
+        stages: if given, filled with the seconds of the prefill (to the first token) and of the decoding."""
         max_steps = decoding_steps(self.config, token_masks, max_steps)
         token_masks = token_masks.bool()
+        clock = StageClock(stages)
         prefix, key_mask = self.embed_prefix_of(images, image_masks, tokens, token_masks)
         b = prefix.shape[0]
         cache, x = self.fill_kv_cache(prefix, key_mask, torch.zeros_like(key_mask))
         token = self.logits(x[:, -1]).argmax(-1)  # [B]
+        clock.lap("prefill")
         out = torch.zeros(b, max_steps, dtype=torch.long, device=prefix.device)
         out[:, 0] = token
         ends = torch.tensor(end_ids, device=prefix.device)
@@ -97,4 +101,5 @@ class Pi0FastReference(PaliGemma):
             token = self.logits(self.vlm.norm(x)[0][:, -1]).argmax(-1)
             out[:, step] = token
             finished |= torch.isin(token, ends)
+        clock.lap("decode")
         return out
