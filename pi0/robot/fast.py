@@ -135,14 +135,25 @@ class FastTokenizer:
             out.append(self.bpe.encode("".join(map(chr, shifted))).ids)
         return out
 
-    def decode(self, tokens: Sequence[int], horizon: int | None = None, action_dim: int | None = None) -> np.ndarray:
-        """Tokens -> the chunk [T, D] (float64). FastDecodeError if they do not give exactly T x D coefficients."""
+    def decode(self, tokens: Sequence[int], horizon: int | None = None, action_dim: int | None = None, *,
+               relaxed: bool = False) -> np.ndarray:
+        """Tokens -> the chunk [T, D] (float64). FastDecodeError if they do not give exactly T x D coefficients, or
+        hold ids no token has. relaxed: LeRobot's decoding instead, which cuts extra coefficients and pads missing
+        ones with zeros (a warning says so)."""
         _, _, idct = _libraries()
         horizon, action_dim = horizon or self.horizon, action_dim or self.action_dim
         if horizon is None or action_dim is None:
             raise ValueError("decode needs the chunk's horizon and action_dim (the tokenizer records none)")
-        text = self.bpe.decode([int(t) for t in tokens], skip_special_tokens=False)
+        negative = [int(t) for t in tokens if int(t) < 0]
+        if negative:
+            raise FastDecodeError(f"{len(negative)} of the {len(tokens)} FAST tokens are negative ({negative[:4]}): "
+                                  "the ids they came from are no action tokens")
+        text = self.bpe.decode([int(t) for t in tokens], skip_special_tokens=False)  # ids beyond the BPE's: skipped
         values = np.array([ord(c) for c in text], dtype=np.int64) + self.min_token
+        if relaxed and values.size != horizon * action_dim:
+            log.warning("FAST: %d tokens decode to %d DCT coefficients, not %d x %d: %s as LeRobot does", len(tokens),
+                        values.size, horizon, action_dim, "cut" if values.size > horizon * action_dim else "padded")
+            values = np.pad(values[: horizon * action_dim], (0, max(0, horizon * action_dim - values.size)))
         if values.size != horizon * action_dim:
             raise FastDecodeError(f"{len(tokens)} FAST tokens decode to {values.size} DCT coefficients, not "
                                   f"{horizon} x {action_dim} = {horizon * action_dim}")

@@ -86,21 +86,24 @@ def _read_stats(path: Path) -> dict[str, torch.Tensor]:
 class LeRobotPipeline:
     """Pre-processor -> model inputs and model actions -> post-processor, for one LeRobot checkpoint."""
 
+    pre_steps, post_steps = PRE_STEPS, POST_STEPS  # the steps this pipeline runs (its model's pipelines')
+
     def __init__(self, root: Path, config: Pi0Config, meta: dict[str, Any], tokenizer_path: str | os.PathLike,
                  default_prompt: str | None = None):
         import sentencepiece
 
         self.root, self.config = root, config
-        self.pre = self._steps(root / "policy_preprocessor.json", PRE_STEPS)
-        self.post = self._steps(root / "policy_postprocessor.json", POST_STEPS)
+        self.pre = self._steps(root / "policy_preprocessor.json", self.pre_steps)
+        self.post = self._steps(root / "policy_postprocessor.json", self.post_steps)
         feats = features(meta)
         self.cameras = list(feats.cameras)
         if not self.cameras:
             raise ValueError(f"{root}/config.json lists no VISUAL input_features: cannot tell the cameras")
         self.state_key, self.state_len = feats.state_key, feats.state  # the width the normaliser's stats cover
-        if self.state_len is not None and self.state_len > config.state_dim:
+        self.max_state: int | None = getattr(config, "state_dim", None)  # None: the state is text (π0-FAST)
+        if self.state_len is not None and self.max_state is not None and self.state_len > self.max_state:
             raise ValueError(f"{root}/config.json: {self.state_key} has {self.state_len} values, the model takes at "
-                             f"most {config.state_dim}")
+                             f"most {self.max_state}")
         if feats.action is not None and feats.action > config.action_dim:
             raise ValueError(f"{root}/config.json: action has {feats.action} values, the model makes {config.action_dim}")
         self.action_dim = feats.action or config.action_dim
@@ -119,8 +122,8 @@ class LeRobotPipeline:
         for i, step in enumerate(steps):
             name, cfg = step.get("registry_name"), step.get("config") or {}
             if name not in known:
-                raise ValueError(f"{path}: step {i} '{name}' is not a step of LeRobot 0.6.1's pi0 / pi0.5 pipelines "
-                                 f"({', '.join(known)}); pi0 cannot run this checkpoint's pipeline")
+                raise ValueError(f"{path}: step {i} '{name}' is not a step of LeRobot 0.6.1's {self.config.kind} "
+                                 f"pipelines ({', '.join(known)}); pi0 cannot run this checkpoint's pipeline")
             if name in ("relative_actions_processor", "absolute_actions_processor") and cfg.get("enabled"):
                 raise ValueError(f"{path}: step {i} '{name}' is enabled (relative actions); pi0 does not support it yet")
             if name == "device_processor" and cfg.get("float_dtype") not in (None, "float32"):
@@ -193,9 +196,8 @@ class LeRobotPipeline:
             if self.state_len is not None and len(state) != self.state_len:
                 raise BadRequest(f"{self.state_key} has {len(state)} values; this checkpoint expects {self.state_len} "
                                  "(its config.json input_features)")
-            if len(state) > self.config.state_dim:
-                raise BadRequest(f"{self.state_key} has {len(state)} values; the model takes at most "
-                                 f"{self.config.state_dim}")
+            if self.max_state is not None and len(state) > self.max_state:
+                raise BadRequest(f"{self.state_key} has {len(state)} values; the model takes at most {self.max_state}")
             if not np.isfinite(state).all():
                 raise BadRequest(f"{self.state_key} holds NaN or infinite values")
         self._task(obs)
@@ -213,10 +215,12 @@ class LeRobotPipeline:
                 for key in list(frame):
                     if isinstance(frame[key], torch.Tensor):
                         frame[key] = norm(key, frame[key])
-            elif name == "pi05_prepare_state_tokenizer_processor_step":
+            elif name in ("pi05_prepare_state_tokenizer_processor_step",
+                          "pi0_fast_prepare_state_tokenizer_processor_step"):
                 bins = np.digitize(frame[self.state_key].numpy(), np.linspace(-1, 1, 256 + 1)[:-1]) - 1
                 clean = self._task(frame).strip().replace("_", " ").replace("\n", " ")
-                frame["task"] = f"Task: {clean}, State: {' '.join(map(str, bins))};\nAction: "
+                answer = "Action: " if name.startswith("pi05") else ""  # π0-FAST's model answers "Action: " itself
+                frame["task"] = f"Task: {clean}, State: {' '.join(map(str, bins))};\n{answer}"
             elif name == "tokenizer_processor":
                 task_key = cfg.get("task_key", "task")
                 if task_key != "task" and task_key not in frame:
@@ -231,7 +235,9 @@ class LeRobotPipeline:
     def _task(self, frame: dict[str, Any], key: str = "task") -> str:
         return prompt_text(frame.get(key), key, f"this checkpoint expects: {self.expected_keys}")
 
-    def _model_inputs(self, frame: dict[str, Any], tokens: np.ndarray, mask: np.ndarray) -> Observation:
+    def _images(self, frame: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The cameras as LeRobot's policy feeds them: the present ones in the checkpoint's order, resized with
+        padding into [-1, 1], then the absent ones as -1 images with their masks off. Each [1, 3, S, S], [1]."""
         size = self.config.vision.image_size
         present = [k for k in self.cameras if k in frame]
         if not present:
@@ -239,14 +245,17 @@ class LeRobotPipeline:
         images = [resize_with_pad_float(frame[k], size) * 2.0 - 1.0 for k in present]
         images += [torch.full((3, size, size), -1.0) for k in self.cameras if k not in frame]
         masks = [True] * len(present) + [False] * (len(self.cameras) - len(present))
+        return [im[None] for im in images], [torch.tensor([m]) for m in masks]
+
+    def _model_inputs(self, frame: dict[str, Any], tokens: np.ndarray, mask: np.ndarray) -> Observation:
+        images, masks = self._images(frame)
         state = torch.zeros(self.config.state_dim)
         if self.state_key:
             s = frame[self.state_key].float()
             if len(s) > self.config.state_dim:
                 raise BadRequest(f"{self.state_key} has {len(s)} values; the model takes at most {self.config.state_dim}")
             state[: len(s)] = s
-        return Observation([im[None] for im in images], [torch.tensor([m]) for m in masks],
-                           torch.from_numpy(tokens)[None], torch.from_numpy(mask)[None], state[None])
+        return Observation(images, masks, torch.from_numpy(tokens)[None], torch.from_numpy(mask)[None], state[None])
 
     # -- post-processor ---------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ convention per implementation (openpi's: `pi0.robot.openpi`; a LeRobot checkpoin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -46,3 +46,13 @@ class Pipeline(Protocol):
     @property
     def metadata(self) -> dict[str, Any]:
         """What a client needs to know: preset, cameras, state keys, expected keys."""
+
+
+class TokenPipeline(Pipeline, Protocol):
+    """A pipeline whose model answers token ids (π0-FAST): which ids end an answer, and an answer's chunk."""
+
+    end_ids: list[int]  # generation stops at any of them
+
+    def chunk(self, generated: Sequence[int]) -> np.ndarray:
+        """One row of generated ids -> the chunk [H, action_dim] in the model's space; `pi0.robot.fast.FastDecodeError`
+        (a `pi0.errors.NoActions`) saying what the ids held when they hold none."""

@@ -25,6 +25,7 @@ from pi0.robot.assets import find_tokenizer
 from pi0.robot.fast import FastDecodeError
 from pi0.robot.fast_pipeline import OpenpiFastPipeline
 from pi0.robot.lerobot import LeRobotPipeline, is_lerobot_pipeline
+from pi0.robot.lerobot_fast import LeRobotFastPipeline
 from pi0.robot.openpi import OpenpiPipeline
 from pi0.robot.pipeline import Frame, Pipeline
 
@@ -35,17 +36,20 @@ def make_pipeline(info: CheckpointInfo, *, preset: str | None = None, tokenizer:
                   norm: str | None = None) -> Pipeline:
     """The pipeline a checkpoint is served with: a LeRobot checkpoint's own processors when it has them and no
     preset is asked for, else openpi's conventions with `preset` (None: the one config.json records, else
-    `generic` from its features). π0-FAST: openpi's FAST conventions, its FAST tokenizer and normalisation `norm`
-    (None: the one the checkpoint records, else quantiles)."""
+    `generic` from its features). π0-FAST likewise (a LeRobot checkpoint's own π0-FAST processors, else openpi's FAST
+    conventions), with its FAST tokenizer and, for openpi's, the normalisation `norm` (None: the one the checkpoint
+    records, else quantiles)."""
     root = info.files.root
     path = find_tokenizer(tokenizer, root)
     if isinstance(info.config, FastConfig):
         if state_in_prompt is False:
             raise ValueError("π0-FAST reads the state only from its prompt: state_in_prompt=False does not apply")
-        if is_lerobot_pipeline(root):
-            raise ValueError(f"{root} is a LeRobot pi0_fast checkpoint: its own processors (its prompt ends in a BOS "
-                             "after the padding, not in openpi's) are not run yet, and openpi's would feed it a prompt "
-                             "it was not trained on; pi0.load_model(path) and model.generate(...) run its model")
+        if preset is None and is_lerobot_pipeline(root):
+            if norm is not None:
+                raise ValueError(f"{root} is a LeRobot checkpoint: its processors carry its normalisation; leave norm "
+                                 "(--norm) out")
+            return LeRobotFastPipeline(root, info.config, info.meta, path, fast_tokenizer=fast_tokenizer,
+                                       default_prompt=default_prompt)
         return OpenpiFastPipeline.for_checkpoint(info, preset=preset, tokenizer=path, fast_tokenizer=fast_tokenizer,
                                                  asset_id=asset_id, norm=norm, default_prompt=default_prompt)
     if fast_tokenizer is not None or norm is not None:
@@ -86,7 +90,7 @@ class Policy:
         self.pipeline: Pipeline = make_pipeline(self.info, preset=preset, tokenizer=tokenizer, asset_id=asset_id,
                                                 state_in_prompt=state_in_prompt, default_prompt=default_prompt,
                                                 fast_tokenizer=fast_tokenizer, norm=norm)
-        self.fast = isinstance(self.pipeline, OpenpiFastPipeline)  # decodes action tokens instead of flow steps
+        self.fast = isinstance(self.config, FastConfig)  # decodes action tokens instead of flow steps
         self.state_len, self.action_dim = self.pipeline.state_len, self.pipeline.action_dim
         self.num_steps = num_steps
         self.seed = seed
