@@ -170,7 +170,7 @@ def main() -> None:
     vocab = hf.vocab_size
     assert hf.convert_tokens_to_ids("|") != hf.unk_token_id, "'|' must be a piece of the text tokenizer"
     rng = np.random.default_rng(0)
-    fast = FastTokenizer.fit(smooth_chunks(rng, 400), scale=10, vocab_size=200)
+    fast = FastTokenizer.fit(smooth_chunks(rng, 400), scale=10, vocab_size=300)
     fast.save(work / "fast")
     patch_lerobot(work / "text", work / "fast", vocab)
     if OUT.exists():

@@ -13,6 +13,7 @@ from pi0.data.dataset import LeRobotDataset
 from pi0.robot.fast import FastTokenizer
 from pi0.robot.normalize import Normalizer
 from pi0.train.data import dataset_stats
+from pi0.train.fast import episode_chunks
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,18 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (LeRobot's default 1024)")
     p.add_argument("--scale", type=float, default=10.0, help="DCT coefficients x scale are rounded to integers")
     p.add_argument("--stride", type=int, default=1, help="a chunk starts every STRIDE frames of each episode")
-
-
-def episode_chunks(actions: np.ndarray, episodes: np.ndarray, horizon: int, stride: int) -> np.ndarray:
-    """[N, D] actions in frame order, their episode of each frame -> [C, horizon, D]: every window of `horizon`
-    consecutive frames of one episode starting every `stride` frames (none crosses an episode's end)."""
-    out = []
-    for ep in np.unique(episodes):
-        rows = np.flatnonzero(episodes == ep)
-        out += [actions[rows[i: i + horizon]] for i in range(0, len(rows) - horizon + 1, stride)]
-    if not out:
-        raise ValueError(f"no episode has {horizon} frames: lower --horizon")
-    return np.stack(out)
 
 
 def cmd_fast_tokenizer(args: argparse.Namespace) -> int:

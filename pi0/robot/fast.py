@@ -86,9 +86,11 @@ class FastTokenizer:
 
     @classmethod
     def fit(cls, chunks: Iterable[np.ndarray], scale: float = 10.0, vocab_size: int = 1024) -> "FastTokenizer":
-        """BPE trained on the quantised DCT coefficients of `chunks` (each [T, D], normalised; all one shape): the
-        whole range of coefficients seen is the initial alphabet, merges need two occurrences. Raises ValueError if
-        that range alone exceeds `vocab_size`."""
+        """BPE trained on the quantised DCT coefficients of `chunks` (each [T, D], normalised; all one shape), merges
+        needing two occurrences. The initial alphabet is every byte the byte-level BPE sees (256 symbols), so that a
+        coefficient the fitting chunks never held still encodes (an alphabet of the raw characters seen, as the
+        reference processor's, silently drops those: a chunk would no longer decode). Raises ValueError if
+        `vocab_size` leaves no room for merges."""
         tokenizers, dct, _ = _libraries()
         chunks = [np.asarray(c, dtype=np.float64) for c in chunks]
         if not chunks:
@@ -99,16 +101,17 @@ class FastTokenizer:
         quantised = [np.around(dct(c, axis=0, norm="ortho").flatten() * scale).astype(np.int64) for c in chunks]
         low = int(min(q.min() for q in quantised))
         high = int(max(q.max() for q in quantised))
-        if high - low > vocab_size:
-            raise ValueError(f"the quantised coefficients span {high - low + 1} values, more than vocab_size "
-                             f"{vocab_size}: raise vocab_size or lower scale ({scale})")
-        if high - low + 100 > vocab_size:
-            log.warning("FAST: %d coefficient values leave few merges in a vocabulary of %d; consider a larger one",
-                        high - low + 1, vocab_size)
+        alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size <= len(alphabet):
+            raise ValueError(f"vocab_size {vocab_size} leaves no merges: the vocabulary holds the {len(alphabet)} byte "
+                             "symbols first; choose more (LeRobot's default: 1024)")
+        if high - low > 256:
+            log.warning("FAST: the coefficients span %d values (scale %s): each above 127 takes two bytes before "
+                        "merges; a lower scale gives shorter answers", high - low + 1, scale)
         bpe = tokenizers.ByteLevelBPETokenizer()
         trainer = tokenizers.trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=2, show_progress=False, special_tokens=[],
-            initial_alphabet=[chr(i) for i in range(high - low + 1)], max_token_length=10000)
+            initial_alphabet=alphabet, max_token_length=10000)
         bpe._tokenizer.train_from_iterator(("".join(map(chr, q - low)) for q in quantised), trainer=trainer)
         horizon, action_dim = chunks[0].shape
         return cls(bpe._tokenizer, scale=scale, min_token=low, vocab_size=vocab_size, horizon=horizon,
@@ -132,7 +135,12 @@ class FastTokenizer:
         out = []
         for chunk in chunks:
             shifted = np.maximum(self.coefficients(chunk).flatten() - self.min_token, 0)
-            out.append(self.bpe.encode("".join(map(chr, shifted))).ids)
+            ids = self.bpe.encode("".join(map(chr, shifted))).ids
+            back = self.bpe.decode(ids, skip_special_tokens=False)
+            if len(back) != len(shifted):  # a tokenizer fitted with the reference's alphabet lacks unseen values
+                raise ValueError(f"this FAST tokenizer cannot encode the chunk: {len(shifted)} coefficients come back as "
+                                 f"{len(back)} (values its vocabulary lacks); refit it (`pi0 fast-tokenizer`)")
+            out.append(ids)
         return out
 
     def decode(self, tokens: Sequence[int], horizon: int | None = None, action_dim: int | None = None, *,

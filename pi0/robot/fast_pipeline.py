@@ -172,6 +172,19 @@ class OpenpiFastPipeline(OpenpiPipeline):
         tokens = self.text.fast_tokens(generated)
         return self.fast.decode(tokens, self.config.action_horizon, self.action_dim).astype(np.float32)
 
+    def action_tokens(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A chunk [H, action_dim] in the model's space -> the answer the model learns (ids, mask)
+        [max_decoding_steps]: "Action: ", its FAST tokens, "|", EOS, padded with 0; an answer longer than the model may
+        generate is cut (a warning says so: raise max_decoding_steps or fit a coarser tokenizer)."""
+        ids = self.text.postfix(self.fast.encode(np.asarray(actions, dtype=np.float64))[0])
+        n = self.config.max_decoding_steps
+        if len(ids) > n:
+            log.warning("FAST: a chunk's answer takes %d tokens; the model generates at most %d: cut", len(ids), n)
+            ids = ids[:n]
+        tokens, mask = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
+        tokens[: len(ids)], mask[: len(ids)] = ids, True
+        return tokens, mask
+
 
 def checked_norm(asked: str | None, recorded: dict[str, str], root: Path) -> str:
     """The normalisation mode to run: the checkpoint's record (config.json normalization_mapping: STATE and ACTION

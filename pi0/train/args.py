@@ -19,6 +19,10 @@ class TrainArgs:
     norm_stats: str = "dataset"  # dataset | checkpoint: the stats inputs and targets are normalised with
     download: bool = False  # fetch --init's hub id if it is not in the huggingface_hub cache
     size: str | None = None  # or a model size (pi0.model.config.SIZES) / a Pi0Config JSON file: seeded random weights
+    model: str | None = None  # with --size: pi0 (pi0 / pi0.5 by size) or pi0_fast; None: pi0, or --init's family
+    fast_tokenizer: str | None = None  # π0-FAST: its FAST tokenizer (None: --init's, else fitted on the dataset)
+    fast_vocab: int = 1024  # π0-FAST: the vocabulary of a FAST tokenizer fitted here
+    norm: str | None = None  # π0-FAST: QUANTILES | MEAN_STD (None: --init's record, else quantiles)
     steps: int = 1000
     batch: int = 8
     lr: float = 2.5e-5

@@ -13,6 +13,7 @@ import torch
 from pi0.model.config import SIZES
 from pi0.robot.presets import PRESETS
 from pi0.train.args import TrainArgs
+from pi0.train.fast import MODELS
 from pi0.train.trainer import NORM_STATS, TRAIN_STATE, Trainer
 
 
@@ -31,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default=None, help="train from seeded random weights instead: "
                    f"{', '.join(SIZES)}, "
                    "or a JSON file with a Pi0Config")
+    p.add_argument("--model", default=None, choices=MODELS, help="with --size: the model family (pi0_fast: π0-FAST, "
+                   "actions as FAST tokens; default pi0, whose --size picks pi0 or pi0.5); --init's is its own")
+    p.add_argument("--fast-tokenizer", default=None, help="π0-FAST: the FAST tokenizer's directory (default: --init's, "
+                   "else one fitted on the dataset's normalised action chunks and saved with each checkpoint)")
+    p.add_argument("--fast-vocab", type=int, default=1024, help="π0-FAST: the vocabulary of a FAST tokenizer fitted here")
+    p.add_argument("--norm", default=None, choices=["QUANTILES", "MEAN_STD"], help="π0-FAST: the normalisation of "
+                   "state and actions (default: --init's record, else QUANTILES); config.json records it")
     p.add_argument("--out", help="output directory (checkpoints step-NNNNNN/, latest, train_log.jsonl, loss.png)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps in all (default 1000)")
     p.add_argument("--batch", type=int, default=8, help="global batch (split across torchrun processes)")

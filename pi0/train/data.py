@@ -16,11 +16,13 @@ from torch import Tensor
 from pi0.data.dataset import DatasetError, LeRobotDataset
 from pi0.data.mixture import DatasetMixture
 from pi0.model.config import Pi0Config
+from pi0.model.fast_config import FastConfig
 from pi0.model.functional import sample_time
 from pi0.model.observation import Observation
 from pi0.robot.assets import load_norm_stats
 from pi0.robot.normalize import Stats
 from pi0.robot.pipeline import Frame, Pipeline
+from pi0.robot.presets import RobotPreset
 from pi0.train.schedule import batch_positions, epoch_order, sample_rng
 
 STATE_KEY, ACTION_KEY = "observation.state", "action"
@@ -54,7 +56,7 @@ class TrainingData:
     observation), images augmented, the action chunk through `pipeline.actions_in`, zero-padded to the model's
     action width."""
 
-    def __init__(self, dataset: LeRobotDataset | DatasetMixture, config: Pi0Config, cameras: list[str | None], pipeline: Pipeline,
+    def __init__(self, dataset: LeRobotDataset | DatasetMixture, config: Pi0Config | FastConfig, cameras: list[str | None], pipeline: Pipeline,
                  augment: bool, seed: int):
         assert len(cameras) == len(pipeline.cameras), (len(cameras), len(pipeline.cameras))
         self.ds, self.config, self.cameras, self.pipeline = dataset, config, cameras, pipeline
@@ -80,26 +82,31 @@ class TrainingData:
         images = [inputs.images[c][0] for c in range(len(self.cameras))]
         if self.augment:
             images = [img if key is None else augment(img, "wrist" in key, rng) for key, img in zip(self.cameras, images)]
+        chunk = self.pipeline.actions_in(np.asarray(item[ACTION_KEY], dtype=np.float32))
+        out = {"images": images, "masks": [bool(m[0]) for m in inputs.image_masks],
+               "state": None if inputs.state is None else inputs.state[0].numpy(),
+               "tokens": inputs.tokens[0].numpy(), "token_mask": inputs.token_masks[0].numpy()}
+        if isinstance(cfg, FastConfig):  # the answer's tokens (the state is in the prompt)
+            out["action_tokens"], out["action_masks"] = self.pipeline.action_tokens(chunk)
+            return out
         actions = np.zeros((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
-        actions[:, : self.action_dim] = self.pipeline.actions_in(np.asarray(item[ACTION_KEY], dtype=np.float32))
+        actions[:, : self.action_dim] = chunk
         noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
-        t = np.float32(sample_time(1, rng)[0])
-        return {"images": images, "masks": [bool(m[0]) for m in inputs.image_masks], "state": inputs.state[0].numpy(),
-                "tokens": inputs.tokens[0].numpy(), "token_mask": inputs.token_masks[0].numpy(), "actions": actions,
-                "noise": noise, "time": t}
+        return {**out, "actions": actions, "noise": noise, "time": np.float32(sample_time(1, rng)[0])}
 
 
-def collate(samples: list[dict[str, Any]]) -> tuple[Observation, Tensor, Tensor, Tensor]:
+def collate(samples: list[dict[str, Any]]) -> tuple[Observation, dict[str, Tensor]]:
+    """Samples -> the batch's Observation and its targets by name (the loss module's keyword arguments)."""
     n_cams = len(samples[0]["images"])
     obs = Observation(
         images=[torch.stack([s["images"][c] for s in samples]) for c in range(n_cams)],
         image_masks=[torch.tensor([s["masks"][c] for s in samples]) for c in range(n_cams)],
         tokens=torch.from_numpy(np.stack([s["tokens"] for s in samples])),
         token_masks=torch.from_numpy(np.stack([s["token_mask"] for s in samples])),
-        state=torch.from_numpy(np.stack([s["state"] for s in samples])),
+        state=None if samples[0]["state"] is None else torch.from_numpy(np.stack([s["state"] for s in samples])),
     )
-    return (obs, torch.from_numpy(np.stack([s["actions"] for s in samples])),
-            torch.from_numpy(np.stack([s["noise"] for s in samples])), torch.tensor([s["time"] for s in samples]))
+    names = [k for k in ("actions", "noise", "time", "action_tokens", "action_masks") if k in samples[0]]
+    return obs, {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in names}
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -154,3 +161,29 @@ def dataset_stats(ds: LeRobotDataset, key: str, to_model: Callable[[np.ndarray],
         x = to_model(x.astype(np.float32)).astype(np.float64)
     return Stats(x.mean(0).astype(np.float32), x.std(0).astype(np.float32),
                  np.quantile(x, 0.01, axis=0).astype(np.float32), np.quantile(x, 0.99, axis=0).astype(np.float32))
+
+
+def camera_keys(cameras: list[str] | None, checkpoint_cams: list[str] | None, ds: LeRobotDataset | DatasetMixture,
+                robot: RobotPreset | None, fast: bool = False) -> list[str | None]:
+    """The dataset's camera keys in the model's slot order (None: an empty slot): `cameras` (--cameras), else the
+    checkpoint's, else the dataset's; with a robot preset, one per slot of the preset (its π0-FAST slots if `fast`)."""
+    if cameras:
+        keys = [None if k.lower() == "none" else k for k in cameras]
+    elif checkpoint_cams:
+        keys = list(checkpoint_cams)
+    else:
+        keys = list(ds.camera_keys)
+    missing = [k for k in keys if k is not None and k not in ds.camera_keys]
+    if missing:
+        raise DatasetError(f"{ds.root}/meta/info.json has no camera {missing[0]!r} (the checkpoint or --cameras "
+                           f"asks for {keys}; the dataset's cameras: {ds.camera_keys}); pass --cameras with "
+                           "the dataset's camera keys in the checkpoint's camera order (none for an empty slot)")
+    if not any(k is not None for k in keys):
+        raise DatasetError(f"{ds.root}: no camera to train on (the dataset's cameras: {ds.camera_keys})")
+    if robot is not None:
+        slots = [k for k, _ in ((robot.fast_cameras or robot.cameras) if fast else robot.cameras)]
+        if len(keys) > len(slots):
+            raise DatasetError(f"{len(keys)} cameras {keys} for preset {robot.name}'s {len(slots)} camera slots "
+                               f"{slots}: pass --cameras with one dataset key (or none) per slot, in that order")
+        keys += [None] * (len(slots) - len(keys))
+    return keys

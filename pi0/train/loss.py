@@ -23,5 +23,7 @@ def unreachable_modules(model: nn.Module) -> list[str]:
     """Modules the loss never reaches: the suffix reads each VLM layer's keys and values, made from the layer's
     input, so the last VLM layer's attention output, post-attention norm and MLP, and the VLM's final norm,
     shape nothing the actions see."""
+    if not hasattr(model, "expert"):  # π0-FAST: the answer's logits read every layer and the final norm
+        return []
     last = f"vlm.layers.{len(model.vlm.layers) - 1}"
     return [f"{last}.self_attn.o_proj", f"{last}.post_attention_layernorm", f"{last}.mlp", "vlm.norm"]

@@ -34,8 +34,10 @@ from pi0.data.dataset import DatasetError, LeRobotDataset
 from pi0.data.mixture import DatasetMixture
 from pi0.hardware import peak_gpu_gib, peak_rss_gib, resolve_device, resolve_dtype
 from pi0.model.config import size_config
+from pi0.model.fast_config import FastConfig
 from pi0.model.features import feature_fields, features
-from pi0.robot.assets import write_assets
+from pi0.robot.assets import find_fast_tokenizer, write_assets
+from pi0.robot.fast_pipeline import OpenpiFastPipeline, checked_norm
 from pi0.robot.normalize import Normalizer
 from pi0.robot.openpi import OpenpiPipeline
 from pi0.robot.presets import PRESETS, RobotPreset, generic_preset
@@ -46,11 +48,13 @@ from pi0.train.data import (
     STATE_KEY,
     StepBatches,
     TrainingData,
+    camera_keys,
     checkpoint_stats,
     dataset_stats,
 )
 from pi0.train.distributed import barrier, mean_over_ranks, rank_and_world, shard_model
 from pi0.train.lora import add_lora, merge_lora
+from pi0.train.fast import FastLossModule, fast_pipeline, fast_size_config
 from pi0.train.loss import LossModule, unreachable_modules
 from pi0.train.report import TrainProgress, plot_loss
 from pi0.train.schedule import learning_rate
@@ -114,6 +118,8 @@ class Trainer:
             self.model = pi0.load_model(a.init, backend="reference", action_horizon=a.action_horizon,
                                         device=self.device)
             self.config = self.model.config
+            if a.model is not None and a.model != self.config.kind.replace("pi05", "pi0"):
+                raise ValueError(f"--model {a.model}: --init {a.init} is a {self.config.kind} checkpoint")
             return
         cfg = size_config(a.size)
         if self.tokenizer_path is None:
@@ -126,9 +132,14 @@ class Trainer:
         import sentencepiece
 
         vocab = sentencepiece.SentencePieceProcessor(model_file=str(self.tokenizer_path)).vocab_size()
+        if a.model == "pi0_fast":
+            self.config = fast_size_config(cfg, vocab, a.fast_vocab, self.ds.shape(ACTION_KEY)[0],
+                                           a.action_horizon or 10)
+            self.model = pi0.build_model(self.config, backend="reference", seed=a.seed, device=self.device)
+            return
         cfg = dataclasses.replace(  # the embedding table sized to the tokenizer
             cfg, vlm=dataclasses.replace(cfg.vlm, vocab_size=vocab), action_horizon=a.action_horizon or cfg.action_horizon,
-            num_cameras=len(self._camera_keys(None, self._robot(None))))
+            num_cameras=len(camera_keys(a.cameras, None, self.ds, self._robot(None))))
         self.config = cfg
         self.model = pi0.build_model(cfg, backend="reference", seed=a.seed, device=self.device)
 
@@ -141,46 +152,22 @@ class Trainer:
             raise ValueError(f"--preset {name!r}: choose one of {', '.join(PRESETS)}, generic")
         return PRESETS[name]
 
-    def _camera_keys(self, checkpoint_cams: list[str] | None, robot: RobotPreset | None) -> list[str | None]:
-        """The dataset's camera keys in the model's slot order (None: an empty slot): --cameras, else the
-        checkpoint's, else the dataset's; with a robot preset, one per slot of the preset."""
-        a = self.args
-        if a.cameras:
-            keys = [None if k.lower() == "none" else k for k in a.cameras]
-        elif checkpoint_cams:
-            keys = list(checkpoint_cams)
-        else:
-            keys = list(self.ds.camera_keys)
-        missing = [k for k in keys if k is not None and k not in self.ds.camera_keys]
-        if missing:
-            raise DatasetError(f"{self.ds.root}/meta/info.json has no camera {missing[0]!r} (the checkpoint or --cameras "
-                               f"asks for {keys}; the dataset's cameras: {self.ds.camera_keys}); pass --cameras with "
-                               "the dataset's camera keys in the checkpoint's camera order (none for an empty slot)")
-        if not any(k is not None for k in keys):
-            raise DatasetError(f"{self.ds.root}: no camera to train on (the dataset's cameras: {self.ds.camera_keys})")
-        if robot is not None:
-            slots = [k for k, _ in robot.cameras]
-            if len(keys) > len(slots):
-                raise DatasetError(f"{len(keys)} cameras {keys} for preset {robot.name}'s {len(slots)} camera slots "
-                                   f"{slots}: pass --cameras with one dataset key (or none) per slot, in that order")
-            keys += [None] * (len(slots) - len(keys))
-        return keys
-
     def _check_dataset(self) -> None:
         cfg, ds = self.config, self.ds
         feats = features(self.init_meta)
         self.robot = self._robot(feats.robot_preset)
-        self.cameras = self._camera_keys(list(feats.cameras) or None, self.robot)
+        self.cameras = camera_keys(self.args.cameras, list(feats.cameras) or None, ds, self.robot,
+                                   isinstance(cfg, FastConfig))
         if ACTION_KEY not in ds.features:
             raise DatasetError(f"{ds.root}/meta/info.json has no '{ACTION_KEY}' feature")
         a_dim = ds.shape(ACTION_KEY)[0]
         if a_dim > cfg.action_dim:
             raise DatasetError(f"{ds.root}/meta/info.json: '{ACTION_KEY}' has {a_dim} dims, the model takes at most "
                                f"{cfg.action_dim}")
-        if STATE_KEY in ds.features and ds.shape(STATE_KEY)[0] > cfg.state_dim:
+        if STATE_KEY in ds.features and ds.shape(STATE_KEY)[0] > getattr(cfg, "state_dim", float("inf")):
             raise DatasetError(f"{ds.root}/meta/info.json: '{STATE_KEY}' has {ds.shape(STATE_KEY)[0]} dims, the model "
                                f"takes at most {cfg.state_dim}")
-        if STATE_KEY not in ds.features and not cfg.pi05:
+        if STATE_KEY not in ds.features and not getattr(cfg, "pi05", True):
             raise DatasetError(f"{ds.root}/meta/info.json has no '{STATE_KEY}' feature, which pi0 needs")
         empty = [i for i, t in enumerate(ds.tasks) if not t.strip()]
         if empty:
@@ -191,7 +178,9 @@ class Trainer:
         """The observation pipeline the saved checkpoint is served with (openpi's conventions, the preset's maps, the
         dataset's stats in the model's units), which prepares every training frame and target."""
         cfg, ds, a = self.config, self.ds, self.args
-        mode = "QUANTILES" if cfg.pi05 else "MEAN_STD"
+        fast = isinstance(cfg, FastConfig)
+        mode = checked_norm(a.norm, features(self.init_meta).normalization, self.init_root) if fast else \
+            "QUANTILES" if cfg.pi05 else "MEAN_STD"
         self.norm_mode = mode
         a_dim = ds.shape(ACTION_KEY)[0]
         s_dim = ds.shape(STATE_KEY)[0] if STATE_KEY in ds.features else None
@@ -209,10 +198,17 @@ class Trainer:
             self.state_stats = dataset_stats(ds, STATE_KEY, robot.state_in if maps else None) if s_dim else None
             self.action_stats = dataset_stats(ds, ACTION_KEY, robot.actions_in if maps else None)
             source = f"{ds.root} (dataset stats)"
-        self.pipeline = OpenpiPipeline(cfg, robot, Normalizer(self.state_stats, self.action_stats, mode, mode),
-                                       PromptTokenizer(self.tokenizer_path, cfg.max_token_len),
-                                       state_in_prompt=a.state_in_prompt, state_len=s_dim, action_dim=a_dim,
-                                       stats_source=source)
+        normalizer = Normalizer(self.state_stats, self.action_stats, mode, mode)
+        if fast:
+            given = a.fast_tokenizer or (find_fast_tokenizer(None, self.init_root, self.init_meta) if self.init_root
+                                         else None)
+            self.pipeline: OpenpiPipeline = fast_pipeline(
+                cfg, robot, normalizer, self.tokenizer_path, mode=mode, state_len=s_dim, action_dim=a_dim,
+                source=source, fast_dir=given, ds=ds, fast_vocab=a.fast_vocab)
+        else:
+            self.pipeline = OpenpiPipeline(cfg, robot, normalizer, PromptTokenizer(self.tokenizer_path, cfg.max_token_len),
+                                           state_in_prompt=a.state_in_prompt, state_len=s_dim, action_dim=a_dim,
+                                           stats_source=source)
         self.data = TrainingData(ds, cfg, self.cameras, self.pipeline, a.augment, a.seed)
 
     def _trainable(self) -> None:
@@ -236,7 +232,8 @@ class Trainer:
         for name in dead:  # no gradient ever reaches them (and DDP insists every trainable parameter gets one)
             m.get_submodule(name).requires_grad_(False)
         self.trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
-        self.loss_module: nn.Module = LossModule(m, self.data.action_dim)
+        fast = isinstance(self.config, FastConfig)
+        self.loss_module: nn.Module = FastLossModule(m) if fast else LossModule(m, self.data.action_dim)
         if a.fsdp:
             if self.world == 1:
                 raise ValueError("--fsdp shards the model across processes: start it under torchrun --nproc-per-node N")
@@ -338,6 +335,8 @@ class Trainer:
         save_checkpoint({k: v.float().contiguous() for k, v in weights.items()}, self.config, tmp, "openpi",
                         extra_config=self._config_fields(step))
         write_assets(tmp, self.asset_id, self.state_stats, self.action_stats, self.tokenizer_path)
+        if isinstance(self.pipeline, OpenpiFastPipeline):
+            self.pipeline.fast.save(tmp / "fast_tokenizer")
         torch.save({"step": step, "args": self.args.to_dict(), "optimizer": optimizer, "params": raw, "ema": ema},
                    tmp / TRAIN_STATE)
         if final.exists():
@@ -396,13 +395,14 @@ class Trainer:
         t_last, step = time.perf_counter(), self.start_step
         try:
             for step_batch in loader:
-                obs, actions, noise, t = (x.to(self.device) if isinstance(x, Tensor) else x for x in step_batch)
+                obs, targets = step_batch
                 obs = obs.to(self.device, torch.float32)
+                targets = {k: v.to(self.device) for k, v in targets.items()}
                 lr = learning_rate(step, a.lr, warmup, a.steps, final_lr)
                 for group in self.opt.param_groups:
                     group["lr"] = lr
                 with autocast:
-                    loss = self.loss_module(obs, actions, noise, t)
+                    loss = self.loss_module(obs, **targets)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, a.clip)
                 if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
