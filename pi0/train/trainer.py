@@ -3,7 +3,7 @@
 checkpoint that `pi0.load_model`, `pi0.Policy` and `pi0 serve` take as it is (../shared/spec/training.md).
 
 The loss is the reference model's `compute_loss` (LeRobot 0.6.1's, tested to 1e-5), averaged over the
-dataset's real action dims. Inputs are prepared by the observation pipeline `pi0.Policy` serves the saved
+dataset's real action dims (π0-FAST: its answer's cross-entropy, `pi0.train.fast`). Inputs are prepared by the observation pipeline `pi0.Policy` serves the saved
 checkpoint with (`pi0.robot.openpi`): a robot preset's maps (`--preset`; default `generic`, the dataset's own
 keys), normalisation with the saved stats (z-score for pi0, quantiles for pi0.5), openpi's resize-with-pad, the
 same prompt tokens; the targets go through the inverse of the preset's action map. Every random draw of a sample (noise, flow time, augmentation) comes from
@@ -179,6 +179,8 @@ class Trainer:
         dataset's stats in the model's units), which prepares every training frame and target."""
         cfg, ds, a = self.config, self.ds, self.args
         fast = isinstance(cfg, FastConfig)
+        if not fast and (a.norm or a.fast_tokenizer):
+            raise ValueError(f"--norm and --fast-tokenizer apply to π0-FAST; this run trains {cfg.kind}")
         mode = checked_norm(a.norm, features(self.init_meta).normalization, self.init_root) if fast else \
             "QUANTILES" if cfg.pi05 else "MEAN_STD"
         self.norm_mode = mode

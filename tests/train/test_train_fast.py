@@ -85,5 +85,7 @@ def test_the_model_family_and_options_are_checked(tmp_path):
     ck = Trainer(args(ds, tmp_path / "pi0", steps=1)).run()
     with pytest.raises(ValueError, match="is a pi0 checkpoint"):
         Trainer(args(ds, tmp_path / "x", size=None, init=str(ck), model="pi0_fast"))
+    with pytest.raises(ValueError, match="apply to π0-FAST; this run trains pi0"):
+        Trainer(args(ds, tmp_path / "z", norm="MEAN_STD"))
     with pytest.raises(ValueError, match="leaves no merges"):
         Trainer(args(ds, tmp_path / "y", model="pi0_fast", fast_vocab=100, action_horizon=HORIZON))
