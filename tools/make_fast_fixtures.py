@@ -42,30 +42,38 @@ CASES = {
 }
 
 
-def tiny_model(end_token: int):
-    """LeRobot's PI0FastPytorch shrunk by monkeypatching its Gemma config and PaliGemma class."""
+def shrink(vocab: int = VOCAB):
+    """LeRobot's pi0_fast module at tiny widths (its Gemma config and PaliGemma class monkeypatched); returns it."""
     import lerobot.policies.pi0_fast.modeling_pi0_fast as mod
-    from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
 
     def gemma_config(variant):
         return mod.GemmaConfig(width=WIDTH, depth=DEPTH, mlp_dim=4 * WIDTH, num_heads=8, num_kv_heads=1,
                                head_dim=HEAD_DIM)
 
-    base = mod.PaliGemmaForConditionalGenerationWithPiGemma
-    if not getattr(base, "_tiny", False):
-        class TinyPaliGemma(base):
-            _tiny = True
+    current = mod.PaliGemmaForConditionalGenerationWithPiGemma
+    base = getattr(current, "_full", current)  # shrink twice: subclass LeRobot's class, not the tiny one
 
-            def __init__(self, config):
-                v = config.vision_config
-                v.hidden_size, v.num_hidden_layers, v.num_attention_heads = VISION_WIDTH, 2, 4
-                v.intermediate_size, v.image_size = 4 * VISION_WIDTH, RES
-                v.projection_dim = config.text_config.hidden_size
-                config.text_config.vocab_size = config._vocab_size = VOCAB
-                super().__init__(config)
+    class TinyPaliGemma(base):
+        _full = base
 
-        mod.PaliGemmaForConditionalGenerationWithPiGemma = TinyPaliGemma
+        def __init__(self, config):
+            v = config.vision_config
+            v.hidden_size, v.num_hidden_layers, v.num_attention_heads = VISION_WIDTH, 2, 4
+            v.intermediate_size, v.image_size = 4 * VISION_WIDTH, RES
+            v.projection_dim = config.text_config.hidden_size
+            config.text_config.vocab_size = config._vocab_size = vocab
+            super().__init__(config)
+
+    mod.PaliGemmaForConditionalGenerationWithPiGemma = TinyPaliGemma
     mod.get_gemma_config = gemma_config
+    return mod
+
+
+def tiny_model(end_token: int):
+    """LeRobot's PI0FastPytorch shrunk (`shrink`)."""
+    from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
+
+    mod = shrink()
 
     class Ids:  # what the decoding loop asks LeRobot's PaliGemma tokenizer
         bos_token_id = BOS

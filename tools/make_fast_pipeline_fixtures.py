@@ -33,8 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_fast_fixtures import HEAD_DIM, RES, VISION_WIDTH, WIDTH, strengthen_  # noqa: E402
+from make_fast_fixtures import RES, shrink, strengthen_  # noqa: E402
 from make_fixtures import randomise_  # noqa: E402
+from make_pipeline_fixtures import train_tokenizer  # noqa: E402
 
 from pi0.robot.fast import FastTokenizer  # noqa: E402  (fits the FAST tokenizer's files; LeRobot reads them)
 
@@ -45,25 +46,14 @@ STEPS = 40
 
 
 def train_text_tokenizer(folder: Path) -> Path:
-    import sentencepiece as spm
-
+    """make_pipeline_fixtures' tokenizer on π0-FAST's text too (so "|" is one of its pieces)."""
     rng = np.random.default_rng(0)
     words = ("pick up the red cup put block in bowl open close drawer move left right arm gripper stack blue "
              "Open Drawer Pick Cup blocks on plate fold towel push button Task State Action").split()
     lines = [" ".join(rng.choice(words, 8)) + f" {rng.integers(0, 256)}" for _ in range(3000)]
     lines += [f"Task: {' '.join(rng.choice(words, 3))}, State: {' '.join(map(str, rng.integers(-1, 256, 6)))};\n"
               f"Action: {''.join(rng.choice(list('abcdefghij'), 5))}|" for _ in range(1000)]
-    folder.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), vocab_size=600, model_type="bpe",
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", normalization_rule_name="identity", add_dummy_prefix=False,
-        byte_fallback=True, user_defined_symbols=["\n"], character_coverage=1.0, minloglevel=2,
-        remove_extra_whitespaces=False)
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GemmaTokenizer", "pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>",
-        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
-    return folder / "tokenizer.model"
+    return train_tokenizer(folder, lines, vocab_size=600)
 
 
 class HubFast:
@@ -101,26 +91,10 @@ def stats(rng, n: int) -> dict[str, torch.Tensor]:
 
 def patch_lerobot(tok_dir: Path, fast_dir: Path, vocab: int) -> None:
     """Tiny widths, and both tokenizers from the folders written here (the hub is not reachable)."""
-    import lerobot.policies.pi0_fast.modeling_pi0_fast as mod
     import transformers
     from lerobot.processor import tokenizer_processor
 
-    def gemma_config(variant):
-        return mod.GemmaConfig(width=WIDTH, depth=2, mlp_dim=4 * WIDTH, num_heads=8, num_kv_heads=1, head_dim=HEAD_DIM)
-
-    base = mod.PaliGemmaForConditionalGenerationWithPiGemma
-
-    class TinyPaliGemma(base):
-        def __init__(self, config):
-            v = config.vision_config
-            v.hidden_size, v.num_hidden_layers, v.num_attention_heads = VISION_WIDTH, 2, 4
-            v.intermediate_size, v.image_size = 4 * VISION_WIDTH, RES
-            v.projection_dim = config.text_config.hidden_size
-            config.text_config.vocab_size = config._vocab_size = vocab
-            super().__init__(config)
-
-    mod.PaliGemmaForConditionalGenerationWithPiGemma = TinyPaliGemma
-    mod.get_gemma_config = gemma_config
+    mod = shrink(vocab)
     real_tok = transformers.AutoTokenizer.from_pretrained
 
     class Processor:

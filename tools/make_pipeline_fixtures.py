@@ -39,18 +39,20 @@ CHECKPOINTS = {  # name: (kind, normalization_mapping overrides)
 }
 
 
-def train_tokenizer(folder: Path) -> Path:
+def train_tokenizer(folder: Path, lines: list[str] | None = None, vocab_size: int = 700) -> Path:
+    """A SentencePiece BPE with PaliGemma's settings, trained on `lines` (default: prompts of pi0's pipelines)."""
     import sentencepiece as spm
 
-    rng = np.random.default_rng(0)
-    words = ("pick up the red cup put block in bowl open close drawer move left right arm gripper stack blue "
-             "blocks on plate fold towel push button Task State Action").split()
-    lines = [" ".join(rng.choice(words, 8)) + f" {rng.integers(0, 256)}" for _ in range(3000)]
-    lines += [f"Task: {' '.join(rng.choice(words, 3))}, State: {' '.join(map(str, rng.integers(0, 256, 8)))};\nAction: "
-              for _ in range(1000)]
+    if lines is None:
+        rng = np.random.default_rng(0)
+        words = ("pick up the red cup put block in bowl open close drawer move left right arm gripper stack blue "
+                 "blocks on plate fold towel push button Task State Action").split()
+        lines = [" ".join(rng.choice(words, 8)) + f" {rng.integers(0, 256)}" for _ in range(3000)]
+        lines += [f"Task: {' '.join(rng.choice(words, 3))}, State: {' '.join(map(str, rng.integers(0, 256, 8)))};\n"
+                  "Action: " for _ in range(1000)]
     folder.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), vocab_size=700, model_type="bpe",
+        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
         unk_piece="<unk>", normalization_rule_name="identity", add_dummy_prefix=False,
         byte_fallback=True, user_defined_symbols=["\n"], character_coverage=1.0, minloglevel=2,
