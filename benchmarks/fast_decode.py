@@ -53,6 +53,8 @@ def run_pi0(args) -> dict:
 
     t = time.perf_counter()
     model = pi0.build_model(FastConfig(), backend=args.impl, seed=0, dtype=args.dtype)
+    if args.decode_int8:
+        model.quantize_decoding()
     build = time.perf_counter() - t
     images, masks, ids, id_masks = inputs(args.tokens, model.config.vlm.vocab_size)
     stamps: list[float] = []
@@ -62,7 +64,8 @@ def run_pi0(args) -> dict:
     with torch.no_grad():
         row = clocked(lambda n: model.generate(images, masks, ids, id_masks, end_ids=[-1], max_steps=n), stamps,
                       args.steps)
-    return {"impl": f"pi0 {args.impl}", "dtype": args.dtype, "build_s": build, **row}
+    label = f"pi0 {args.impl}" + (" + int8 decoding" if args.decode_int8 else "")
+    return {"impl": label, "dtype": args.dtype, "build_s": build, **row}
 
 
 def run_lerobot(args) -> dict:
@@ -112,7 +115,8 @@ def bandwidth_floor(dtype: str) -> dict:
     nbytes = params * torch.finfo(dt).bits // 8
     rate = max(gemv, stream)
     return {"gemv_gb_s": gemv, "stream_gb_s": stream, "weights_read_gb": nbytes / 1e9,
-            "per_token_floor_s": nbytes / (rate * 1e9)}
+            "per_token_floor_s": nbytes / (rate * 1e9), "int8_weights_read_gb": params / 1e9,
+            "int8_per_token_floor_s": params / (rate * 1e9)}
 
 
 def main() -> None:
@@ -120,21 +124,29 @@ def main() -> None:
     p.add_argument("--impl", choices=["all", "engine", "reference", "lerobot"], default="all")
     p.add_argument("--skip-reference", action="store_true", help="with --impl all: the engine and LeRobot only")
     p.add_argument("--int8", action="store_true", help="with --impl all: the engine in int8 too (pi0 only has it)")
+    p.add_argument("--decode-int8", action="store_true", help="the engine's decoding steps with weight-only int8 "
+                   "(`quantize_decoding`); with --impl all: a run of its own beside the others")
     p.add_argument("--lerobot-python", default="/tmp/lerobot-oracle/bin/python",
                    help="the oracle venv's Python (../shared/oracles/lerobot/setup.sh)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "int8"])
     p.add_argument("--tokens", type=int, default=48, help="valid prompt tokens")
     p.add_argument("--steps", type=int, default=16, help="tokens decoded in the timed run")
     args = p.parse_args()
+    if args.decode_int8 and args.impl not in ("all", "engine"):
+        p.error("--decode-int8 is the engine's")
     if args.impl != "all":
         print(json.dumps(run_lerobot(args) if args.impl == "lerobot" else run_pi0(args)))
         return
     rows = []
     impls = [("engine", sys.executable)] + ([] if args.skip_reference else [("reference", sys.executable)])
     runs = [(impl, python, args.dtype) for impl, python in impls + [("lerobot", args.lerobot_python)]]
-    for impl, python, dtype in runs + ([("engine", sys.executable, "int8")] if args.int8 else []):
-        out = subprocess.run([python, __file__, "--impl", impl, "--dtype", dtype, "--tokens", str(args.tokens),
-                              "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+    runs += [("engine", sys.executable, "int8")] if args.int8 else []
+    runs += [("engine+", sys.executable, args.dtype)] if args.decode_int8 else []
+    for impl, python, dtype in runs:
+        extra = ["--decode-int8"] if impl == "engine+" else []
+        out = subprocess.run([python, __file__, "--impl", impl.rstrip("+"), "--dtype", dtype, "--tokens",
+                              str(args.tokens), "--steps", str(args.steps), *extra], capture_output=True, text=True,
+                             check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     from pi0.hardware import describe_machine
 

@@ -42,6 +42,8 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    "checkpoint's fast_tokenizer/, then physical-intelligence/fast in the huggingface_hub cache)")
     p.add_argument("--norm", default=None, choices=["MEAN_STD", "QUANTILES"], help="pi0_fast: the normalisation the "
                    "checkpoint was trained with, where it records none (default QUANTILES; pi0_fast_libero: MEAN_STD)")
+    p.add_argument("--decode-int8", action="store_true", help="pi0_fast on the engine: decoding steps with weight-only "
+                   "int8 copies of the weights (half the bytes a token; the prefill keeps --dtype's)")
 
 
 def rtc_defaults(args: argparse.Namespace):
@@ -70,7 +72,8 @@ def policy_kwargs(args: argparse.Namespace) -> dict:
                 device=args.device, tokenizer=args.tokenizer, asset_id=args.asset_id, num_steps=args.steps,
                 seed=args.seed, default_prompt=args.default_prompt, action_horizon=args.action_horizon,
                 state_in_prompt=False if args.no_state_in_prompt else None, rtc_defaults=rtc_defaults(args),
-                download=args.download, fast_tokenizer=args.fast_tokenizer, norm=args.norm)
+                download=args.download, fast_tokenizer=args.fast_tokenizer, norm=args.norm,
+                decode_int8=args.decode_int8)
 
 
 def _policy(args: argparse.Namespace):

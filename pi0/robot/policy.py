@@ -77,14 +77,17 @@ class Policy:
     π0-FAST checkpoints: the answer is decoded from greedy action tokens (no noise, seed, num_steps or RTC);
     fast_tokenizer: the FAST tokenizer's directory (None: the checkpoint's `fast_tokenizer/`, config.json's, or the
     hub cache's physical-intelligence/fast); norm: MEAN_STD / QUANTILES for a checkpoint that records no mode (one
-    that does refuses another). A row whose tokens hold no chunk is answered with `pi0.errors.NoActions`."""
+    that does refuses another); decode_int8: the engine's decoding steps with weight-only int8 weights (half the
+    bytes a token; `pi0.backends.engine.gemv`). A row whose tokens hold no chunk is answered with
+    `pi0.errors.NoActions`."""
 
     def __init__(self, checkpoint: str | os.PathLike, *, preset: str | None = None, backend: str = "engine",
                  dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", tokenizer: str | os.PathLike | None = None,
                  asset_id: str | None = None, state_in_prompt: bool | None = None, num_steps: int | None = None,
                  default_prompt: str | None = None, seed: int | None = None, action_horizon: int | None = None,
                  progress: Callable[[float], None] | None = None, rtc_defaults: RTCDefaults | None = None,
-                 download: bool = False, fast_tokenizer: str | os.PathLike | None = None, norm: str | None = None):
+                 download: bool = False, fast_tokenizer: str | os.PathLike | None = None, norm: str | None = None,
+                 decode_int8: bool = False):
         self.info = inspect_checkpoint(checkpoint, action_horizon=action_horizon, download=download)
         self.config = self.info.config
         self.pipeline: Pipeline = make_pipeline(self.info, preset=preset, tokenizer=tokenizer, asset_id=asset_id,
@@ -99,6 +102,11 @@ class Policy:
         torch_dtype, self.dtype_reason = resolve_dtype(dtype, self.device)
         self.backend, self.dtype = backend, str(torch_dtype).replace("torch.", "")
         self.model = load_from_info(self.info, backend=backend, dtype=torch_dtype, device=self.device, progress=progress)
+        if decode_int8:
+            if not self.fast or not hasattr(self.model, "quantize_decoding"):
+                raise ValueError(f"decode_int8 applies to π0-FAST on the engine backend; this is {self.config.kind} on "
+                                 f"{backend}")
+            self.model.quantize_decoding()
 
     @property
     def metadata(self) -> dict[str, Any]:

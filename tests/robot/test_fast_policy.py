@@ -121,10 +121,13 @@ def test_generated_ids_decode_or_say_what_they_held(fast_ckpt):
     assert isinstance(e.value, NoActions)
 
 
-@pytest.mark.parametrize("backend,dtype", [("reference", "float32"), ("engine", "float32"), ("engine", "bfloat16")])
-def test_a_trained_checkpoint_answers_its_chunk_in_robot_units(trained, backend, dtype):
+@pytest.mark.parametrize("backend,dtype,int8", [("reference", "float32", False), ("engine", "float32", False),
+                                                ("engine", "bfloat16", False), ("engine", "bfloat16", True),
+                                                ("engine", "float32", True)])
+def test_a_trained_checkpoint_answers_its_chunk_in_robot_units(trained, backend, dtype, int8):
     d, obs, want = trained
-    pol = Policy(d, preset="libero", backend=backend, dtype=dtype)
+    pol = Policy(d, preset="libero", backend=backend, dtype=dtype, decode_int8=int8)
+    assert (pol.model.decode_layers is not None) == int8 if backend == "engine" else not int8
     out = pol.infer(obs)
     assert np.array_equal(out["model_actions"], want)
     a = json.loads((d / "assets" / "robot" / "norm_stats.json").read_text())["norm_stats"]["actions"]

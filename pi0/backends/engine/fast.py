@@ -7,14 +7,19 @@ row's valid count + step) and attends to the row's valid prefix and every token 
 (the token embedding) and the argmax stay on the device, and the only host read a step is the stop test. Weights and
 products are the engine's: bf16 by default, int8 / packed where the machine has them; the head is the embedding
 table in the engine dtype (one pass of it a token: 1.05 GB in bf16 at full size, beside Gemma-2B's 3.9 GB).
+`quantize_decoding()` gives the decoding steps weight-only int8 copies of Gemma's and the head's weights
+(`pi0.backends.engine.gemv`: half the bytes a token), the prefill keeping the engine's.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
 
 from pi0.backends.engine import ops
+from pi0.backends.engine.gemv import RowInt8
 from pi0.backends.engine.model import Pi0Engine
 from pi0.model.fast_config import FastConfig, decoding_steps
 from pi0.model.functional import rope_tables
@@ -28,6 +33,20 @@ class Pi0FastEngine(Pi0Engine):
 
     backend = "engine"
     config: FastConfig
+    decode_layers: list | None = None  # `quantize_decoding`'s weights for the steps (None: the engine's)
+    decode_head: object | None = None
+
+    def quantize_decoding(self) -> None:
+        """Decoding steps with weight-only int8 copies of every Gemma layer's products and of the head (RowInt8: a
+        token reads half the bytes); the prefill keeps the engine's weights. Costs their int8 bytes in memory
+        (2.5 GB at full size). Answers may differ from the float engine's where two logits are within the int8
+        rounding."""
+        if self.decode_layers is not None:
+            return
+        self.decode_layers = [dataclasses.replace(layer, **{name: RowInt8.of(getattr(layer, name), self.dtype)
+                                                            for name in ("qkv_w", "o_w", "gate_up_w", "down_w")})
+                              for layer in self.w.vlm_layers]
+        self.decode_head = RowInt8.of(self.w.embed, self.dtype)
 
     def use_buckets(self, *args, **kwargs):  # noqa: ARG002 - the contract's hook; decoding has no buckets yet
         raise NotImplementedError("π0-FAST decoding runs eagerly; CUDA graphs of its step are not built")
@@ -35,7 +54,7 @@ class Pi0FastEngine(Pi0Engine):
     def _head(self, x: Tensor) -> Tensor:
         """[B, W] hidden states after the last layer -> the greedy next ids [B] (final norm, tied head, argmax)."""
         h = ops.rms_norm(x, self.w.final_norm, self.config.vlm.rms_norm_eps).to(self.dtype)
-        return ops.linear(h, self.w.embed).argmax(-1)
+        return ops.linear(h, self.w.embed if self.decode_head is None else self.decode_head).argmax(-1)
 
     def _step(self, token: Tensor, positions: Tensor, slot: int, key_mask: Tensor | None, k_buf: list[Tensor],
               v_buf: list[Tensor]) -> Tensor:
@@ -44,7 +63,7 @@ class Pi0FastEngine(Pi0Engine):
         x = ops.embedding(self.w.embed, token[:, None]) * self._token_scale()  # [B, 1, W]
         cos, sin = rope_tables(positions[:, None], g.head_dim, g.rope_theta, self.dtype)
         mask = None if key_mask is None else key_mask[:, : slot + 1]
-        for i, layer in enumerate(self.w.vlm_layers):
+        for i, layer in enumerate(self.decode_layers or self.w.vlm_layers):
             h = ops.rms_norm_for(x, layer.in_norm, g.rms_norm_eps, self.dtype, layer.qkv_w)
             q, k, v = self._qkv(layer, h, cos, sin)
             k_buf[i][:, :, slot: slot + 1] = k
