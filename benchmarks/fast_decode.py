@@ -123,7 +123,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--impl", choices=["all", "engine", "reference", "lerobot"], default="all")
     p.add_argument("--skip-reference", action="store_true", help="with --impl all: the engine and LeRobot only")
-    p.add_argument("--int8", action="store_true", help="with --impl all: the engine in int8 too (pi0 only has it)")
+    p.add_argument("--int8", action="store_true", help="with --impl all: the engine in int8 too (pi0 only has it; "
+                   "with --decode-int8, its decoding steps too)")
     p.add_argument("--decode-int8", action="store_true", help="the engine's decoding steps with weight-only int8 "
                    "(`quantize_decoding`); with --impl all: a run of its own beside the others")
     p.add_argument("--lerobot-python", default="/tmp/lerobot-oracle/bin/python",
@@ -140,8 +141,8 @@ def main() -> None:
     rows = []
     impls = [("engine", sys.executable)] + ([] if args.skip_reference else [("reference", sys.executable)])
     runs = [(impl, python, args.dtype) for impl, python in impls + [("lerobot", args.lerobot_python)]]
-    runs += [("engine", sys.executable, "int8")] if args.int8 else []
     runs += [("engine+", sys.executable, args.dtype)] if args.decode_int8 else []
+    runs += [("engine+" if args.decode_int8 else "engine", sys.executable, "int8")] if args.int8 else []
     for impl, python, dtype in runs:
         extra = ["--decode-int8"] if impl == "engine+" else []
         out = subprocess.run([python, __file__, "--impl", impl.rstrip("+"), "--dtype", dtype, "--tokens",

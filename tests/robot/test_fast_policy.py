@@ -163,6 +163,16 @@ def test_the_normalisation_travels_with_the_checkpoint(tmp_path, tokenizer_path)
         Policy(d, preset="libero", backend="reference", dtype="float32", norm="MEAN_STD")
 
 
+@pytest.mark.auto_dtype  # the int8 engine's float dtype between its products is what auto picks
+def test_an_int8_engine_decodes_with_one_row_int8_products(trained):
+    from pi0.backends.engine.gemv import RowInt8
+
+    d, obs, want = trained
+    pol = Policy(d, preset="libero", backend="engine", dtype="int8", decode_int8=True)
+    assert isinstance(pol.model.decode_head, RowInt8)  # its plain int8 head, no longer dequantised every token
+    assert np.array_equal(pol.infer(obs)["model_actions"], want)
+
+
 def test_pi0_serve_answers_openpis_client_and_counts_what_did_not_decode(trained, fast_ckpt):
     openpi_client = pytest.importorskip("openpi_client.websocket_client_policy")
     from tests.serving.test_server import Running

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from pi0.backends.engine import ops
 from pi0.backends.engine.gemv import RowInt8
+from pi0.backends.engine.int8 import Int8Weight
 from pi0.backends.engine.model import Pi0Engine
 from pi0.model.fast_config import FastConfig, decoding_steps
 from pi0.model.functional import rope_tables
@@ -43,10 +44,16 @@ class Pi0FastEngine(Pi0Engine):
         rounding."""
         if self.decode_layers is not None:
             return
-        self.decode_layers = [dataclasses.replace(layer, **{name: RowInt8.of(getattr(layer, name), self.dtype)
+
+        def int8(w):  # an int8 engine's products are int8 already (its plain head becomes RowInt8); others stay
+            if isinstance(w, Tensor):
+                return RowInt8.of(w, self.dtype)
+            return RowInt8.of_int8(w) if isinstance(w, Int8Weight) else w
+
+        self.decode_layers = [dataclasses.replace(layer, **{name: int8(getattr(layer, name))
                                                             for name in ("qkv_w", "o_w", "gate_up_w", "down_w")})
                               for layer in self.w.vlm_layers]
-        self.decode_head = RowInt8.of(self.w.embed, self.dtype)
+        self.decode_head = int8(self.w.embed)
 
     def use_buckets(self, *args, **kwargs):  # noqa: ARG002 - the contract's hook; decoding has no buckets yet
         raise NotImplementedError("π0-FAST decoding runs eagerly; CUDA graphs of its step are not built")

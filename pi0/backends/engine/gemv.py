@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from pi0.backends.engine import ops
+from pi0.backends.engine.int8 import Int8Weight
 
 KERNEL_K = 16  # the input width the kernel's aligned loads need a multiple of
 
@@ -41,6 +42,16 @@ class RowInt8:
         scale = (wf.abs().amax(1).clamp(min=1e-12) / 127).to(torch.bfloat16)  # rounded first: q is made against it
         q = (wf / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
         return cls(q.contiguous(), scale.contiguous(), dtype)
+
+    @classmethod
+    def of_int8(cls, w: Int8Weight) -> "RowInt8 | Int8Weight":
+        """An int8 engine's weight (`int8.Int8Weight`) in this format where it is plain int8 rows without outlier
+        columns (its scales rounded to bf16, the rows requantised against them); else `w` itself."""
+        if w.kernel != "plain" or w.outlier_cols is not None or w.q.shape[1] % KERNEL_K:
+            return w
+        scale = w.scale.float().to(torch.bfloat16)
+        q = (w.q.float() * (w.scale.float() / scale.float())[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return cls(q.contiguous(), scale.contiguous(), w.dtype)
 
     def linear(self, x: Tensor, b: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
         lead = x.shape[:-1]
