@@ -2,7 +2,8 @@
 
 The prefix runs as pi0's does (masked cameras never encoded, padding dropped: each row's valid tokens packed to the
 front, `Pi0Engine.embed_prefix`), through every VLM layer into per-layer buffers [B, K, Lp + max_steps, D] allocated
-once a call. Each step then embeds one token a row, writes its k, v in place at slot Lp + step (RoPE position: the
+once a call (the last layer's attention, o projection and MLP on each row's last valid position alone). Each step
+then embeds one token a row, writes its k, v in place at slot Lp + step (RoPE position: the
 row's valid count + step) and attends to the row's valid prefix and every token decoded so far; the tied head
 (the token embedding) and the argmax stay on the device, and the only host read a step is the stop test. Weights and
 products are the engine's: bf16 by default, int8 / packed where the machine has them; the head is the embedding
@@ -99,8 +100,9 @@ class Pi0FastEngine(Pi0Engine):
         if key_mask is not None:
             key_mask = torch.cat([key_mask, torch.ones(b, max_steps, dtype=torch.bool, device=self.device)], dim=1)
             assert key_mask.shape[1] == total, f"key mask {key_mask.shape[1]} != prefix {lp} + steps {max_steps}"
-        x = self.fill_kv_cache(prefix, None if key_mask is None else key_mask[:, :lp], k_buf, v_buf)
-        token = self._head(x[torch.arange(b, device=self.device), n_valid - 1])  # each row's last valid position
+        x = self.fill_kv_cache(prefix, None if key_mask is None else key_mask[:, :lp], k_buf, v_buf,
+                               last=n_valid - 1)  # [B, 1, W]: each row's last valid position
+        token = self._head(x[:, -1])
         clock.lap("prefill")
         out = torch.zeros(b, max_steps, dtype=torch.long, device=self.device)
         out[:, 0] = token

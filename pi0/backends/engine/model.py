@@ -158,9 +158,13 @@ class Pi0Engine:
         k = ops.apply_rope(k, cos, sin)
         return q, k.transpose(1, 2), v.transpose(1, 2)
 
-    def fill_kv_cache(self, prefix: Tensor, key_mask: Tensor | None, k_buf: list[Tensor], v_buf: list[Tensor]) -> Tensor:
+    def fill_kv_cache(self, prefix: Tensor, key_mask: Tensor | None, k_buf: list[Tensor], v_buf: list[Tensor],
+                      last: Tensor | None = None) -> Tensor:
         """One pass of the packed prefix through the VLM, writing k, v [B, K, Lp, D] per layer. Returns the hidden
-        states after the last full layer (π0-FAST's, whose layers are all full; pi0's last one computes k, v only)."""
+        states after the last full layer (π0-FAST's, whose layers are all full; pi0's last one computes k, v only).
+        last: each row's one position wanted from the last layer ([B], π0-FAST's last valid token): that layer's
+        attention, o projection and MLP run on it alone (every position's k, v are still written), and the result
+        is [B, 1, W]."""
         g = self.config.vlm
         b, lp, _ = prefix.shape
         pos = torch.arange(lp, device=self.device)[None, :].expand(b, lp)
@@ -174,6 +178,9 @@ class Pi0Engine:
             v_buf[i][:, :, :lp] = v
             if kv_only:
                 break
+            if last is not None and i == len(self.w.vlm_layers) - 1:  # only these rows feed what comes next
+                rows = torch.arange(b, device=self.device)
+                q, x = q[rows, last][:, None], x[rows, last][:, None]
             x = ops.linear(ops.attention(q, k, v, key_mask), layer.o_w, residual=x)
             self._mlp(x.view(-1, x.shape[-1]), layer, g.rms_norm_eps)
         return x
