@@ -62,7 +62,9 @@ class Pi0FastEngine(Pi0Engine):
     def _head(self, x: Tensor) -> Tensor:
         """[B, W] hidden states after the last layer -> the greedy next ids [B] (final norm, tied head, argmax)."""
         h = ops.rms_norm(x, self.w.final_norm, self.config.vlm.rms_norm_eps).to(self.dtype)
-        return ops.linear(h, self.w.embed if self.decode_head is None else self.decode_head).argmax(-1)
+        head = self.decode_head if self.decode_head is not None else self.w.head if self.w.head is not None else \
+            self.w.embed
+        return ops.linear(h, head).argmax(-1)
 
     def _step(self, token: Tensor, positions: Tensor, slot: int, key_mask: Tensor | None, k_buf: list[Tensor],
               v_buf: list[Tensor]) -> Tensor:
