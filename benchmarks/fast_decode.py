@@ -5,7 +5,7 @@ weights there.
 
 Random weights (nothing is downloaded), so no end id ever comes and every run decodes `--steps` tokens. Three cameras
 at 224 px, a prompt of `--tokens` valid tokens. Reports the prefill (images + prompt, to the first token) and the
-median time between the following tokens (stamped at each call of the head).
+time between the following tokens (stamped at each call of the head), medians over `--repeats` timed runs.
 
     .venv/bin/python benchmarks/fast_decode.py --dtype bfloat16 --lerobot-python /tmp/lerobot-oracle/bin/python
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -34,16 +35,21 @@ def inputs(tokens: int, vocab: int):
     return images, masks, ids, torch.ones(1, tokens, dtype=torch.bool)
 
 
-def clocked(decode, stamps: list[float], steps: int) -> dict[str, float]:
+def clocked(decode, stamps: list[float], steps: int, repeats: int) -> dict[str, float]:
     """decode(n) runs a prefill and n decoded tokens, appending a time stamp to `stamps` at each head call (one a
-    token): the prefill is the time to the first stamp, a token the median time between stamps. After a short
-    warm-up run."""
+    token): a prefill is the time to the first stamp, a token a time between stamps. After a short warm-up run,
+    `repeats` timed runs: the median prefill and the median of every token's time (a shared 2-core host's timings
+    move between runs)."""
     decode(2)
-    stamps.clear()
-    t = time.perf_counter()
-    decode(steps)
-    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-    return {"prefill_s": stamps[0] - t, "per_token_s": gaps[len(gaps) // 2], "steps": steps}
+    prefills, gaps = [], []
+    for _ in range(repeats):
+        stamps.clear()
+        t = time.perf_counter()
+        decode(steps)
+        prefills.append(stamps[0] - t)
+        gaps += [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"prefill_s": statistics.median(prefills), "per_token_s": statistics.median(gaps), "steps": steps,
+            "repeats": repeats, "prefill_range_s": [min(prefills), max(prefills)]}
 
 
 def run_pi0(args) -> dict:
@@ -63,7 +69,7 @@ def run_pi0(args) -> dict:
     setattr(model, name, lambda x: (head(x), stamps.append(time.perf_counter()))[0])
     with torch.no_grad():
         row = clocked(lambda n: model.generate(images, masks, ids, id_masks, end_ids=[-1], max_steps=n), stamps,
-                      args.steps)
+                      args.steps, args.repeats)
     label = f"pi0 {args.impl}" + (" + int8 decoding" if args.decode_int8 else "")
     return {"impl": label, "dtype": args.dtype, "build_s": build, **row}
 
@@ -87,7 +93,7 @@ def run_lerobot(args) -> dict:
     model.paligemma_with_expert.paligemma.lm_head.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
     with torch.no_grad():
         row = clocked(lambda n: model.sample_actions_fast_kv_cache(images, masks, ids, id_masks, max_decoding_steps=n),
-                      stamps, args.steps)
+                      stamps, args.steps, args.repeats)
     return {"impl": "LeRobot 0.6.1 pi0_fast", "dtype": args.dtype, "build_s": build, **row}
 
 
@@ -131,7 +137,8 @@ def main() -> None:
                    help="the oracle venv's Python (../shared/oracles/lerobot/setup.sh)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "int8"])
     p.add_argument("--tokens", type=int, default=48, help="valid prompt tokens")
-    p.add_argument("--steps", type=int, default=16, help="tokens decoded in the timed run")
+    p.add_argument("--steps", type=int, default=16, help="tokens decoded in a timed run")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (medians reported)")
     args = p.parse_args()
     if args.decode_int8 and args.impl not in ("all", "engine"):
         p.error("--decode-int8 is the engine's")
@@ -145,9 +152,9 @@ def main() -> None:
     runs += [("engine+" if args.decode_int8 else "engine", sys.executable, "int8")] if args.int8 else []
     for impl, python, dtype in runs:
         extra = ["--decode-int8"] if impl == "engine+" else []
-        out = subprocess.run([python, __file__, "--impl", impl.rstrip("+"), "--dtype", dtype, "--tokens",
-                              str(args.tokens), "--steps", str(args.steps), *extra], capture_output=True, text=True,
-                             check=True)
+        argv = ["--impl", impl.rstrip("+"), "--dtype", dtype, "--tokens", str(args.tokens), "--steps", str(args.steps),
+                "--repeats", str(args.repeats), *extra]
+        out = subprocess.run([python, __file__, *argv], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     from pi0.hardware import describe_machine
 
