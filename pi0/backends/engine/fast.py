@@ -7,7 +7,8 @@ then embeds one token a row, writes its k, v in place at slot Lp + step (RoPE po
 row's valid count + step) and attends to the row's valid prefix and every token decoded so far; the tied head
 (the token embedding) and the argmax stay on the device, and the only host read a step is the stop test. Weights and
 products are the engine's: bf16 by default, int8 / packed where the machine has them; the head is the embedding
-table in the engine dtype (one pass of it a token: 1.05 GB in bf16 at full size, beside Gemma-2B's 3.9 GB).
+table in the engine dtype, packed for its one-row product where the engine packs (one pass of it a token: 1.05 GB in
+bf16 at full size, beside Gemma-2B's 3.9 GB).
 `quantize_decoding()` gives the decoding steps weight-only int8 copies of Gemma's and the head's weights
 (`pi0.backends.engine.gemv`: half the bytes a token), the prefill keeping the engine's.
 """
