@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+import torch
 
 from pi0.model.config import (
     GemmaConfig,
@@ -96,3 +98,21 @@ def decoding_steps(config: FastConfig, token_masks: Any, max_steps: int | None) 
         raise ValueError("each row's last token must be valid (decoding continues from the last position): "
                          "append a token after the padding, as LeRobot appends BOS, or align prompts right")
     return max_steps
+
+
+def greedy(first: torch.Tensor, step: Callable[[torch.Tensor, int], torch.Tensor], max_steps: int,
+           end_ids: list[int]) -> torch.Tensor:
+    """Greedy ids [B, max_steps] (int64): the first token [B], then `step(token, i)` -> token i [B]; rows stop at an
+    end id, the loop when every row has (0 after that). The stop test is a step's one host read. Both backends'
+    `generate` decode through it, each with its own step."""
+    out = torch.zeros(first.shape[0], max_steps, dtype=torch.long, device=first.device)
+    out[:, 0] = token = first
+    ends = torch.tensor(end_ids, device=first.device)
+    finished = torch.isin(token, ends)
+    for i in range(1, max_steps):
+        if bool(finished.all()):
+            break
+        token = step(token, i)
+        out[:, i] = token
+        finished |= torch.isin(token, ends)
+    return out

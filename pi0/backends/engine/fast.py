@@ -24,7 +24,7 @@ from pi0.backends.engine import ops
 from pi0.backends.engine.gemv import RowInt8
 from pi0.backends.engine.int8 import Int8Weight
 from pi0.backends.engine.model import Pi0Engine
-from pi0.model.fast_config import FastConfig, decoding_steps
+from pi0.model.fast_config import FastConfig, decoding_steps, greedy
 from pi0.model.functional import rope_tables
 from pi0.model.observation import Observation
 from pi0.timing import StageClock
@@ -107,15 +107,7 @@ class Pi0FastEngine(Pi0Engine):
                                last=n_valid - 1)  # [B, 1, W]: each row's last valid position
         token = self._head(x[:, -1])
         clock.lap("prefill")
-        out = torch.zeros(b, max_steps, dtype=torch.long, device=self.device)
-        out[:, 0] = token
-        ends = torch.tensor(end_ids, device=self.device)
-        finished = torch.isin(token, ends)
-        for step in range(1, max_steps):
-            if bool(finished.all()):  # the one host read a step
-                break
-            token = self._step(token, n_valid + step - 1, lp + step - 1, key_mask, k_buf, v_buf)
-            out[:, step] = token
-            finished |= torch.isin(token, ends)
+        out = greedy(token, lambda t, step: self._step(t, n_valid + step - 1, lp + step - 1, key_mask, k_buf, v_buf),
+                     max_steps, end_ids)
         clock.lap("decode")
         return out

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pi0.backends.reference.gemma import joint_layer
 from pi0.backends.reference.model import PaliGemma
-from pi0.model.fast_config import FastConfig, decoding_steps
+from pi0.model.fast_config import FastConfig, decoding_steps, greedy
 from pi0.model.functional import make_attn_mask, positions_from_mask
 from pi0.model.observation import Observation
 from pi0.timing import StageClock
@@ -85,21 +85,17 @@ class Pi0FastReference(PaliGemma):
         cache, x = self.fill_kv_cache(prefix, key_mask, torch.zeros_like(key_mask))
         token = self.logits(x[:, -1]).argmax(-1)  # [B]
         clock.lap("prefill")
-        out = torch.zeros(b, max_steps, dtype=torch.long, device=prefix.device)
-        out[:, 0] = token
-        ends = torch.tensor(end_ids, device=prefix.device)
-        finished = torch.isin(token, ends)
-        for step in range(1, max_steps):
-            if bool(finished.all()):
-                break
+
+        def step(token: Tensor, _: int) -> Tensor:  # the cache and its key mask grow by one valid key a step
+            nonlocal key_mask
             key_mask = torch.cat([key_mask, torch.ones(b, 1, dtype=torch.bool, device=prefix.device)], dim=1)
             positions = key_mask.sum(1, keepdim=True) - 1  # [B, 1]: the next position after the valid tokens
             x = self.embed_text(token[:, None])
             for i, layer in enumerate(self.vlm.layers):
                 (x,), (k, v) = joint_layer([layer], [x], [None], positions, key_mask[:, None, :], past_kv=cache[i])
                 cache[i] = (torch.cat([cache[i][0], k], dim=1), torch.cat([cache[i][1], v], dim=1))
-            token = self.logits(self.vlm.norm(x)[0][:, -1]).argmax(-1)
-            out[:, step] = token
-            finished |= torch.isin(token, ends)
+            return self.logits(self.vlm.norm(x)[0][:, -1]).argmax(-1)
+
+        out = greedy(token, step, max_steps, end_ids)
         clock.lap("decode")
         return out
