@@ -71,7 +71,7 @@ class FastText:
 
     def to_vocab(self, fast_tokens: Sequence[int]) -> list[int]:
         """FAST tokens -> the model's ids (`vocab - 1 - 128 - t`); the map is its own inverse."""
-        return [self.vocab_size - 1 - SKIP_TOKENS - int(t) for t in fast_tokens]
+        return to_vocab(fast_tokens, self.vocab_size)
 
     def postfix(self, fast_tokens: Sequence[int]) -> list[int]:
         """What the model learns to answer: "Action: " ids, the chunk's tokens in the model's ids, "|", EOS."""
@@ -96,6 +96,12 @@ class FastText:
             raise FastDecodeError(f"{len(outside)} of the {len(ids)} ids after 'Action: ' are no action tokens (they "
                                   f"lie outside [{low}, {high}]), e.g. {outside[:4]}")
         return self.to_vocab(ids)
+
+
+def to_vocab(tokens: Sequence[int], vocab_size: int, skip: int = SKIP_TOKENS) -> list[int]:
+    """FAST tokens <-> a vocabulary's ids (`vocab_size - 1 - skip - t`; its own inverse): openpi's and LeRobot's map,
+    which puts action tokens just below the vocabulary's last `skip` ids."""
+    return [vocab_size - 1 - skip - int(t) for t in tokens]
 
 
 def _find(ids: list[int], part: list[int]) -> int:

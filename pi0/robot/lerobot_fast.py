@@ -24,11 +24,11 @@ from pi0.model.fast_config import FastConfig
 from pi0.model.observation import Observation
 from pi0.robot.assets import find_fast_tokenizer
 from pi0.robot.fast import FastDecodeError, FastTokenizer
+from pi0.robot.fast_pipeline import SKIP_TOKENS, to_vocab
 from pi0.robot.lerobot import POST_STEPS, PRE_STEPS, LeRobotPipeline
 
 log = logging.getLogger("pi0")
 
-SKIP_TOKENS = 128  # PaliGemma's last ids that FAST tokens skip (LeRobot's `fast_skip_tokens` default)
 FAST_PRE_STEPS = PRE_STEPS + ("pi0_fast_prepare_state_tokenizer_processor_step", "action_tokenizer_processor")
 
 
@@ -102,7 +102,7 @@ class LeRobotFastPipeline(LeRobotPipeline):
                 ids = ids[:i] + ids[i + n:]
             else:
                 i += 1
-        return [self.vocab_size - 1 - self.skip_tokens - t for t in ids]
+        return to_vocab(ids, self.vocab_size, self.skip_tokens)
 
     def chunk(self, generated: Sequence[int]) -> np.ndarray:
         """One row of generated ids -> the chunk [n_action_steps, action_dim] in the model's space, float32."""
@@ -113,7 +113,7 @@ class LeRobotFastPipeline(LeRobotPipeline):
         """A normalised chunk [H, action_dim] -> LeRobot's training targets (ids, mask) [max_action_tokens]: BOS,
         "Action: ", the FAST tokens in the model's ids, "|", EOS; cut or padded with 0 to max_action_tokens."""
         fast = self.fast.encode(np.asarray(actions, dtype=np.float64))[0]
-        ids = ([self.sp.bos_id()] + self.action_start + [self.vocab_size - 1 - self.skip_tokens - t for t in fast]
+        ids = ([self.sp.bos_id()] + self.action_start + to_vocab(fast, self.vocab_size, self.skip_tokens)
                + self.sp.encode("|") + [self.sp.eos_id()])[: self.max_action_tokens]
         tokens = np.zeros(self.max_action_tokens, dtype=np.int64)
         mask = np.zeros(self.max_action_tokens, dtype=bool)
