@@ -38,7 +38,7 @@ def inputs(tokens: int, vocab: int):
 def clocked(decode, stamps: list[float], steps: int, repeats: int) -> dict[str, float]:
     """decode(n) runs a prefill and n decoded tokens, appending a time stamp to `stamps` at each head call (one a
     token): a prefill is the time to the first stamp, a token a time between stamps. After a short warm-up run,
-    `repeats` timed runs: the median prefill and the median of every token's time (a shared 2-core host's timings
+    `repeats` timed runs: the median prefill and the median of every token's time (a shared host's timings
     move between runs)."""
     decode(2)
     prefills, gaps = [], []
